@@ -1,0 +1,113 @@
+"""HF state-dict names <-> the decoder's Flax parameter tree, and assembly from a tensor source.
+
+The model's own abstract init (`jax.eval_shape`) is the single source of truth for which
+parameters exist and their shapes; this module only knows how one Flax leaf is named in HF and
+whether it is transposed ((out, in) in PyTorch vs (in, out) in Flax).
+
+A *tensor source* is anything with `path`, `keys()`, `get(name) -> np.ndarray` (HF layout) and
+`hf_config()`: `SafetensorsSource` and `GGUFSource` both are.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from crma_jax.config import ModelConfig
+from crma_jax.errors import CheckpointError
+
+
+class TensorSource(Protocol):
+    path: Any
+
+    def keys(self) -> list[str]: ...
+
+    def get(self, name: str) -> np.ndarray: ...
+
+    def hf_config(self) -> dict[str, Any]: ...
+
+
+def hf_names(path: Sequence[str], num_layers: int) -> tuple[list[str], bool]:
+    """HF tensor names for a Flax leaf path (one per layer for stacked leaves) and whether to transpose."""
+    *modules, leaf = path
+    transpose = leaf == "kernel"
+    if modules == ["embed_tokens"]:
+        return ["model.embed_tokens.weight"], False
+    if modules == ["lm_head"]:
+        return ["lm_head.weight"], True
+    if modules == ["norm"]:
+        return ["model.norm.weight"], False
+    if modules and modules[0] == "layers":
+        suffix = ".".join(modules[1:])
+        return [f"model.layers.{i}.{suffix}.weight" for i in range(num_layers)], transpose
+    raise KeyError(f"no HF name for parameter {'/'.join(path)}")
+
+
+def abstract_params(model: Any) -> dict[str, Any]:
+    """ShapeDtypeStructs of the model's `params` collection, without allocating anything."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
+    return shapes["params"]
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype))
+
+
+def assemble_params(
+    model: Any,
+    source: TensorSource,
+    dtype: Any = jnp.float32,
+    shardings: Any = None,
+    progress: Callable[[Iterator[Any], int], Iterator[Any]] | None = None,
+) -> dict[str, Any]:
+    """Read every parameter of `model` from `source`, cast to `dtype`, and place it on a device.
+
+    One Flax leaf at a time: its HF tensors are copied into one host buffer (stacked over layers),
+    that buffer goes to its `NamedSharding` (or the default device), then is freed. So the host
+    never holds more than one leaf beyond what is already placed. Raises `CheckpointError` naming
+    the file and key for a missing tensor or a shape mismatch.
+    """
+    config: ModelConfig = model.config
+    flat = traverse_util.flatten_dict(abstract_params(model))
+    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+    available = set(source.keys())
+    target = _np_dtype(dtype)
+    items: Iterator[Any] = iter(flat.items())
+    if progress is not None:
+        items = progress(items, len(flat))
+    out = {}
+    for path, spec in items:
+        names, transpose = hf_names(path, config.num_layers)
+        buf = np.empty(spec.shape, target)
+        stacked = len(names) > 1 or path[0] == "layers"
+        for i, name in enumerate(names):
+            if name not in available:
+                raise CheckpointError(f"{_file(source, name)}: missing tensor {name!r}")
+            tensor = source.get(name)
+            tensor = tensor.T if transpose else tensor
+            want = spec.shape[1:] if stacked else spec.shape
+            if tuple(tensor.shape) != tuple(want):
+                layout = " in Flax (in, out) layout" if transpose else ""
+                raise CheckpointError(
+                    f"{_file(source, name)}: tensor {name!r} has shape {tuple(tensor.shape)}{layout}, "
+                    f"expected {tuple(want)}"
+                )
+            if stacked:
+                buf[i] = tensor
+            else:
+                buf[...] = tensor
+        sharding = flat_shardings.get(path)
+        out[path] = jax.device_put(buf, sharding) if sharding is not None else jnp.asarray(buf)
+        del buf
+    return traverse_util.unflatten_dict(out)
+
+
+def _file(source: TensorSource, name: str) -> Any:
+    file_of = getattr(source, "file_of", None)
+    return file_of(name) if file_of else source.path

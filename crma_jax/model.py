@@ -1,0 +1,141 @@
+"""The decoder: one pure Flax Linen module for Llama, Mistral, Gemma and Gemma-2.
+
+Layers are stacked with `nn.scan`, so every per-layer parameter has a leading `layers` axis
+(e.g. `layers/self_attn/q_proj/kernel`: (L, d, H·hd)). One compiled layer body serves all L
+layers, which keeps compile time flat in depth, and the stacked arrays shard as one tensor.
+
+Parameter tree (`params` collection), named after HF modules:
+
+    embed_tokens/embedding   (V, d)
+    layers/input_layernorm/scale, layers/self_attn/{q,k,v,o}_proj/kernel,
+    layers/post_attention_layernorm/scale, layers/mlp/{gate,up,down}_proj/kernel
+    layers/{pre,post}_feedforward_layernorm/scale     (Gemma-2 only)
+    norm/scale               (d,)
+    lm_head/kernel           (d, V)   (untied embeddings only)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from crma_jax.config import ModelConfig
+from crma_jax.layers import MLP, Attention, RMSNorm, rope_tables
+from crma_jax.layers import attention_mask as build_mask
+
+Dtype = Any
+# Collections that hold one slice per layer under `layers/`; adapters added later live here too.
+LAYER_COLLECTIONS = ("params", "lora", "crma")
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block. Llama/Mistral/Gemma: h + attn(norm(h)), then h + mlp(norm(h)).
+    Gemma-2 also normalizes each branch's output (sandwich norms)."""
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        h: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        full_mask: jax.Array,
+        window_mask: jax.Array,
+        slides: jax.Array,
+    ) -> tuple[jax.Array, None]:
+        cfg = self.config
+
+        def norm(name: str) -> RMSNorm:
+            return RMSNorm(cfg.rms_norm_eps, cfg.gemma_norm, self.dtype, name=name)
+
+        mask = jnp.where(slides, window_mask, full_mask)
+        attn = Attention(cfg, self.dtype, name="self_attn")(norm("input_layernorm")(h), cos, sin, mask)
+        if cfg.sandwich_norms:
+            h = h + norm("post_attention_layernorm")(attn)
+            h = h + norm("post_feedforward_layernorm")(MLP(cfg, self.dtype, name="mlp")(norm("pre_feedforward_layernorm")(h)))
+        else:
+            h = h + attn
+            h = h + MLP(cfg, self.dtype, name="mlp")(norm("post_attention_layernorm")(h))
+        return h, None
+
+
+class Decoder(nn.Module):
+    """Causal LM. `__call__(input_ids)` -> float32 logits (B, T, V).
+
+    `attention_mask` (B, T) hides padded keys; `positions` (B, T) drive RoPE (default arange);
+    `segment_ids` (B, T) keep packed documents apart. `dtype` is the compute dtype
+    (float32 or bfloat16); parameters are cast to it inside each matmul.
+    """
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        windows = {w for w in cfg.windows if w is not None}
+        if len(windows) > 1:
+            raise ValueError(f"at most one sliding-window size is supported, got {sorted(windows)}")
+        self.window = windows.pop() if windows else None
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, embedding_init=nn.initializers.normal(0.02)
+        )
+        self.layers = nn.scan(
+            DecoderLayer,
+            variable_axes={c: 0 for c in LAYER_COLLECTIONS},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 4 + (0,),
+            length=cfg.num_layers,
+        )(cfg, self.dtype)
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norm, self.dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02)
+            )
+
+    def hidden(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final normalized hidden states (B, T, d) in the compute dtype."""
+        cfg = self.config
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        h = self.embed_tokens(input_ids)
+        if cfg.scale_embedding:
+            # HF casts sqrt(d) to the activation dtype before multiplying (bf16 rounds it).
+            h = h * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
+        cos, sin = rope_tables(positions, cfg.rope, cfg.head_dim)
+        full = build_mask(attention_mask, segment_ids, b, t, None)
+        windowed = build_mask(attention_mask, segment_ids, b, t, self.window) if self.window else full
+        slides = jnp.asarray([w is not None for w in cfg.windows])
+        h, _ = self.layers(h, cos, sin, full, windowed, slides)
+        return self.norm(h)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Project hidden states (B, T, d) to float32 logits (B, T, V), with soft-capping."""
+        cfg = self.config
+        out = self.embed_tokens.attend(h) if cfg.tie_word_embeddings else self.lm_head(h)
+        out = out.astype(jnp.float32)
+        if cfg.final_logit_softcap:
+            out = jnp.tanh(out / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return out
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        return self.logits(self.hidden(input_ids, attention_mask, positions, segment_ids))
+

@@ -1,0 +1,86 @@
+"""Logical axes for parameters, and the rules that map them onto a (data, fsdp, model) mesh.
+
+Each parameter leaf gets logical axis names from its path (`layers/self_attn/q_proj/kernel` ->
+("layers", "embed", "heads")). A rules table maps logical names to mesh axes. A mesh axis is
+dropped for a dimension it does not divide, so odd shapes (9 heads, 49152 vocab) replicate
+along it rather than fail.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+
+DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "model",
+    "embed": "fsdp",
+    "heads": "model",
+    "mlp": "model",
+    "layers": None,
+    "norm": None,
+    "rank": None,
+}
+
+_OUT_IS_HIDDEN = ("o_proj", "down_proj")  # these map (heads|mlp) -> embed
+_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh with axes (data, fsdp, model) of the given sizes over `devices` (default: all)."""
+    devices = list(devices if devices is not None else jax.devices())
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(tuple(shape)), MESH_AXES)
+
+
+def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
+    """Logical axis names for the parameter at `path` (a tuple of dict keys) with `ndim` dims."""
+    leaf = path[-1]
+    module = path[-2] if len(path) > 1 else ""
+    stacked = "layers" in path
+    if leaf == "embedding":
+        axes: tuple[str | None, ...] = ("vocab", "embed")
+    elif module == "lm_head":
+        axes = ("embed", "vocab")
+    elif leaf == "kernel":
+        inner = "mlp" if module in _MLP_NAMES else "heads"
+        axes = (inner, "embed") if module in _OUT_IS_HIDDEN else ("embed", inner)
+    elif leaf == "scale":
+        axes = ("norm",)
+    else:
+        axes = ()
+    if stacked:
+        axes = ("layers",) + axes
+    if len(axes) != ndim:
+        return (None,) * ndim
+    return axes
+
+
+def partition_spec(
+    path: Sequence[str], shape: Sequence[int], mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES
+) -> PartitionSpec:
+    """The PartitionSpec for one parameter, keeping only mesh axes that divide its dimension."""
+    spec = []
+    for name, dim in zip(logical_axes(path, len(shape)), shape):
+        target = rules.get(name) if name else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        spec.append(None if not axes or dim % size else (axes[0] if len(axes) == 1 else axes))
+    return PartitionSpec(*spec)
+
+
+def param_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES) -> Any:
+    """A pytree of NamedShardings matching `tree` (arrays or ShapeDtypeStructs)."""
+
+    def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        names = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+        return NamedSharding(mesh, partition_spec(names, leaf.shape, mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
