@@ -86,10 +86,16 @@ def load_pretrained(
     compute = resolve_dtype(compute_dtype) if compute_dtype is not None else store
     if is_converted(path):
         return _load_converted(Path(path), store, compute, mesh)
-    source = open_source(path, allow_pickle=allow_pickle)
-    model = Decoder(config_from_hf(source.hf_config(), _config_file(source)), dtype=compute)
+    return load_source(open_source(path, allow_pickle=allow_pickle), store, compute, mesh, progress)
+
+
+def load_source(
+    source: Any, dtype: Any, compute_dtype: Any, mesh: Mesh | None = None, progress: Callable[..., Any] | None = None
+) -> tuple[Decoder, dict[str, Any]]:
+    """(model, params) from an opened tensor source (see `open_source`)."""
+    model = Decoder(config_from_hf(source.hf_config(), _config_file(source)), dtype=resolve_dtype(compute_dtype))
     shardings = param_shardings(abstract_params(model), mesh) if mesh is not None else None
-    return model, assemble_params(model, source, store, shardings, progress)
+    return model, assemble_params(model, source, resolve_dtype(dtype), shardings, progress)
 
 
 def read_converted_meta(path: Path) -> dict[str, Any]:
@@ -140,3 +146,19 @@ def save_converted(out: Path, hf_config: dict[str, Any], params: Any, dtype: str
 def _config_file(source: Any) -> Any:
     p = Path(source.path)
     return p / "config.json" if p.is_dir() else p
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The HF tokenizer that belongs to `path` (HF dir, `.gguf`, or `crma convert` output)."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from crma_jax.gguf_checkpoint import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(p)
+    tok_dir = p / "tokenizer" if is_converted(p) else p
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing tokenizer
+        raise CheckpointError(f"{tok_dir}: no usable tokenizer: {e}") from e

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random HF models of every supported architecture.
+
+XLA_FLAGS must be set before jax is first imported, so the whole session sees 8 simulated CPU
+devices (the sharding tests need them; everything else runs on device 0).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+)
+
+# Each entry exercises what makes that architecture different: GQA, tied/untied heads,
+# a sliding window shorter than the test sequences, Gemma's head_dim != d/heads, Gemma-2's caps.
+ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=5)),
+    "gemma": ("GemmaConfig", dict(head_dim=32)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(head_dim=32, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+             final_logit_softcapping=3.0),
+    ),
+}
+
+
+def make_tiny_hf(arch: str, out: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a tiny random HF model of `arch` (a key of ARCHS) to `out` and return `out`.
+
+    Weights get extra noise so that norms and biases are not at their trivial init values.
+    """
+    import torch
+    import transformers
+
+    cls_name, extra = ARCHS[arch]
+    config = getattr(transformers, cls_name)(**{**TINY, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    return out
+
+
+def hf_logits(path: Path, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """transformers' own fp32 PyTorch logits for a saved model directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        kwargs = {} if mask is None else {"attention_mask": torch.tensor(mask)}
+        return model(torch.tensor(ids), **kwargs).logits.numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """arch name -> saved tiny HF model directory, one per architecture."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_hf(arch, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def batch() -> tuple[np.ndarray, np.ndarray]:
+    """Random ids (2, 12) and a right-padded attention mask (row 1 has 4 pad tokens)."""
+    rng = np.random.RandomState(0)
+    ids = rng.randint(0, TINY["vocab_size"], (2, 12)).astype(np.int32)
+    mask = np.ones((2, 12), np.int32)
+    mask[1, 8:] = 0
+    return ids, mask
