@@ -43,7 +43,7 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def make_tiny_hf(arch: str, out: Path, seed: int = 0, **overrides: Any) -> Path:
+def make_tiny_hf(arch: str, out: Path, seed: int = 0, max_shard_size: str | None = None, **overrides: Any) -> Path:
     """Save a tiny random HF model of `arch` (a key of ARCHS) to `out` and return `out`.
 
     Weights get extra noise so that norms and biases are not at their trivial init values.
@@ -58,7 +58,7 @@ def make_tiny_hf(arch: str, out: Path, seed: int = 0, **overrides: Any) -> Path:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return out
 
 
