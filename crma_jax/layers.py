@@ -15,25 +15,49 @@ import jax
 import jax.numpy as jnp
 
 from crma_jax.config import ModelConfig, RopeConfig
+from crma_jax.lora import LoraConfig, lora_a_init
+from crma_jax.quant import dequantize
 
 Dtype = Any
 _KERNEL_INIT = nn.initializers.normal(0.02)
 
 
 class Linear(nn.Module):
-    """y = x @ kernel, kernel (in, out) in Flax layout, cast to the compute dtype.
+    """y = x @ W (+ scale · (dropout(x) @ A) @ B when this projection is a LoRA target).
 
-    The single place where the decoder runs a projection: the hook for LoRA and quantized
-    base weights.
+    W (in, out) is a `params` kernel in Flax layout: a plain array, or an NF4/int8 tensor that is
+    dequantized here, inside the matmul, to the compute dtype. A and B live in the `lora`
+    collection and are used only when present (a base-only apply passes no `lora`).
     """
 
     features: int
     dtype: Dtype = jnp.float32
+    lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", _KERNEL_INIT, (x.shape[-1], self.features), jnp.float32)
-        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        if self.has_variable("params", "kernel"):
+            # Read directly: `self.param` would reject a quantized kernel's packed shape.
+            kernel = self.get_variable("params", "kernel")
+        else:
+            kernel = self.param("kernel", _KERNEL_INIT, (x.shape[-1], self.features), jnp.float32)
+        y = jnp.dot(x.astype(self.dtype), dequantize(kernel, self.dtype))
+        cfg = self.lora
+        if cfg is None or self.name not in cfg.targets:
+            return y
+        if not self.has_variable("lora", "a") and not self.is_mutable_collection("lora"):
+            return y
+        a = self.variable("lora", "a", lambda: lora_a_init(self.make_rng("params"), (x.shape[-1], cfg.rank))).value
+        b = self.variable("lora", "b", lambda: jnp.zeros((cfg.rank, self.features), jnp.float32)).value
+        if cfg.dropout > 0.0 and not deterministic:
+            x = nn.Dropout(cfg.dropout)(x, deterministic=False)
+        low = jnp.dot(x.astype(self.dtype), a.astype(self.dtype))
+        return y + jnp.dot(low, b.astype(self.dtype)) * jnp.asarray(cfg.scale, self.dtype)
+
+
+def project(parent: Any, name: str, features: int, x: jax.Array, deterministic: bool) -> jax.Array:
+    """Run the `Linear` named `name` inside `parent` (which has `dtype` and `lora`)."""
+    return Linear(features, parent.dtype, parent.lora, name=name)(x, deterministic)
 
 
 class RMSNorm(nn.Module):
@@ -116,15 +140,22 @@ class Attention(nn.Module):
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
+    lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, deterministic: bool = True
+    ) -> jax.Array:
         cfg = self.config
         b, t, _ = x.shape
         kv, group, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-        q = Linear(cfg.num_heads * hd, self.dtype, name="q_proj")(x).reshape(b, t, cfg.num_heads, hd)
-        k = Linear(kv * hd, self.dtype, name="k_proj")(x).reshape(b, t, kv, hd)
-        v = Linear(kv * hd, self.dtype, name="v_proj")(x).reshape(b, t, kv, hd)
+
+        def proj(name: str, features: int, inputs: jax.Array) -> jax.Array:
+            return project(self, name, features, inputs, deterministic)
+
+        q = proj("q_proj", cfg.num_heads * hd, x).reshape(b, t, cfg.num_heads, hd)
+        k = proj("k_proj", kv * hd, x).reshape(b, t, kv, hd)
+        v = proj("v_proj", kv * hd, x).reshape(b, t, kv, hd)
         q = apply_rope(q, cos, sin).reshape(b, t, kv, group, hd)
         k = apply_rope(k, cos, sin)
         scores = jnp.einsum("btkgd,bskd->bkgts", q * jnp.asarray(cfg.attn_scale, self.dtype), k)
@@ -135,7 +166,7 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads * hd)
-        return Linear(cfg.hidden_size, self.dtype, name="o_proj")(out)
+        return proj("o_proj", cfg.hidden_size, out)
 
 
 class MLP(nn.Module):
@@ -143,14 +174,19 @@ class MLP(nn.Module):
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
+    lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
-        gate = Linear(cfg.intermediate_size, self.dtype, name="gate_proj")(x)
-        up = Linear(cfg.intermediate_size, self.dtype, name="up_proj")(x)
+
+        def proj(name: str, features: int, inputs: jax.Array) -> jax.Array:
+            return project(self, name, features, inputs, deterministic)
+
+        gate = proj("gate_proj", cfg.intermediate_size, x)
+        up = proj("up_proj", cfg.intermediate_size, x)
         if cfg.activation == "silu":
             act = jax.nn.silu(gate)
         else:
             act = jax.nn.gelu(gate, approximate=cfg.activation == "gelu_tanh")
-        return Linear(cfg.hidden_size, self.dtype, name="down_proj")(act * up)
+        return proj("down_proj", cfg.hidden_size, act * up)

@@ -24,20 +24,24 @@ import jax
 import jax.numpy as jnp
 
 from crma_jax.config import ModelConfig
+from crma_jax.crma import CRMA, DIAGNOSTICS, CRMAConfig
 from crma_jax.layers import MLP, Attention, RMSNorm, rope_tables
 from crma_jax.layers import attention_mask as build_mask
+from crma_jax.lora import LoraConfig
 
 Dtype = Any
 # Collections that hold one slice per layer under `layers/`; adapters added later live here too.
-LAYER_COLLECTIONS = ("params", "lora", "crma")
+LAYER_COLLECTIONS = ("params", "lora", "crma", DIAGNOSTICS)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block. Llama/Mistral/Gemma: h + attn(norm(h)), then h + mlp(norm(h)).
-    Gemma-2 also normalizes each branch's output (sandwich norms)."""
+    """Pre-norm block, then CRMA on the residual. Llama/Mistral/Gemma: h + attn(norm(h)), then
+    h + mlp(norm(h)). Gemma-2 also normalizes each branch's output (sandwich norms)."""
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
+    lora: LoraConfig | None = None
+    crma: CRMAConfig | None = None
 
     @nn.compact
     def __call__(
@@ -47,6 +51,8 @@ class DecoderLayer(nn.Module):
         sin: jax.Array,
         full_mask: jax.Array,
         window_mask: jax.Array,
+        deterministic: bool,
+        crma_enabled: bool,
         slides: jax.Array,
     ) -> tuple[jax.Array, None]:
         cfg = self.config
@@ -55,13 +61,17 @@ class DecoderLayer(nn.Module):
             return RMSNorm(cfg.rms_norm_eps, cfg.gemma_norm, self.dtype, name=name)
 
         mask = jnp.where(slides, window_mask, full_mask)
-        attn = Attention(cfg, self.dtype, name="self_attn")(norm("input_layernorm")(h), cos, sin, mask)
+        attn = Attention(cfg, self.dtype, self.lora, name="self_attn")
+        mlp = MLP(cfg, self.dtype, self.lora, name="mlp")
+        a = attn(norm("input_layernorm")(h), cos, sin, mask, deterministic)
         if cfg.sandwich_norms:
-            h = h + norm("post_attention_layernorm")(attn)
-            h = h + norm("post_feedforward_layernorm")(MLP(cfg, self.dtype, name="mlp")(norm("pre_feedforward_layernorm")(h)))
+            h = h + norm("post_attention_layernorm")(a)
+            h = h + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(h), deterministic))
         else:
-            h = h + attn
-            h = h + MLP(cfg, self.dtype, name="mlp")(norm("post_attention_layernorm")(h))
+            h = h + a
+            h = h + mlp(norm("post_attention_layernorm")(h), deterministic)
+        if self.crma is not None:
+            h = CRMA(self.crma, name="crma")(h, crma_enabled)
         return h, None
 
 
@@ -71,10 +81,18 @@ class Decoder(nn.Module):
     `attention_mask` (B, T) hides padded keys; `positions` (B, T) drive RoPE (default arange);
     `segment_ids` (B, T) keep packed documents apart. `dtype` is the compute dtype
     (float32 or bfloat16); parameters are cast to it inside each matmul.
+
+    With `lora`, the target projections read A/B from the `lora` collection; with `crma`, a
+    CRMA adapter (the `crma` collection) follows every layer. Both are skipped when their
+    collection is absent from `apply`'s variables. `crma_enabled=False` turns CRMA into the
+    identity on the same weights; `deterministic=False` enables LoRA dropout (needs a
+    `dropout` rng).
     """
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
+    lora: LoraConfig | None = None
+    crma: CRMAConfig | None = None
 
     def setup(self) -> None:
         cfg = self.config
@@ -88,10 +106,10 @@ class Decoder(nn.Module):
         self.layers = nn.scan(
             DecoderLayer,
             variable_axes={c: 0 for c in LAYER_COLLECTIONS},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 4 + (0,),
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * 6 + (0,),
             length=cfg.num_layers,
-        )(cfg, self.dtype)
+        )(cfg, self.dtype, self.lora, self.crma)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norm, self.dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(
@@ -104,6 +122,8 @@ class Decoder(nn.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        deterministic: bool = True,
+        crma_enabled: bool = True,
     ) -> jax.Array:
         """Final normalized hidden states (B, T, d) in the compute dtype."""
         cfg = self.config
@@ -118,7 +138,7 @@ class Decoder(nn.Module):
         full = build_mask(attention_mask, segment_ids, b, t, None)
         windowed = build_mask(attention_mask, segment_ids, b, t, self.window) if self.window else full
         slides = jnp.asarray([w is not None for w in cfg.windows])
-        h, _ = self.layers(h, cos, sin, full, windowed, slides)
+        h, _ = self.layers(h, cos, sin, full, windowed, deterministic, crma_enabled, slides)
         return self.norm(h)
 
     def logits(self, h: jax.Array) -> jax.Array:
@@ -136,6 +156,9 @@ class Decoder(nn.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        deterministic: bool = True,
+        crma_enabled: bool = True,
     ) -> jax.Array:
-        return self.logits(self.hidden(input_ids, attention_mask, positions, segment_ids))
+        h = self.hidden(input_ids, attention_mask, positions, segment_ids, deterministic, crma_enabled)
+        return self.logits(h)
 

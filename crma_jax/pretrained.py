@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from crma_jax.adapters import init_adapters, pissa_init, quantize_params
 from crma_jax.config import ModelConfig
+from crma_jax.crma import CRMAConfig
 from crma_jax.errors import CheckpointError
 from crma_jax.hf_params import abstract_params, assemble_params
+from crma_jax.lora import LoraConfig
 from crma_jax.model import Decoder
 from crma_jax.safetensors_io import SafetensorsSource
 from crma_jax.sharding import param_shardings
@@ -67,26 +70,45 @@ def load_pretrained(
     dtype: Any = "float32",
     compute_dtype: Any = None,
     mesh: Mesh | None = None,
+    lora: LoraConfig | None = None,
+    crma: CRMAConfig | None = None,
+    quant: str | None = None,
+    seed: int = 0,
     allow_pickle: bool = False,
     progress: Callable[..., Any] | None = None,
 ) -> tuple[Decoder, dict[str, Any]]:
-    """Load a pretrained decoder.
+    """Load a pretrained decoder, optionally with fresh adapters and a quantized base.
 
     Args:
       path: an HF model directory, a `.gguf` file, or a `crma convert` output directory.
       dtype: storage dtype of the parameters, "float32" or "bfloat16".
       compute_dtype: activation dtype (default: `dtype`). Logits are always float32.
       mesh: place each parameter on its `NamedSharding` over this (data, fsdp, model) mesh.
+      lora, crma: adapter configs; the model then carries them and the adapters are initialized
+        from `seed` (PiSSA from the full-precision weights, before any quantization).
+      quant: None, "nf4" or "int8" storage for the frozen projection kernels.
       allow_pickle: permit `.bin` PyTorch weights through `torch.load(weights_only=True)`.
 
     Returns:
-      `(model, params)`; call `model.apply({"params": params}, input_ids)`.
+      Without adapters, `(model, params)`: call `model.apply({"params": params}, input_ids)`.
+      With `lora` or `crma`, `(model, variables)` with the collections "params", "lora",
+      "crma": call `model.apply(variables, input_ids)`.
     """
     store = resolve_dtype(dtype)
     compute = resolve_dtype(compute_dtype) if compute_dtype is not None else store
     if is_converted(path):
-        return _load_converted(Path(path), store, compute, mesh)
-    return load_source(open_source(path, allow_pickle=allow_pickle), store, compute, mesh, progress)
+        model, params = _load_converted(Path(path), store, compute, mesh)
+    else:
+        model, params = load_source(open_source(path, allow_pickle=allow_pickle), store, compute, mesh, progress)
+    if lora is None and crma is None:
+        return model, quantize_params(params, quant) if quant else params
+    model = model.clone(lora=lora, crma=crma)
+    adapters = init_adapters(model, params, jax.random.PRNGKey(seed))
+    if lora is not None and lora.init == "pissa":
+        params, adapters["lora"] = pissa_init(params, adapters["lora"], lora, jax.random.PRNGKey(seed + 1))
+    if quant:
+        params = quantize_params(params, quant)
+    return model, {"params": params, **adapters}
 
 
 def load_source(

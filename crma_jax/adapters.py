@@ -1,0 +1,103 @@
+"""Adapters around a loaded base: init, quantize the frozen base, label and count parameters.
+
+Variables are a dict of three collections, kept apart so that each has its own role:
+
+    {"params": frozen base weights, "lora": one LoRA set, "crma": the shared CRMA substrate}
+
+`param_labels` names every leaf for the optimizer (`lora_a`, `lora_b`, `crma_mix`, `crma_gate`,
+`frozen`); training differentiates only `lora` and `crma`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from crma_jax.lora import LoraConfig, apply_pissa
+from crma_jax.quant import Int8Tensor, NF4Tensor, quantize_int8, quantize_nf4
+
+TRAINABLE = ("lora", "crma")
+QUANT_KINDS = ("nf4", "int8")
+_QUANTIZED = (NF4Tensor, Int8Tensor)
+
+
+def init_adapters(model: Any, params: Any, rng: jax.Array) -> dict[str, Any]:
+    """Fresh `lora` and `crma` collections for `model` over loaded `params` (no base re-init)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    wanted = [c for c, cfg in (("lora", model.lora), ("crma", model.crma)) if cfg is not None]
+    if not wanted:
+        return {}
+    _, state = jax.jit(
+        lambda p, key: model.apply({"params": p}, ids, rngs={"params": key}, mutable=wanted)
+    )(params, rng)
+    return {c: state[c] for c in wanted}
+
+
+def pissa_init(params: Any, lora: Any, cfg: LoraConfig, rng: jax.Array) -> tuple[Any, Any]:
+    """PiSSA factors into `lora`, residual kernels into `params` (see `lora.apply_pissa`)."""
+    layers, lora_layers = apply_pissa(params["layers"], lora["layers"], cfg, rng)
+    return {**params, "layers": layers}, {**lora, "layers": lora_layers}
+
+
+def quantize_params(params: Any, kind: str, double_quant: bool = True) -> Any:
+    """Quantize every projection kernel under `layers/` ("nf4" or "int8"); embeddings, the LM
+    head and norms stay as they are. Stacked (L, in, out) kernels are quantized layer by layer,
+    so every leaf keeps the leading layer axis that `nn.scan` slices."""
+    if kind not in QUANT_KINDS:
+        raise ValueError(f"quant must be one of {QUANT_KINDS} or None, got {kind!r}")
+    if kind == "nf4":
+        one = jax.jit(jax.vmap(functools.partial(quantize_nf4, block_size=64, double_quant=double_quant)))
+    else:
+        one = jax.jit(quantize_int8)  # per-output-channel scales already keep the layer axis
+    flat = traverse_util.flatten_dict(params)
+    for path, leaf in flat.items():
+        if path[0] == "layers" and path[-1] == "kernel":
+            flat[path] = one(leaf)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _label(collection: str, name: str) -> str:
+    if collection == "lora":
+        return "lora_a" if name == "a" else "lora_b"
+    if collection == "crma":
+        return "crma_gate" if name == "gate" else "crma_mix"
+    return "frozen"
+
+
+def param_labels(variables: dict[str, Any]) -> dict[str, Any]:
+    """The same tree as `variables` with a label string at every leaf.
+
+    Quantized base weights get one label for the whole tensor (all its arrays are frozen).
+    """
+
+    def label_tree(collection: str, tree: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: _label(collection, _key(path[-1])), tree, is_leaf=lambda x: isinstance(x, _QUANTIZED)
+        )
+
+    return {c: label_tree(c, t) for c, t in variables.items()}
+
+
+def count_params(variables: dict[str, Any]) -> dict[str, int]:
+    """{"trainable": n, "frozen": n}: parameter counts, a quantized weight counted by its elements."""
+    counts = {"trainable": 0, "frozen": 0}
+    for collection, tree in variables.items():
+        kind = "trainable" if collection in TRAINABLE else "frozen"
+        for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, _QUANTIZED)):
+            counts[kind] += _numel(leaf)
+    return counts
+
+
+def _numel(leaf: Any) -> int:
+    if isinstance(leaf, NF4Tensor):
+        return leaf.packed.shape[0] * math.prod(leaf.shape) if leaf.packed.ndim == 2 else math.prod(leaf.shape)
+    return math.prod(leaf.shape)
+
+
+def _key(entry: Any) -> str:
+    return str(getattr(entry, "key", getattr(entry, "name", entry)))
