@@ -1,0 +1,66 @@
+"""Adapter bookkeeping: labels for the optimizer, parameter counts, quantized bases."""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import crma_jax
+from crma_jax import CRMAConfig, LoraConfig
+from crma_jax.quant import Int8Tensor, NF4Tensor, nbytes
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_models):
+    return crma_jax.load_pretrained(tiny_models["llama"], lora=LoraConfig(rank=8), crma=CRMAConfig(rank=4))
+
+
+def test_labels_name_every_leaf_by_role(loaded):
+    _, variables = loaded
+    labels = crma_jax.param_labels(variables)
+    assert jax.tree.structure(labels) == jax.tree.structure(variables)
+    assert set(jax.tree.leaves(labels["params"])) == {"frozen"}
+    assert set(jax.tree.leaves(labels["lora"])) == {"lora_a", "lora_b"}
+    crma = labels["crma"]["layers"]["crma"]
+    assert (crma["read"], crma["log_mix"], crma["gate"]) == ("crma_mix", "crma_mix", "crma_gate")
+
+
+def test_counts_follow_the_shapes(loaded):
+    model, variables = loaded
+    cfg = model.config
+    d, L, hd = cfg.hidden_size, cfg.num_layers, cfg.head_dim
+    dims = {"q_proj": (d, cfg.num_heads * hd), "k_proj": (d, cfg.num_kv_heads * hd),
+            "v_proj": (d, cfg.num_kv_heads * hd), "o_proj": (cfg.num_heads * hd, d),
+            "gate_proj": (d, cfg.intermediate_size), "up_proj": (d, cfg.intermediate_size),
+            "down_proj": (cfg.intermediate_size, d)}
+    lora = L * sum(8 * (i + o) for i, o in dims.values())
+    crma = L * (d * 4 + 4 * 4 + 1)
+    counts = crma_jax.count_params(variables)
+    assert counts["trainable"] == lora + crma
+    assert counts["frozen"] == sum(x.size for x in jax.tree.leaves(variables["params"]))
+
+
+@pytest.mark.parametrize("kind,cls", [("nf4", NF4Tensor), ("int8", Int8Tensor)])
+def test_quantized_base_keeps_labels_counts_and_runs_under_jit(kind, cls, tiny_models, loaded):
+    _, fp32 = loaded
+    model, variables = crma_jax.load_pretrained(tiny_models["llama"], lora=LoraConfig(rank=8), crma=CRMAConfig(), quant=kind)
+    q = variables["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(q, cls)
+    assert not isinstance(variables["params"]["embed_tokens"]["embedding"], (NF4Tensor, Int8Tensor))
+    assert crma_jax.count_params(variables) == crma_jax.count_params(fp32)
+    labels = jax.tree.leaves(crma_jax.param_labels(variables)["params"], is_leaf=lambda x: isinstance(x, str))
+    assert collections.Counter(labels) == {"frozen": len(jax.tree.leaves(fp32["params"]))}
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 12)), jnp.int32)
+    out = jax.jit(model.apply)(variables, ids)
+    ref = jax.jit(model.apply)(fp32, ids)
+    assert float(jnp.abs(out - ref).max()) < 0.3 * float(jnp.abs(ref).max())
+    assert nbytes(variables["params"]) < nbytes(fp32["params"])
+
+
+def test_unknown_quant_kind(tiny_models):
+    with pytest.raises(ValueError, match="quant must be one of"):
+        crma_jax.load_pretrained(tiny_models["llama"], quant="fp8")

@@ -1,0 +1,117 @@
+"""CRMA invariants: identity-like init, non-expansive for any parameters, gradients, toggle."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import crma_jax
+from crma_jax import CRMAConfig, LoraConfig
+from crma_jax.crma import CRMA, mixing_operator, orthonormal_init
+
+
+@pytest.fixture(scope="module")
+def tiny_ids():
+    return jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 12)), jnp.int32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_init_leaves_logits_within_1e3_relative(arch, tiny_models, tiny_ids):
+    model, params = crma_jax.load_pretrained(tiny_models[arch])
+    base = model.apply({"params": params}, tiny_ids)
+    cmodel, variables = crma_jax.load_pretrained(tiny_models[arch], crma=CRMAConfig())
+    out = cmodel.apply(variables, tiny_ids)
+    rel = float(jnp.abs(out - base).max() / jnp.abs(base).max())
+    assert 0 < rel <= 1e-3
+
+
+def test_init_read_is_orthonormal_and_does_not_shrink_h():
+    read = orthonormal_init(jax.random.PRNGKey(3), (576, 4))
+    chex.assert_shape(read, (576, 4))
+    np.testing.assert_allclose(read.T @ read, np.eye(4), atol=1e-5)
+    h = jax.random.normal(jax.random.PRNGKey(4), (2, 8, 576))
+    variables = CRMA(CRMAConfig()).init(jax.random.PRNGKey(0), h)
+    out = CRMA(CRMAConfig()).apply(variables, h)
+    gain = jnp.linalg.norm(out, axis=-1) / jnp.linalg.norm(h, axis=-1)
+    assert float(gain.min()) > 1 - 1e-3 and float(gain.max()) <= 1 + 1e-5
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    d=st.sampled_from([8, 33, 64]),
+    n=st.integers(2, 8),
+    spread=st.floats(0.0, 30.0),
+    gate=st.floats(-10.0, 10.0),
+)
+def test_map_is_non_expansive_for_any_parameters(seed, d, n, spread, gate):
+    n = min(n, d)
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    crma = {
+        "read": jax.random.normal(k1, (d, n)),  # arbitrary, not orthonormal: QR takes care of it
+        "log_mix": spread * jax.random.normal(k2, (n, n)),
+        "gate": jnp.asarray(gate, jnp.float32),
+    }
+    h = jax.random.normal(k3, (3, 5, d)) * 10.0
+    out = CRMA(CRMAConfig(rank=n)).apply({"crma": crma}, h)
+    chex.assert_shape(out, h.shape)
+    chex.assert_tree_all_finite(out)
+    ratio = jnp.linalg.norm(out, axis=-1) / jnp.linalg.norm(h, axis=-1)
+    assert float(ratio.max()) <= 1 + 1e-5
+    # The whole linear map I + U K Uᵀ has spectral norm <= 1, not just M.
+    u, _, _, k = mixing_operator(crma["read"], crma["log_mix"], crma["gate"], 20)
+    assert float(jnp.linalg.norm(jnp.eye(d) + u @ k @ u.T, ord=2)) <= 1 + 1e-5
+
+
+def test_gradients_reach_read_log_mix_and_gate(tiny_models, tiny_ids):
+    model, variables = crma_jax.load_pretrained(tiny_models["llama"], crma=CRMAConfig(init_mix_logit=2.0))
+
+    def loss(crma):
+        logits = model.apply({**variables, "crma": crma}, tiny_ids)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
+
+    grads = jax.grad(loss)(variables["crma"])["layers"]["crma"]
+    chex.assert_tree_all_finite(grads)
+    for name in ("read", "log_mix", "gate"):
+        assert float(jnp.abs(grads[name]).max()) > 0, name
+
+
+def test_disabled_crma_gives_exactly_the_base_logits(tiny_models, tiny_ids):
+    model, params = crma_jax.load_pretrained(tiny_models["gemma"])
+    base = model.apply({"params": params}, tiny_ids)
+    cmodel, variables = crma_jax.load_pretrained(tiny_models["gemma"], crma=CRMAConfig(init_mix_logit=0.0))
+    assert not np.array_equal(cmodel.apply(variables, tiny_ids), base)  # CRMA really does something
+    np.testing.assert_array_equal(cmodel.apply(variables, tiny_ids, crma_enabled=False), base)
+    off = cmodel.clone(crma=CRMAConfig(init_mix_logit=0.0, enabled=False))
+    np.testing.assert_array_equal(off.apply(variables, tiny_ids), base)
+
+
+def test_diagnostics_per_layer(tiny_models, tiny_ids):
+    model, variables = crma_jax.load_pretrained(
+        tiny_models["llama"], crma=CRMAConfig(), lora=LoraConfig(targets=("q_proj",))
+    )
+    _, state = model.apply(variables, tiny_ids, mutable=["diagnostics"])
+    diag = crma_jax.crma_diagnostics(state)
+    assert set(diag) == {"spectral_norm", "sinkhorn_residual", "alpha", "gain"}
+    for v in diag.values():
+        chex.assert_shape(v, (2,))
+    assert float(jnp.abs(diag["spectral_norm"] - 1).max()) <= 1e-6
+    np.testing.assert_allclose(diag["alpha"], 0.5)
+
+
+def test_bf16_activations_keep_their_dtype():
+    h = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16)).astype(jnp.bfloat16)
+    variables = CRMA(CRMAConfig()).init(jax.random.PRNGKey(1), h)
+    out = CRMA(CRMAConfig()).apply(variables, h)
+    assert out.dtype == jnp.bfloat16
+    chex.assert_tree_all_finite(out)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="rank"):
+        CRMAConfig(rank=0)
