@@ -111,3 +111,19 @@ def assemble_params(
 def _file(source: TensorSource, name: str) -> Any:
     file_of = getattr(source, "file_of", None)
     return file_of(name) if file_of else source.path
+
+
+def to_hf_state_dict(params: dict[str, Any], num_layers: int) -> dict[str, np.ndarray]:
+    """The inverse of `assemble_params`: HF-named float32 numpy tensors in PyTorch layout.
+
+    Quantized kernels are not accepted: merge into full-precision weights.
+    """
+    out: dict[str, np.ndarray] = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        names, transpose = hf_names(path, num_layers)
+        arr = np.asarray(jax.device_get(value), np.float32)
+        stacked = path[0] == "layers"
+        for i, name in enumerate(names):
+            t = arr[i] if stacked else arr
+            out[name] = np.ascontiguousarray(t.T if transpose else t)
+    return out

@@ -170,6 +170,13 @@ def _config_file(source: Any) -> Any:
     return p / "config.json" if p.is_dir() else p
 
 
+def hf_config_of(path: str | os.PathLike) -> dict[str, Any]:
+    """The HF config dict of an HF directory, a `.gguf` file or a `crma convert` output."""
+    if is_converted(path):
+        return dict(read_converted_meta(Path(path))["hf_config"])
+    return open_source(path).hf_config()
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The HF tokenizer that belongs to `path` (HF dir, `.gguf`, or `crma convert` output)."""
     from transformers import AutoTokenizer

@@ -88,3 +88,27 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
     mask = np.ones((2, 12), np.int32)
     mask[1, 8:] = 0
     return ids, mask
+
+
+def save_char_tokenizer(out: Path) -> None:
+    """A character-level tokenizer (printable ASCII + newline, ids < 100) saved into `out`, so a
+    tiny 128-token model can train on real text without any download."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\r\x0b\x0c"))
+    vocab = {"<unk>": 0, "</s>": 1, "<pad>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(str(out))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (vocab 128) with a character tokenizer beside it: trainable end to end."""
+    path = make_tiny_hf("llama", tmp_path_factory.mktemp("tiny_lm") / "llama", seed=1)
+    save_char_tokenizer(path)
+    return path

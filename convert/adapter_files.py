@@ -1,0 +1,92 @@
+"""The adapter files a run leaves behind, read by `crma export` and `crma generate`.
+
+    RUN/adapters/meta.json              model path, LoRA and CRMA configs, LoRA set names
+    RUN/adapters/lora_<name>.safetensors  one LoRA set, keys "layers/self_attn/q_proj/a", ...
+    RUN/adapters/crma.safetensors       the shared CRMA substrate (if any)
+
+safetensors holds only arrays (no pickle), so adapters are safe to share and to load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+from crma_jax.crma import CRMAConfig
+from crma_jax.errors import CheckpointError
+from crma_jax.lora import LoraConfig
+
+ADAPTERS = "adapters"
+
+
+@dataclasses.dataclass
+class Adapters:
+    model: str
+    lora: LoraConfig | None
+    crma: CRMAConfig | None
+    lora_sets: dict[str, Any]
+    crma_params: Any | None
+
+
+def _flat(tree: Any) -> dict[str, np.ndarray]:
+    return {"/".join(k): np.asarray(jax.device_get(v), np.float32) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _unflat(flat: dict[str, np.ndarray]) -> Any:
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def save_adapters(run: Path, adapters: Adapters) -> Path:
+    """Write RUN/adapters atomically (a staging directory renamed into place)."""
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".adapters.partial-", dir=run))
+    meta = {
+        "model": adapters.model,
+        "lora": dataclasses.asdict(adapters.lora) if adapters.lora else None,
+        "crma": dataclasses.asdict(adapters.crma) if adapters.crma else None,
+        "lora_sets": sorted(adapters.lora_sets),
+    }
+    for name, tree in adapters.lora_sets.items():
+        save_file(_flat(tree), staging / f"lora_{name}.safetensors")
+    if adapters.crma_params is not None:
+        save_file(_flat(adapters.crma_params), staging / "crma.safetensors")
+    (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+    final = run / ADAPTERS
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    return final
+
+
+def load_adapters(run: Path) -> Adapters:
+    """Read RUN/adapters; a missing or corrupt file raises CheckpointError naming it."""
+    root = Path(run) / ADAPTERS
+    meta_file = root / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_file}: no adapters here ({e}); was the run finished?") from e
+    lora_cfg = meta.get("lora")
+    lora = LoraConfig(**{**lora_cfg, "targets": tuple(lora_cfg["targets"])}) if lora_cfg else None
+    crma = CRMAConfig(**meta["crma"]) if meta.get("crma") else None
+    sets = {name: _read(root / f"lora_{name}.safetensors") for name in meta["lora_sets"]}
+    crma_params = _read(root / "crma.safetensors") if crma else None
+    return Adapters(meta["model"], lora, crma, sets, crma_params)
+
+
+def _read(path: Path) -> Any:
+    try:
+        return _unflat(load_file(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{path}: unreadable adapter file: {e}") from e

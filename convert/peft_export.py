@@ -1,0 +1,151 @@
+"""Adapters to PyTorch: PEFT LoRA dirs, `crma_adapter.safetensors`, merged HF checkpoints; and
+PEFT LoRA dirs back into crma-jax.
+
+PEFT keys are `base_model.model.<hf module path>.lora_A.weight` (r, in) and `.lora_B.weight`
+(out, r): the transposes of our Flax-layout A (in, r) and B (r, out), one per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+from crma_jax.crma import CRMAConfig, mixing_operator
+from crma_jax.errors import CheckpointError
+from crma_jax.hf_params import to_hf_state_dict
+from crma_jax.lora import ALL_TARGETS, LoraConfig, merge_lora
+
+PEFT_PREFIX = "base_model.model.model.layers"
+_MODULE_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def atomic_dir(out: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(staging)` and rename the staging directory to `out` only if it succeeds."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; choose a new output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write(staging)
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def lora_to_peft_tensors(lora: Any) -> dict[str, np.ndarray]:
+    """Our stacked LoRA tree -> PEFT's per-layer (r, in) / (out, r) tensors."""
+    out = {}
+    for path, value in traverse_util.flatten_dict(lora).items():
+        _, module, proj, which = path
+        arr = np.asarray(jax.device_get(value), np.float32)
+        peft_name = "lora_A" if which == "a" else "lora_B"
+        for i in range(arr.shape[0]):
+            out[f"{PEFT_PREFIX}.{i}.{module}.{proj}.{peft_name}.weight"] = np.ascontiguousarray(arr[i].T)
+    return out
+
+
+def export_peft(lora: Any, cfg: LoraConfig, out: Path, base_model: str = "") -> Path:
+    """Write a PEFT LoRA adapter directory that `PeftModel.from_pretrained` loads."""
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(cfg.targets),
+        "use_rslora": cfg.rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "base_model_name_or_path": base_model,
+    }
+
+    def write(d: Path) -> None:
+        save_file(lora_to_peft_tensors(lora), d / "adapter_model.safetensors", metadata={"format": "pt"})
+        (d / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+    return atomic_dir(out, write)
+
+
+def import_peft(path: Path, num_layers: int) -> tuple[Any, LoraConfig]:
+    """A PEFT LoRA adapter dir (made anywhere) -> (our stacked LoRA tree, LoraConfig)."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+        tensors = load_file(path / "adapter_model.safetensors")
+    except Exception as e:  # noqa: BLE001 - JSON, OS and safetensors errors alike
+        raise CheckpointError(f"{path}: not a readable PEFT adapter: {e}") from e
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path / 'adapter_config.json'}: peft_type {config.get('peft_type')!r} is not LORA")
+    targets = config["target_modules"]
+    targets = sorted(targets) if isinstance(targets, list) else [t for t in ALL_TARGETS if t in targets]
+    cfg = LoraConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=tuple(targets),
+                     rslora=bool(config.get("use_rslora", False)))
+    flat = {}
+    for proj in cfg.targets:
+        module = _MODULE_OF[proj]
+        for which, peft_name in (("a", "lora_A"), ("b", "lora_B")):
+            layers = []
+            for i in range(num_layers):
+                key = f"{PEFT_PREFIX}.{i}.{module}.{proj}.{peft_name}.weight"
+                alt = key.replace(".weight", ".default.weight")
+                if key not in tensors and alt not in tensors:
+                    raise CheckpointError(f"{path / 'adapter_model.safetensors'}: missing tensor {key!r}")
+                layers.append(tensors.get(key, tensors.get(alt)).T)
+            flat[("layers", module, proj, which)] = np.stack(layers).astype(np.float32)
+    return traverse_util.unflatten_dict(flat), cfg
+
+
+def crma_tensors(crma_params: Any, cfg: CRMAConfig) -> dict[str, np.ndarray]:
+    """Per-layer U (d, n), M (n, n) and alpha () as used in the forward pass, plus the raw params."""
+    layer = jax.device_get(crma_params["layers"]["crma"])
+    out = {}
+    for i in range(layer["gate"].shape[0]):
+        u, m, alpha, _ = mixing_operator(layer["read"][i], layer["log_mix"][i], layer["gate"][i], cfg.sinkhorn_iters)
+        out[f"layers.{i}.U"] = np.asarray(u, np.float32)
+        out[f"layers.{i}.M"] = np.asarray(m, np.float32)
+        out[f"layers.{i}.alpha"] = np.asarray(alpha, np.float32).reshape(1)
+        for name in ("read", "log_mix", "gate"):
+            out[f"layers.{i}.{name}"] = np.asarray(layer[name][i], np.float32).reshape(np.shape(layer[name][i]) or (1,))
+    return out
+
+
+def export_crma(crma_params: Any, cfg: CRMAConfig, out_file: Path) -> Path:
+    """Write `crma_adapter.safetensors` (tensors above, config in the metadata)."""
+    meta = {"format": "crma-jax/crma", "config": json.dumps({"rank": cfg.rank, "sinkhorn_iters": cfg.sinkhorn_iters})}
+    save_file(crma_tensors(crma_params, cfg), out_file, metadata=meta)
+    return out_file
+
+
+def export_merged(params: Any, lora: Any, cfg: LoraConfig, hf_config: dict[str, Any], out: Path,
+                  tokenizer: Any = None) -> Path:
+    """A full HF checkpoint (config.json + model.safetensors) with `lora` folded into W."""
+    merged = merge_lora(params, lora, cfg)
+    layers = int(hf_config["num_hidden_layers"])
+    config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    config.setdefault("architectures", [_ARCH.get(config.get("model_type"), "LlamaForCausalLM")])
+
+    def write(d: Path) -> None:
+        save_file(to_hf_state_dict(merged, layers), d / "model.safetensors", metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(d))
+
+    return atomic_dir(out, write)
+
+
+_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM",
+         "gemma2": "Gemma2ForCausalLM"}
