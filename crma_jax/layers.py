@@ -114,20 +114,28 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention_mask(
-    attention_mask: jax.Array | None, segment_ids: jax.Array | None, batch: int, length: int, window: int | None
+    attention_mask: jax.Array | None,
+    segment_ids: jax.Array | None,
+    batch: int,
+    length: int,
+    window: int | None,
+    kv_length: int | None = None,
+    offset: jax.Array | int = 0,
 ) -> jax.Array:
-    """Boolean (B, T, T) mask, True = query t may attend key s.
+    """Boolean (B, T, S) mask, True = query t may attend key s (S = `kv_length`, default T).
 
-    Causal by index; keys with `attention_mask == 0` are hidden (padding); with `segment_ids`
-    (packed sequences) a query sees only its own document; with `window` only the last
-    `window` keys (q - k < window), as transformers' sliding-window overlay.
+    Causal by index, with query t at absolute index `offset + t` (decoding into a KV cache);
+    keys with `attention_mask == 0` are hidden (padding); with `segment_ids` (packed sequences)
+    a query sees only its own document; with `window` only the last `window` keys
+    (q - k < window), as transformers' sliding-window overlay.
     """
-    q = jnp.arange(length)[:, None]
-    k = jnp.arange(length)[None, :]
+    kv_length = length if kv_length is None else kv_length
+    q = offset + jnp.arange(length)[:, None]
+    k = jnp.arange(kv_length)[None, :]
     allowed = k <= q
     if window is not None:
         allowed = allowed & (q - k < window)
-    mask = jnp.broadcast_to(allowed, (batch, length, length))
+    mask = jnp.broadcast_to(allowed, (batch, length, kv_length))
     if attention_mask is not None:
         mask = mask & (attention_mask[:, None, :] > 0)
     if segment_ids is not None:
@@ -144,8 +152,17 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, deterministic: bool = True
-    ) -> jax.Array:
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        deterministic: bool = True,
+        kv_cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """(output (B, T, d), updated cache). With `kv_cache` ((B, S, kv, hd) keys and values),
+        this step's keys/values are written at `cache_index` and queries attend all S slots."""
         cfg = self.config
         b, t, _ = x.shape
         kv, group, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
@@ -158,6 +175,11 @@ class Attention(nn.Module):
         v = proj("v_proj", kv * hd, x).reshape(b, t, kv, hd)
         q = apply_rope(q, cos, sin).reshape(b, t, kv, group, hd)
         k = apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
+            kv_cache = (k, v)
         scores = jnp.einsum("btkgd,bskd->bkgts", q * jnp.asarray(cfg.attn_scale, self.dtype), k)
         scores = scores.astype(jnp.float32)
         if cfg.attn_logit_softcap:
@@ -166,7 +188,7 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads * hd)
-        return proj("o_proj", cfg.hidden_size, out)
+        return proj("o_proj", cfg.hidden_size, out), kv_cache
 
 
 class MLP(nn.Module):

@@ -53,8 +53,10 @@ class DecoderLayer(nn.Module):
         window_mask: jax.Array,
         deterministic: bool,
         crma_enabled: bool,
+        cache_index: jax.Array | int,
         slides: jax.Array,
-    ) -> tuple[jax.Array, None]:
+        kv_cache: tuple[jax.Array, jax.Array] | None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
 
         def norm(name: str) -> RMSNorm:
@@ -63,7 +65,7 @@ class DecoderLayer(nn.Module):
         mask = jnp.where(slides, window_mask, full_mask)
         attn = Attention(cfg, self.dtype, self.lora, name="self_attn")
         mlp = MLP(cfg, self.dtype, self.lora, name="mlp")
-        a = attn(norm("input_layernorm")(h), cos, sin, mask, deterministic)
+        a, kv_cache = attn(norm("input_layernorm")(h), cos, sin, mask, deterministic, kv_cache, cache_index)
         if cfg.sandwich_norms:
             h = h + norm("post_attention_layernorm")(a)
             h = h + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(h), deterministic))
@@ -72,7 +74,7 @@ class DecoderLayer(nn.Module):
             h = h + mlp(norm("post_attention_layernorm")(h), deterministic)
         if self.crma is not None:
             h = CRMA(self.crma, name="crma")(h, crma_enabled)
-        return h, None
+        return h, kv_cache
 
 
 class Decoder(nn.Module):
@@ -107,7 +109,7 @@ class Decoder(nn.Module):
             DecoderLayer,
             variable_axes={c: 0 for c in LAYER_COLLECTIONS},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * 6 + (0,),
+            in_axes=(nn.broadcast,) * 7 + (0, 0),
             length=cfg.num_layers,
         )(cfg, self.dtype, self.lora, self.crma)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norm, self.dtype)
@@ -124,22 +126,35 @@ class Decoder(nn.Module):
         segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         crma_enabled: bool = True,
-    ) -> jax.Array:
-        """Final normalized hidden states (B, T, d) in the compute dtype."""
+        kv_cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """(final normalized hidden states (B, T, d) in the compute dtype, updated KV cache).
+
+        `kv_cache` is ((L, B, S, kv, hd), (L, B, S, kv, hd)) keys and values (see `init_cache`);
+        the T new tokens sit at absolute positions cache_index .. cache_index + T − 1.
+        """
         cfg = self.config
         b, t = input_ids.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+            positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
         h = self.embed_tokens(input_ids)
         if cfg.scale_embedding:
             # HF casts sqrt(d) to the activation dtype before multiplying (bf16 rounds it).
             h = h * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
         cos, sin = rope_tables(positions, cfg.rope, cfg.head_dim)
-        full = build_mask(attention_mask, segment_ids, b, t, None)
-        windowed = build_mask(attention_mask, segment_ids, b, t, self.window) if self.window else full
+        s = t if kv_cache is None else kv_cache[0].shape[2]
+
+        def mask(window: int | None) -> jax.Array:
+            return build_mask(attention_mask, segment_ids, b, t, window, s, cache_index)
+
+        full = mask(None)
+        windowed = mask(self.window) if self.window else full
         slides = jnp.asarray([w is not None for w in cfg.windows])
-        h, _ = self.layers(h, cos, sin, full, windowed, deterministic, crma_enabled, slides)
-        return self.norm(h)
+        h, kv_cache = self.layers(
+            h, cos, sin, full, windowed, deterministic, crma_enabled, cache_index, slides, kv_cache
+        )
+        return self.norm(h), kv_cache
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Project hidden states (B, T, d) to float32 logits (B, T, V), with soft-capping."""
@@ -159,6 +174,23 @@ class Decoder(nn.Module):
         deterministic: bool = True,
         crma_enabled: bool = True,
     ) -> jax.Array:
-        h = self.hidden(input_ids, attention_mask, positions, segment_ids, deterministic, crma_enabled)
+        h, _ = self.hidden(input_ids, attention_mask, positions, segment_ids, deterministic, crma_enabled)
         return self.logits(h)
+
+    def decode(
+        self,
+        input_ids: jax.Array,
+        kv_cache: tuple[jax.Array, jax.Array],
+        cache_index: jax.Array | int,
+        crma_enabled: bool = True,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One incremental step: logits (B, T, V) of the new tokens and the updated KV cache."""
+        h, kv_cache = self.hidden(input_ids, crma_enabled=crma_enabled, kv_cache=kv_cache, cache_index=cache_index)
+        return self.logits(h), kv_cache
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: Dtype = jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """Zeroed KV cache ((L, B, S, kv_heads, head_dim) keys, same for values)."""
+    shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 

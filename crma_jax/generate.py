@@ -1,0 +1,71 @@
+"""Text generation with a KV cache: greedy or nucleus (top-p) sampling, all in JAX.
+
+The prompt is run once (prefill) into a cache sized for prompt + new tokens; each new token is
+then one `Decoder.decode` step of length 1 inside a `lax.fori_loop`, so the whole generation
+is a single compiled program.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from crma_jax.model import Decoder, init_cache
+
+
+def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+    """Keep the smallest set of tokens whose probability mass reaches `top_p`; mask the rest."""
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p  # the top token is always kept
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def next_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """(B,) int32: argmax when temperature == 0, else a top-p sample at that temperature."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, top_p_filter(logits / temperature, top_p), axis=-1).astype(jnp.int32)
+
+
+def generate(
+    model: Decoder,
+    variables: dict[str, Any],
+    prompt: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    rng: jax.Array | None = None,
+    crma_enabled: bool = True,
+) -> jax.Array:
+    """Continue `prompt` (B, P) int32 by `max_new_tokens`; returns (B, P + max_new_tokens) int32."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    b, p = prompt.shape
+    total = p + max_new_tokens
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+
+    @jax.jit
+    def run(variables: dict[str, Any], prompt: jax.Array, rng: jax.Array) -> jax.Array:
+        cache = init_cache(model.config, b, total, model.dtype)
+        logits, cache = model.apply(variables, prompt, cache, 0, crma_enabled, method=Decoder.decode)
+        rng, sub = jax.random.split(rng)
+        tokens = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt)
+        tokens = tokens.at[:, p].set(next_token(logits[:, -1], sub, temperature, top_p))
+
+        def step(i: jax.Array, carry: Any) -> Any:
+            tokens, cache, rng = carry
+            last = jax.lax.dynamic_slice(tokens, (0, i), (b, 1))
+            logits, cache = model.apply(variables, last, cache, i, crma_enabled, method=Decoder.decode)
+            rng, sub = jax.random.split(rng)
+            return tokens.at[:, i + 1].set(next_token(logits[:, -1], sub, temperature, top_p)), cache, rng
+
+        tokens, _, _ = jax.lax.fori_loop(p, total - 1, step, (tokens, cache, rng))
+        return tokens
+
+    return run(variables, jnp.asarray(prompt, jnp.int32), rng)
