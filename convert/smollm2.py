@@ -77,3 +77,52 @@ def extract_member(wheel: Path, member: str, target: Path) -> None:
 def resolve_model_path(model: str) -> str:
     """A model argument as given, except `smollm2`, which names the real SmolLM2 GGUF."""
     return str(smollm2_gguf()) if model == "smollm2" else model
+
+
+HF_DIR_NAME = "SmolLM2-135M-hf"
+
+
+def smollm2_hf_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """An fp32 HF safetensors directory of SmolLM2-135M (config.json, model.safetensors, tokenizer).
+
+    Made once from the GGUF (`smollm2_gguf`) with transformers and cached beside it as
+    `<cache>/SmolLM2-135M-hf/`. The directory is written into a staging directory and renamed
+    into place, so a concurrent reader sees either no directory or a complete one. transformers
+    dequantizes the Q4_1 weights to float32; `quantization_config` and `hf_quantizer` are dropped
+    first so that `save_pretrained` writes plain fp32 tensors (a tied model may have no lm_head).
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / HF_DIR_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = smollm2_gguf(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from crma_jax.gguf_checkpoint import load_gguf_tokenizer
+
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{HF_DIR_NAME}.", suffix=".part"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if hasattr(model, "hf_quantizer"):
+            del model.hf_quantizer
+        model.save_pretrained(str(staging), safe_serialization=True)
+        load_gguf_tokenizer(gguf).save_pretrained(str(staging))
+        os.chmod(staging, 0o755)  # mkdtemp (and some writers) make files owner-only; the cache is shared
+        for f in staging.iterdir():
+            os.chmod(f, 0o644)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another process finished first (rename onto a non-empty dir fails): use theirs.
+            if not (target / "model.safetensors").is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

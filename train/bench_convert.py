@@ -1,18 +1,25 @@
 """Benchmark: converting SmolLM2-135M (fp32 safetensors) against plain reading and transformers.
 
-Each contender runs in a fresh subprocess (so peak RSS is its own), after one untimed read that
-warms the page cache, `--reps` times; we report the median wall time of the load itself and the
-process's peak RSS, both absolute and above the RSS it had after imports.
-
     python -m crma_jax.train.bench_convert [--reps 3] [--json out.json]
+
+Each contender runs in a fresh subprocess (so peak RSS is its own); the contenders are
+interleaved (A, B, C, D, A, B, ...) and each is run `--reps` times; the page cache is warmed once
+before the first run. We report the median wall time of the load itself (imports excluded) and
+the process's peak RSS during the load, both absolute and above the RSS it had after imports.
+
+Peak RSS is the kernel's `VmHWM`, reset (`/proc/self/clear_refs` <- 5) after the imports.
+`getrusage(RUSAGE_SELF).ru_maxrss` is NOT used: Linux carries it across fork + exec, so a child
+starts with its parent's RSS as its "peak" and small loads read as 0 MB.
+Issue targets: ours <= 1.5x safetensors.numpy, <= 1x transformers; peak RSS above imports
+<= 1.3x the checkpoint's bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,14 +34,22 @@ CONTENDERS = {
 }
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def proc_status() -> dict[str, float]:
+    """VmRSS, VmHWM, RssAnon, RssFile of this process, in MiB."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, val = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(val.split()[0]) / 1024
+    return out
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def run_one(kind: str, path: str) -> dict[str, float]:
-    """Runs inside the child process: import, note RSS, time the load, note peak RSS."""
-    import os
-
+    """Runs inside the child process: import, reset the peak, time the load, read the peak."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if kind == "read":
         from safetensors.numpy import load_file
@@ -42,6 +57,8 @@ def run_one(kind: str, path: str) -> dict[str, float]:
         def load() -> object:
             return load_file(str(Path(path) / "model.safetensors"))
     elif kind in ("ours", "convert"):
+        import tempfile
+
         import jax
 
         import crma_jax
@@ -49,8 +66,6 @@ def run_one(kind: str, path: str) -> dict[str, float]:
 
         def load() -> object:
             if kind == "convert":
-                import tempfile
-
                 with tempfile.TemporaryDirectory() as tmp:
                     return convert_checkpoint(path, Path(tmp) / "out", progress=False)
             return jax.block_until_ready(crma_jax.load_pretrained(path)[1])
@@ -61,13 +76,36 @@ def run_one(kind: str, path: str) -> dict[str, float]:
         def load() -> object:
             return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
-    base = _rss_mb()
+    before = proc_status()
+    reset_peak_rss()
     t0 = time.perf_counter()
     result = load()
     seconds = time.perf_counter() - t0
-    peak = _rss_mb()
+    after = proc_status()  # `result` is still alive here
     del result
-    return {"seconds": seconds, "peak_rss_mb": peak, "rss_after_imports_mb": base}
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": after["VmHWM"],
+        "rss_after_imports_mb": before["VmRSS"],
+        "anon_after_mb": after["RssAnon"],
+        "file_after_mb": after["RssFile"],
+    }
+
+
+def warm_page_cache(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def machine_note() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except StopIteration:
+        model = platform.machine()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{model}, {os.cpu_count()} CPUs, load average {load}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,30 +121,37 @@ def main(argv: list[str] | None = None) -> int:
     from crma_jax.convert.smollm2 import smollm2_hf_dir
 
     path = smollm2_hf_dir()
-    ckpt_bytes = (path / "model.safetensors").stat().st_size
-    (path / "model.safetensors").read_bytes()  # warm the page cache for every contender
-    results = {}
-    for label, kind in CONTENDERS.items():
-        runs = []
-        for _ in range(args.reps):
-            out = subprocess.run(
-                [sys.executable, "-m", "crma_jax.train.bench_convert", "--child", kind, str(path)],
-                capture_output=True, text=True, check=True,
-            )
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        results[label] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    ckpt = path / "model.safetensors"
+    ckpt_mb = ckpt.stat().st_size / 2**20
+    warm_page_cache(ckpt)
+    print(f"$ python -m crma_jax.train.bench_convert {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"machine: {machine_note()} (before)")
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label in CONTENDERS}
+    for _ in range(args.reps):
+        for label, kind in CONTENDERS.items():  # interleaved: A, B, C, D, A, B, ...
+            cmd = [sys.executable, "-m", "crma_jax.train.bench_convert", "--child", kind, str(path)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.stderr.write(out.stderr)
+                raise SystemExit(f"{label}: child exited with {out.returncode}")
+            runs[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in runs.items()}
     read_s = results["safetensors.numpy.load_file"]["seconds"]
     hf_s = results["transformers from_pretrained"]["seconds"]
-    print(f"SmolLM2-135M fp32 safetensors: {ckpt_bytes / 1e6:.0f} MB; {platform.processor() or platform.machine()}, "
-          f"median of {args.reps} fresh processes each")
-    print("| contender | wall s | ×read | ×transformers | peak RSS MB | RSS above imports MB | (above imports)/ckpt |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"machine: {machine_note()} (after)")
+    print(f"SmolLM2-135M fp32 safetensors: {ckpt_mb:.0f} MiB; median of {args.reps} fresh processes each, interleaved")
+    print("| contender | wall s | ×read | ×transformers | peak RSS MiB | peak above imports MiB | "
+          "(above imports)/ckpt | anon / file RSS after load MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, r in results.items():
         extra = r["peak_rss_mb"] - r["rss_after_imports_mb"]
         print(f"| {label} | {r['seconds']:.2f} | {r['seconds'] / read_s:.2f} | {r['seconds'] / hf_s:.2f} | "
-              f"{r['peak_rss_mb']:.0f} | {extra:.0f} | {extra * 2**20 / ckpt_bytes:.2f} |")
+              f"{r['peak_rss_mb']:.0f} | {extra:.0f} | {extra / ckpt_mb:.2f} | "
+              f"{r['anon_after_mb']:.0f} / {r['file_after_mb']:.0f} |")
+    print("per-run wall s: " + "; ".join(
+        label + ": " + ", ".join(f"{r['seconds']:.2f}" for r in rs) for label, rs in runs.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint_bytes": ckpt_bytes, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"checkpoint_mib": ckpt_mb, "results": results, "runs": runs}, indent=2))
     return 0
 
 

@@ -31,14 +31,38 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from crma_jax.pretrained import load_pretrained, load_tokenizer
     from crma_jax.train.evaluate import evaluate, read_documents, token_rows
+    from crma_jax.train.inference import load_for_inference
 
-    path = resolve_model_path(args.model)
-    model, params = load_pretrained(path, dtype=args.dtype)
-    rows = token_rows(load_tokenizer(path), read_documents(args.data), args.seq_len, args.max_rows)
-    result = evaluate(model, {"params": params}, rows, args.batch_size)
+    model, variables, tokenizer = load_for_inference(args.model, args.lora, args.dtype)
+    rows = token_rows(tokenizer, read_documents(args.data), args.seq_len, args.max_rows)
+    result = evaluate(model, variables, rows, args.batch_size, crma_enabled=not args.no_crma)
     print(json.dumps({"model": args.model, "data": args.data, **result}, indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from crma_jax.generate import generate
+    from crma_jax.train.inference import load_for_inference
+
+    model, variables, tokenizer = load_for_inference(args.model, args.lora, args.dtype)
+    prompt = tokenizer(args.prompt)["input_ids"]
+    if not prompt:
+        raise ValueError("--prompt is empty")
+    out = generate(model, variables, jnp.asarray([prompt]), args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, rng=jax.random.PRNGKey(args.seed), crma_enabled=not args.no_crma)
+    print(tokenizer.decode(list(out[0, len(prompt):]), skip_special_tokens=True))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from crma_jax.convert.export import export_run
+
+    written = export_run(Path(args.run), Path(args.out), args.merged)
+    print(json.dumps(written, indent=2))
     return 0
 
 
@@ -48,6 +72,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(config_from_args(args, TrainConfig))
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from crma_jax.train.ablate import run_ablation
+    from crma_jax.train.config import TrainConfig, config_from_args
+
+    cfg = config_from_args(args, TrainConfig, {"out": "runs/ablate"})
+    run_ablation(cfg)
+    print((Path(cfg.out) / "ablation.md").read_text())
     return 0
 
 
@@ -77,18 +111,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="load .bin weights with torch.load(weights_only=True)")
     p.set_defaults(fn=cmd_convert)
 
+    def inference_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", help="HF dir, .gguf, crma convert output, 'smollm2', or a run dir with adapters/")
+        p.add_argument("--lora", help="the LoRA set of a run dir to use (default: its last)")
+        p.add_argument("--no-crma", action="store_true", help="run with CRMA switched off (same weights)")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
     p = sub.add_parser("eval", help="next-token loss and perplexity on a domain or text file")
-    p.add_argument("model", help="HF directory, .gguf file, crma convert output, or 'smollm2'")
+    inference_flags(p)
     p.add_argument("--data", required=True, help="legal | code | docs, or a .txt / .jsonl file")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-rows", type=int, default=16)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text with a KV cache (greedy or top-p)")
+    inference_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("export", help="a run's adapters -> PEFT dirs, crma_adapter.safetensors, merged HF")
+    p.add_argument("run", help="a crma train run dir, or RUN/<condition>/seed<s> of a crma cl run")
+    p.add_argument("out", help="output directory (must not exist)")
+    p.add_argument("--merged", action="append", metavar="SET", help="also write a merged HF checkpoint of SET")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("train", help="fine-tune LoRA (+ CRMA) on one dataset")
     add_config_flags(p, TrainConfig)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("ablate", help="stability ablation: CRMA on/off x ZClip on/off, same data and seed")
+    add_config_flags(p, TrainConfig)
+    p.set_defaults(fn=cmd_ablate)
 
     p = sub.add_parser("cl", help="continual learning over domains: NAIVE / FROZEN / MODULAR")
     add_config_flags(p, CLConfig)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crma_jax.adapters import init_adapters
 from crma_jax.convert.adapter_files import Adapters, load_adapters, save_adapters
 from crma_jax.data import BatchIterator, build_dataset
 from crma_jax.loss import next_token_loss
@@ -159,8 +160,6 @@ def run_sequence(cfg: CLConfig, condition: str, seed: int, domains: dict[str, tu
 
 
 def init_lora(session: Session, rng: jax.Array) -> Any:
-    from crma_jax.adapters import init_adapters
-
     return init_adapters(session.model.clone(crma=None), session.frozen, rng)["lora"]
 
 
@@ -207,15 +206,22 @@ def run_continual(cfg: CLConfig) -> dict[str, Any]:
     cfg.save(out / "config.yaml")
     results: dict[str, dict[int, dict[str, Any]]] = {}
     domains: dict[str, tuple[Any, Any]] | None = None
+    sessions: dict[bool, Session] = {}
     for cond in conditions:
+        # NAIVE and FROZEN (no CRMA) share one session, MODULAR has its own: all seeds and
+        # domains reuse the loaded base and the compiled steps.
+        modular = cond == "modular"
+        if modular not in sessions:
+            sessions[modular] = open_session(dataclasses.replace(cfg, crma=modular), load_data=False)
+        session = sessions[modular]
+        if domains is None:
+            domains = {
+                n: build_dataset(src, session.tokenizer, cfg.seq_len, holdout_fraction=cfg.holdout_fraction,
+                                 seed=0, text_field=cfg.text_field, max_documents=cfg.max_documents or None)
+                for n, src in sources.items()
+            }
         for seed in seeds:
-            session = open_session(dataclasses.replace(cfg, crma=cond == "modular", seed=seed), load_data=False)
-            if domains is None:
-                domains = {
-                    n: build_dataset(src, session.tokenizer, cfg.seq_len, holdout_fraction=cfg.holdout_fraction,
-                                     seed=0, text_field=cfg.text_field, max_documents=cfg.max_documents or None)
-                    for n, src in sources.items()
-                }
+            session.trainable = init_adapters(session.model, session.frozen, jax.random.PRNGKey(seed))
             results.setdefault(cond, {})[seed] = run_sequence(cfg, cond, seed, domains, session)
     names = list(sources)
     summary = summarize(results, names)
@@ -223,5 +229,6 @@ def run_continual(cfg: CLConfig) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     table = markdown_table(summary, names, seeds)
     (out / "results.md").write_text(table)
-    plot_continual(payload, out)
+    if cfg.plots:
+        plot_continual(payload, out)
     return payload

@@ -57,12 +57,14 @@ def token_rows(tokenizer: Any, documents: Iterable[str], seq_len: int, max_rows:
     return np.asarray(ids[: n * seq_len], np.int32).reshape(n, seq_len)
 
 
-def evaluate(model: Any, variables: dict[str, Any], rows: np.ndarray, batch_size: int = 4) -> dict[str, float]:
+def evaluate(
+    model: Any, variables: dict[str, Any], rows: np.ndarray, batch_size: int = 4, crma_enabled: bool = True
+) -> dict[str, float]:
     """Mean next-token loss and perplexity over `rows`, batch by batch."""
 
     @jax.jit
     def step(batch: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return next_token_loss(model.apply(variables, batch), batch)
+        return next_token_loss(model.apply(variables, batch, crma_enabled=crma_enabled), batch)
 
     total, count = 0.0, 0.0
     for i in tqdm(range(0, len(rows), batch_size), desc="eval", unit="batch", leave=False):

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crma_jax import CRMAConfig, LoraConfig, load_pretrained, param_labels
+from crma_jax.convert.adapter_files import Adapters, save_adapters
 from crma_jax.convert.smollm2 import resolve_model_path
 from crma_jax.data import BatchIterator, build_dataset, check_tokenizer
 from crma_jax.optim import learning_rates, make_optimizer, zclip_metrics
@@ -198,6 +199,8 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     if cfg.eval_every:
         summary["holdout_loss"] = writer.last("eval_loss")
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_adapters(run, Adapters(cfg.model, session.model.lora, session.model.crma, {"default": trainable["lora"]},
+                                trainable.get("crma")))
     if cfg.plots:
         from crma_jax.train.plots import plot_run
 

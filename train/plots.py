@@ -66,4 +66,37 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-__all__: Sequence[str] = ("plot_run", "plot_overlay")
+__all__: Sequence[str] = ("plot_run", "plot_overlay", "plot_continual")
+
+
+def plot_continual(payload: dict, out: Path) -> list[Path]:
+    """heatmap.png (seed-mean L[i][j] per condition) and drift.png (drift per domain, ± std)."""
+    import numpy as np
+
+    names, summary = payload["domains"], payload["summary"]
+    conds = list(summary)
+    fig, axes = plt.subplots(1, len(conds), figsize=(4.2 * len(conds), 3.8), squeeze=False)
+    for ax, cond in zip(axes[0], conds):
+        mats = [[[np.nan if x is None else x for x in row] for row in r["L"]] for r in payload["results"][cond].values()]
+        mat = np.mean(np.asarray(mats, float), axis=0)  # NaN above the diagonal (not yet trained)
+        im = ax.imshow(mat, cmap="viridis")
+        for (i, j), v in np.ndenumerate(mat):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
+        ax.set(title=cond.upper(), xticks=range(len(names)), yticks=range(len(names)),
+               xticklabels=names, yticklabels=[f"after {n}" for n in names], xlabel="evaluated on")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    heat = _save(fig, Path(out) / "heatmap.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    earlier = names[:-1]
+    width = 0.8 / len(conds)
+    for k, cond in enumerate(conds):
+        x = np.arange(len(earlier)) + k * width
+        ax.bar(x, 100 * np.asarray(summary[cond]["drift_mean"]), width, yerr=100 * np.asarray(summary[cond]["drift_std"]),
+               label=cond.upper(), capsize=3)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xticks=np.arange(len(earlier)) + width * (len(conds) - 1) / 2, xticklabels=earlier,
+           ylabel="drift (%)", title="Forgetting of earlier domains (positive = forgot)")
+    ax.legend()
+    return [heat, _save(fig, Path(out) / "drift.png")]
