@@ -85,6 +85,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from crma_jax.train.demo import run_demo
+
+    run_demo(args)
+    return 0
+
+
 def cmd_cl(args: argparse.Namespace) -> int:
     from crma_jax.train.config import config_from_args
     from crma_jax.train.continual import CLConfig, run_continual
@@ -152,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, CLConfig)
     p.add_argument("--domain", action="append", help="NAME=PATH or a built-in NAME (repeat, in order)")
     p.set_defaults(fn=cmd_cl)
+
+    from crma_jax.train.demo import add_demo_flags
+
+    p = sub.add_parser("demo", help="SmolLM2: convert, continual learning on legal/code/docs, export to PyTorch")
+    add_demo_flags(p)
+    p.set_defaults(fn=cmd_demo)
     return parser
 
 

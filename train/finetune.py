@@ -124,6 +124,12 @@ def step_metrics(metrics: dict[str, Any], opt_state: Any, dt: float) -> dict[str
     return out
 
 
+def _test_hook(var: str, run: Path) -> int:
+    """Crash-test hooks: "N" kills at step N of any run, "N@name" only in a run dir called name."""
+    step, _, where = os.environ.get(var, "0").partition("@")
+    return int(step) if not where or run.name == where else 0
+
+
 def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "train") -> dict[str, Any]:
     """Run (or resume) one fine-tuning job; returns the summary (also written to summary.json)."""
     run = Path(cfg.out)
@@ -154,8 +160,8 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     def checkpoint(step: int) -> None:
         save_state(mngr, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng}, {"step": step, "data": data.state()})
 
-    kill_after = int(os.environ.get("CRMA_TEST_SIGKILL_AFTER_CHECKPOINT", "0"))
-    kill_in_save = int(os.environ.get("CRMA_TEST_SIGKILL_DURING_SAVE", "0"))
+    kill_after = _test_hook("CRMA_TEST_SIGKILL_AFTER_CHECKPOINT", run)
+    kill_in_save = _test_hook("CRMA_TEST_SIGKILL_DURING_SAVE", run)
     skipped_run = 0
     step = start
     bar = tqdm(total=cfg.steps, initial=start, desc=log_prefix, unit="step", dynamic_ncols=True)
