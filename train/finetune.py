@@ -132,9 +132,9 @@ def _test_hook(var: str, run: Path) -> int:
 
 def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "train") -> dict[str, Any]:
     """Run (or resume) one fine-tuning job; returns the summary (also written to summary.json)."""
+    session = session or open_session(cfg)  # bad model/data fail here, before RUN exists
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
-    session = session or open_session(cfg)
     cfg.save(run / "config.yaml")
     trainable, frozen = session.trainable, session.frozen
     key = repr(dataclasses.replace(cfg, out="", data="", resume=False, seed=0)) + repr(jax.tree.structure(trainable))
@@ -156,6 +156,11 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
         trainable, opt_state, rng = place((state["trainable"], state["opt_state"], state["rng"]))
         data.restore(meta["data"])
     writer = MetricsWriter(run, tensorboard=cfg.tensorboard, append=start > 0)
+    initial_file = run / "initial_eval.json"
+    if cfg.eval_every and not initial_file.exists():
+        # The holdout loss before any update, so a run can show that training helped.
+        initial = evaluate_holdout(session, {"params": frozen, **trainable}, cfg.eval_batches)
+        initial_file.write_text(json.dumps({"holdout_loss": initial}))
 
     def checkpoint(step: int) -> None:
         save_state(mngr, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng}, {"step": step, "data": data.state()})
@@ -203,6 +208,7 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     mngr.wait_until_finished()
     summary = {"steps": step, "final_loss": record["loss"] if step > start else None, **writer.summary()}
     if cfg.eval_every:
+        summary["initial_holdout_loss"] = json.loads(initial_file.read_text())["holdout_loss"]
         summary["holdout_loss"] = writer.last("eval_loss")
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     save_adapters(run, Adapters(cfg.model, session.model.lora, session.model.crma, {"default": trainable["lora"]},
