@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jax.sharding import Mesh
 from tqdm import tqdm
@@ -27,6 +27,25 @@ def tqdm_progress(desc: str) -> Any:
     return lambda items, total: tqdm(items, total=total, desc=desc, unit="tensor", leave=False)
 
 
+def atomic_dir(out: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(dir)` on an empty staging directory, renamed to `out` only if it succeeds.
+
+    `out` must not exist; the staging directory is a hidden sibling, removed on any failure.
+    """
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; choose a new output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (staging / "out").mkdir()
+        write(staging / "out")
+        os.rename(staging / "out", out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
 def convert_checkpoint(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -36,22 +55,17 @@ def convert_checkpoint(
     progress: bool = True,
 ) -> Path:
     """Convert `src` into a new directory `out`; returns `out`. `out` must not exist."""
-    out = Path(out)
-    if out.exists():
+    if Path(out).exists():
         raise FileExistsError(f"{out}: already exists; choose a new output directory")
     source = open_source(src, allow_pickle=allow_pickle)
     bar = tqdm_progress(f"convert {Path(src).name}") if progress else None
     _, params = load_source(source, dtype, dtype, mesh, bar)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        final = staging / "ckpt"
-        save_converted(final, source.hf_config(), params, dtype)
-        _copy_tokenizer(src, final / "tokenizer")
-        os.rename(final, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+
+    def write(d: Path) -> None:
+        save_converted(d, source.hf_config(), params, dtype)
+        _copy_tokenizer(src, d / "tokenizer")
+
+    return atomic_dir(Path(out), write)
 
 
 def _copy_tokenizer(src: str | os.PathLike, dest: Path) -> None:

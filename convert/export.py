@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from crma_jax.convert.adapter_files import Adapters, load_adapters
-from crma_jax.convert.peft_export import atomic_dir, export_crma, export_merged, export_peft
+from crma_jax.convert.convert import atomic_dir
+from crma_jax.convert.peft_export import export_crma, export_merged, export_peft
 from crma_jax.convert.smollm2 import resolve_model_path
 from crma_jax.pretrained import hf_config_of, load_pretrained, load_tokenizer
 

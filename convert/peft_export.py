@@ -8,17 +8,15 @@ PEFT keys are `base_model.model.<hf module path>.lora_A.weight` (r, in) and `.lo
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from crma_jax.convert.convert import atomic_dir
 from crma_jax.crma import CRMAConfig, mixing_operator
 from crma_jax.errors import CheckpointError
 from crma_jax.hf_params import to_hf_state_dict
@@ -27,21 +25,6 @@ from crma_jax.lora import ALL_TARGETS, LoraConfig, merge_lora
 PEFT_PREFIX = "base_model.model.model.layers"
 _MODULE_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-def atomic_dir(out: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(staging)` and rename the staging directory to `out` only if it succeeds."""
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out}: already exists; choose a new output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        write(staging)
-        os.rename(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
 
 
 def lora_to_peft_tensors(lora: Any) -> dict[str, np.ndarray]:

@@ -153,10 +153,10 @@ def _load_converted(path: Path, store: Any, compute: Any, mesh: Mesh | None) -> 
 
 
 def save_converted(out: Path, hf_config: dict[str, Any], params: Any, dtype: str) -> None:
-    """Write `crma_model.json` and the Orbax `params/` into `out` (which must not exist yet)."""
+    """Write `crma_model.json` and the Orbax `params/` into the directory `out`."""
     import orbax.checkpoint as ocp
 
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"format": CONVERTED_FORMAT, "version": 1, "dtype": dtype, "hf_config": hf_config}
     ckptr = ocp.StandardCheckpointer()
     ckptr.save((out / "params").absolute(), params)
