@@ -52,7 +52,8 @@ class Linear(nn.Module):
         if cfg.dropout > 0.0 and not deterministic:
             x = nn.Dropout(cfg.dropout)(x, deterministic=False)
         low = jnp.dot(x.astype(self.dtype), a.astype(self.dtype))
-        return y + jnp.dot(low, b.astype(self.dtype)) * jnp.asarray(cfg.scale, self.dtype)
+        # Scaling the small (r, out) B instead of the (B, T, out) product saves a full pass.
+        return y + jnp.dot(low, (b * cfg.scale).astype(self.dtype))
 
 
 def project(parent: Any, name: str, features: int, x: jax.Array, deterministic: bool) -> jax.Array:
