@@ -70,6 +70,8 @@ class TrainConfig:
         for name in ("steps", "seq_len", "batch_size", "accum_steps", "lora_rank", "crma_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} must be < --steps {self.steps}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"--batch-size {self.batch_size} is not divisible by --accum-steps {self.accum_steps}")
         if self.quant not in ("", "nf4", "int8"):

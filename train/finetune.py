@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,28 @@ def step_metrics(metrics: dict[str, Any], opt_state: Any, dt: float) -> dict[str
     return out
 
 
+def defer_sigint() -> tuple[list[int], Any]:
+    """Make Ctrl-C stop the training loop only between steps: returns (hits, restore).
+
+    The first SIGINT just appends to `hits`; the loop checks it before each step, so the
+    interrupt checkpoint always holds a whole step (a KeyboardInterrupt raised inside the jit'ed
+    step finds its donated buffers deleted, one raised after it mislabels the state by a step,
+    and one inside Orbax can hang its async save). A second SIGINT interrupts at once.
+    `restore()` puts the previous handler back. A no-op off the main thread or if SIGINT is ignored.
+    """
+    hits: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return hits, lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        hits.append(signum)
+        if len(hits) > 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    return hits, lambda: signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 def _test_hook(var: str, run: Path) -> int:
     """Crash-test hooks: "N" kills at step N of any run, "N@name" only in a run dir called name."""
     step, _, where = os.environ.get(var, "0").partition("@")
@@ -151,6 +174,8 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     data = BatchIterator(session.train_data, cfg.batch_size, seed=cfg.seed)
     mngr = checkpoint_manager(run, cfg.keep_checkpoints)
     start = 0
+    if not cfg.resume and mngr.latest_step() is not None:
+        raise FileExistsError(f"{run}: has checkpoints already; pass --resume to continue, or choose a new --out")
     if cfg.resume and mngr.latest_step() is not None:
         start, state, meta = restore_state(mngr, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
         trainable, opt_state, rng = place((state["trainable"], state["opt_state"], state["rng"]))
@@ -170,8 +195,11 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     skipped_run = 0
     step = start
     bar = tqdm(total=cfg.steps, initial=start, desc=log_prefix, unit="step", dynamic_ncols=True)
+    interrupted, restore_sigint = defer_sigint()
     try:
         while step < cfg.steps:
+            if interrupted:
+                raise KeyboardInterrupt
             batch = jax.device_put(next(data), shardings["batch"])
             rng, sub = jax.random.split(rng)
             t0 = time.perf_counter()
@@ -190,11 +218,11 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoint(step)
+                checkpoint(step)  # async: training goes on while Orbax writes
                 if step == kill_in_save:
                     os.kill(os.getpid(), signal.SIGKILL)  # test hook: die while the save is in flight
-                mngr.wait_until_finished()
                 if step == kill_after:
+                    mngr.wait_until_finished()
                     os.kill(os.getpid(), signal.SIGKILL)  # test hook: die right after a committed save
     except KeyboardInterrupt:
         tqdm.write(f"interrupted at step {step}: saving a checkpoint")
@@ -203,6 +231,7 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
         mngr.wait_until_finished()
         raise
     finally:
+        restore_sigint()
         bar.close()
         writer.close()
     mngr.wait_until_finished()

@@ -1,0 +1,302 @@
+"""End to end: the `crma train` program on a tiny Llama with a character tokenizer.
+
+Covers the run directory's contents, config precedence, exact resume after SIGKILL (after a
+committed checkpoint and in the middle of an async save), Ctrl-C, and bad inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from crma_jax.data import BatchIterator, build_dataset
+from crma_jax.pretrained import load_tokenizer
+from crma_jax.train.checkpointing import checkpoint_manager, restore_state
+from crma_jax.train.cli import main
+from crma_jax.train.config import TrainConfig, parse_config
+from crma_jax.train.finetune import open_session, train
+from crma_jax.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the court shall grant a license to any party under the terms of this agreement and may not revoke it".split()
+STEP_KEYS = ("step", "loss", "grad_norm", "tokens", "tokens_per_s", "lr/lora_a", "lr/lora_b", "lr/crma_mix",
+             "lr/crma_gate", "zclip/mu", "zclip/sigma", "zclip/z", "zclip/clipped", "zclip/skipped",
+             "zclip/raw_norm", "zclip/clipped_norm", "crma_spectral_dev", "crma_sinkhorn_residual",
+             "crma_alpha", "crma_gain")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """60 short JSONL documents over a 19-word vocabulary: learnable in a few dozen steps."""
+    rng = np.random.RandomState(0)
+    path = tmp_path_factory.mktemp("ft_data") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS, 30))}) + "\n" for _ in range(60)))
+    return path
+
+
+def _argv(model: Path, data: Path, out: Path, *extra: str, fast: bool = True) -> list[str]:
+    argv = ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--seq-len", "32",
+            "--batch-size", "4", "--lr-lora", "3e-3", "--mesh", "1,1,1"]
+    if fast:
+        argv += ["--no-plots", "--no-tensorboard", "--eval-every", "0"]
+    return argv + list(extra)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The parent's environment (conftest's XLA_FLAGS with 8 devices included) plus `extra`."""
+    return {**os.environ, **extra}
+
+
+def _steps(run: Path) -> list[int]:
+    """The committed checkpoint steps of a run."""
+    mngr = checkpoint_manager(run, keep=10, async_save=False)
+    try:
+        return list(mngr.all_steps())
+    finally:
+        mngr.close()
+
+
+def _restore(run: Path, step: int | None = None):
+    """(step, state as saved (nested dicts of arrays), meta) of a run's checkpoint (default: latest)."""
+    mngr = checkpoint_manager(run, keep=10, async_save=False)
+    try:
+        return restore_state(mngr, None, step)
+    finally:
+        mngr.close()
+
+
+def _data_position(model: Path, data: Path, steps: int) -> dict:
+    """The iterator state after `steps` batches of `_argv`'s settings (seq 32, batch 4, seed 0)."""
+    train, _ = build_dataset(str(data), load_tokenizer(model), 32, holdout_fraction=0.1, seed=0)
+    it = BatchIterator(train, 4, seed=0)
+    for _ in range(steps):
+        next(it)
+    return it.state()
+
+
+def _assert_trees_equal(a, b) -> None:
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def test_full_run_writes_every_artifact_and_learns(tiny_lm, data_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = _argv(tiny_lm, data_file, run, "--steps", "24", "--checkpoint-every", "8", "--eval-every", "8",
+                 "--keep-checkpoints", "2", fast=False)
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["steps"] == 24
+
+    # The effective config: complete, reloadable, and it reproduces the settings given.
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = TrainConfig(**saved)
+    assert (cfg.steps, cfg.seq_len, cfg.batch_size, cfg.checkpoint_every, cfg.lr_lora) == (24, 32, 4, 8, 3e-3)
+    assert cfg.model == str(tiny_lm) and cfg.data == str(data_file)
+
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == list(range(1, 25))
+    for r in records:
+        missing = [k for k in STEP_KEYS if k not in r]
+        assert not missing, f"step {r['step']}: missing {missing}"
+        assert np.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_per_s"] > 0
+        assert len(r["crma_alpha"]) == 2 and len(r["crma_gain"]) == 2  # one per layer
+        # ||M||_2 <= 1 by construction; it may fall a little below 1 where Sinkhorn has not converged.
+        assert r["crma_spectral_dev"] <= 1e-3
+        assert max(r["crma_gain"]) <= 1.0 + 1e-5  # non-expansive
+        assert r["zclip/skipped"] == 0
+    assert records[0]["crma_spectral_dev"] <= 1e-6  # at init M = sinkhorn(8 I), norm 1
+    assert records[-1]["lr/lora_a"] < records[10]["lr/lora_a"]  # cosine decay after warmup
+
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    assert [s for s, _ in evals] == [8, 16, 24]
+    assert evals[-1][1] < evals[0][1] - 0.1, evals  # it learns: holdout loss falls
+
+    events = list((run / "tb").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    for png in ("loss.png", "grad_norm.png", "spectral_norm.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+    assert _steps(run) == [16, 24]  # only the last `keep_checkpoints`
+    step, state, meta = _restore(run)
+    assert step == 24 and meta["step"] == 24
+    assert set(state) == {"trainable", "opt_state", "rng"}
+    assert int(state["opt_state"]["zclip"]["count"]) == 24
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["skipped_steps"] == 0
+    assert summary["holdout_loss"] == pytest.approx(evals[-1][1])
+    assert summary["final_loss"] == pytest.approx(records[-1]["loss"])
+
+
+def test_yaml_config_and_flag_precedence(tiny_lm, data_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(tiny_lm), "data": str(data_file), "out": str(run), "steps": 5, "seq_len": 16,
+        "lora_rank": 2, "warmup_steps": 1, "plots": False, "tensorboard": False, "eval_every": 0, "mesh": "1,1,1",
+    }))
+    assert main(["train", "--config", str(config), "--steps=3", "--batch-size=2"]) == 0
+    saved = TrainConfig(**yaml.safe_load((run / "config.yaml").read_text()))
+    assert saved.steps == 3  # the flag beats the file
+    assert saved.seq_len == 16 and saved.lora_rank == 2  # the file beats the defaults
+    assert saved.batch_size == 2 and saved.lr_lora == TrainConfig.lr_lora
+    assert len(read_metrics(run)) == 3
+    _, state, _ = _restore(run)
+    q_a = state["trainable"]["lora"]["layers"]["self_attn"]["q_proj"]["a"]
+    assert q_a.shape[-1] == 2  # lora_rank from the YAML file reached the model
+    capsys.readouterr()
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"steps": 5, "sequence_length": 16}))
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "bad_run")]) == 2
+    err = capsys.readouterr().err
+    assert "sequence_length" in err and str(bad) in err
+    assert not (tmp_path / "bad_run").exists()
+
+
+# Two LoRA targets keep the compile short; the mechanics under test do not depend on them.
+RESUME = ("--steps", "12", "--checkpoint-every", "4", "--lora-targets", "q_proj,v_proj")
+
+
+HOOKS = {"after_checkpoint": "CRMA_TEST_SIGKILL_AFTER_CHECKPOINT", "during_save": "CRMA_TEST_SIGKILL_DURING_SAVE"}
+
+
+@pytest.fixture(scope="module")
+def session(tiny_lm, data_file, tmp_path_factory):
+    """One loaded model + data for the RESUME config, shared by in-process runs so that the
+    compiled step is reused (`train(cfg, session)`, as `crma cl` does across domains)."""
+    return open_session(parse_config(_argv(tiny_lm, data_file, tmp_path_factory.mktemp("unused"), *RESUME)[1:]))
+
+
+def _train(argv: list[str], session) -> dict:
+    """`crma train ARGV` in-process on a shared session."""
+    return train(parse_config(argv[1:]), session)
+
+
+@pytest.fixture(scope="module")
+def crash_runs(tiny_lm, data_file, tmp_path_factory, session) -> dict[str, tuple[Path, list[str], int, str]]:
+    """name -> (run dir, argv, return code, stderr) of subprocess runs that SIGKILL themselves at
+    step 8, one per test hook; plus "uninterrupted", the same config run in-process to the end."""
+    root = tmp_path_factory.mktemp("crash")
+    argv = _argv(tiny_lm, data_file, root / "uninterrupted", *RESUME)
+    assert _train(argv, session)["steps"] == 12
+    out = {"uninterrupted": (root / "uninterrupted", argv, 0, "")}
+    for name, var in HOOKS.items():
+        argv = _argv(tiny_lm, data_file, root / name, *RESUME)
+        proc = subprocess.run([sys.executable, "-m", "crma_jax.train.cli", *argv], cwd=REPO, env=_env(**{var: "8"}),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+        out[name] = (root / name, argv, proc.returncode, proc.stderr)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(crash_runs) -> Path:
+    return crash_runs["uninterrupted"][0]
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    """Same losses at every step and bitwise the same final training state."""
+    got, want = read_metrics(run), read_metrics(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 13))
+    for g, w in zip(got, want):
+        assert g["loss"] == w["loss"] and g["grad_norm"] == w["grad_norm"], g["step"]
+        assert g["lr/lora_a"] == w["lr/lora_a"]
+    step, state, meta = _restore(run)
+    ref_step, ref_state, ref_meta = _restore(reference)
+    assert step == ref_step == 12 and meta == ref_meta
+    _assert_trees_equal(state, ref_state)  # adapters, optimizer + ZClip state, RNG
+
+
+def test_resume_after_sigkill_is_exact(crash_runs, uninterrupted):
+    run, argv, returncode, err = crash_runs["after_checkpoint"]
+    assert returncode == -signal.SIGKILL, err[-3000:]
+    assert _steps(run) == [4, 8]
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 9))
+    _, state8, meta8 = _restore(run, 8)
+    _, ref8, ref_meta8 = _restore(uninterrupted, 8)
+    assert meta8 == ref_meta8
+    _assert_trees_equal(state8, ref8)
+
+    assert main(argv + ["--resume"]) == 0
+    _assert_same_run(run, uninterrupted)
+
+
+def test_sigkill_during_async_save_keeps_previous_checkpoint(crash_runs, uninterrupted, session):
+    run, argv, returncode, err = crash_runs["during_save"]
+    assert returncode == -signal.SIGKILL, err[-3000:]
+    assert _steps(run) == [4]  # step 8 never committed (at most a temporary directory is left)
+    step, state, meta = _restore(run)
+    assert step == 4 and meta["step"] == 4
+    _, ref4, ref_meta4 = _restore(uninterrupted, 4)
+    assert meta == ref_meta4
+    _assert_trees_equal(state, ref4)
+
+    assert _train(argv + ["--resume"], session)["steps"] == 12
+    assert _steps(run)[-1] == 12
+    _assert_same_run(run, uninterrupted)  # the half-written step 8 did not leak into the resume
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_lm, data_file, tmp_path):
+    run = tmp_path / "run"
+    argv = _argv(tiny_lm, data_file, run, "--steps", "100000", "--checkpoint-every", "100000", *RESUME[4:])
+    proc = subprocess.Popen([sys.executable, "-m", "crma_jax.train.cli", *argv], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no 3 steps logged in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in err
+
+    step, state, meta = _restore(run)
+    logged = [r["step"] for r in read_metrics(run)]
+    assert step >= 3 and step == logged[-1] and logged == list(range(1, step + 1))
+    # The checkpoint is consistent: it holds exactly `step` updates and the matching data position.
+    assert meta["step"] == step
+    assert int(state["opt_state"]["zclip"]["count"]) == step
+    assert meta["data"] == _data_position(tiny_lm, data_file, step)
+    assert not (run / "summary.json").exists()
+
+
+@pytest.mark.parametrize("what", ["missing_data", "empty_data", "missing_model"])
+def test_bad_input_exits_2_naming_the_path(what, tiny_lm, data_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    model, data = tiny_lm, data_file
+    if what == "missing_data":
+        data = tmp_path / "nope.jsonl"
+        culprit = data
+    elif what == "empty_data":
+        data = tmp_path / "empty.txt"
+        data.write_text("")
+        culprit = data
+    else:
+        model = tmp_path / "no_such_model"
+        culprit = model
+    assert main(_argv(model, data, run, *RESUME)) == 2
+    err = capsys.readouterr().err
+    assert str(culprit) in err, err
+    # Nothing of a run is left behind (an empty run directory at most).
+    if run.exists():
+        assert not list(run.iterdir()), sorted(p.name for p in run.iterdir())
