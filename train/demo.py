@@ -29,9 +29,9 @@ def demo_config(out: Path, model: str, args: argparse.Namespace) -> Any:
     small = args.small
     return CLConfig(
         model=model, out=str(out / "cl"), domains=DOMAINS, conditions=args.conditions, seeds=args.seeds,
-        steps=args.steps or (4 if small else 40), seq_len=args.seq_len or (32 if small else 128),
-        batch_size=4, warmup_steps=1 if small else 4, lr_lora=1e-3, lr_crma_mix=1e-2, lr_crma_gate=1e-2,
-        eval_every=0, eval_batches=2 if small else 8, checkpoint_every=1000, max_documents=12 if small else 120,
+        steps=args.steps or (4 if small else 24), seq_len=args.seq_len or (32 if small else 64),
+        batch_size=4, warmup_steps=1 if small else 3, lr_lora=1e-3, lr_crma_mix=1e-2, lr_crma_gate=1e-2,
+        eval_every=0, eval_batches=2 if small else 6, checkpoint_every=1000, max_documents=12 if small else 80,
         holdout_fraction=0.25 if small else 0.1, tensorboard=False, resume=True,
     )
 
@@ -105,7 +105,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 def add_demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--small", action="store_true", help="a few steps on short sequences (CI)")
-    p.add_argument("--steps", type=int, default=0, help="steps per domain (default 40, or 4 with --small)")
-    p.add_argument("--seq-len", type=int, default=0, help="default 128, or 32 with --small")
+    p.add_argument("--steps", type=int, default=0, help="steps per domain (default 24, or 4 with --small)")
+    p.add_argument("--seq-len", type=int, default=0, help="default 64, or 32 with --small")
     p.add_argument("--seeds", default="0")
     p.add_argument("--conditions", default="naive,frozen,modular")
