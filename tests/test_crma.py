@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import crma_jax
 from crma_jax import CRMAConfig, LoraConfig
-from crma_jax.crma import CRMA, mixing_operator, orthonormal_init
+from crma_jax.crma import CRMA, mixing_operator, orthonormal_columns, orthonormal_init
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,15 @@ def test_init_read_is_orthonormal_and_does_not_shrink_h():
     out = CRMA(CRMAConfig()).apply(variables, h)
     gain = jnp.linalg.norm(out, axis=-1) / jnp.linalg.norm(h, axis=-1)
     assert float(gain.min()) > 1 - 1e-3 and float(gain.max()) <= 1 + 1e-5
+
+
+def test_orthonormal_columns_equal_qr_with_positive_diagonal():
+    read = jax.random.normal(jax.random.PRNGKey(7), (3, 64, 5)) * 3.0
+    for r in read:
+        q, rr = jnp.linalg.qr(r)
+        expected = q * jnp.sign(jnp.diagonal(rr))[None, :]
+        np.testing.assert_allclose(orthonormal_columns(r), expected, atol=2e-5)
+    chex.assert_tree_all_finite(jax.grad(lambda r: jnp.sum(orthonormal_columns(r) ** 3))(read[0]))
 
 
 @settings(max_examples=40, deadline=None)
