@@ -1,6 +1,7 @@
 """Benchmark: converting SmolLM2-135M (fp32 safetensors) against plain reading and transformers.
 
     python -m crma_jax.train.bench_convert [--reps 3] [--json out.json]
+    python -m crma_jax.train.bench_convert --phases [--reps 7]    # where our loader's time goes
 
 Each contender runs in a fresh subprocess (so peak RSS is its own); the contenders are
 interleaved (A, B, C, D, A, B, ...) and each is run `--reps` times; the page cache is warmed once
@@ -10,6 +11,8 @@ the process's peak RSS during the load, both absolute and above the RSS it had a
 Peak RSS is the kernel's `VmHWM`, reset (`/proc/self/clear_refs` <- 5) after the imports.
 `getrusage(RUSAGE_SELF).ru_maxrss` is NOT used: Linux carries it across fork + exec, so a child
 starts with its parent's RSS as its "peak" and small loads read as 0 MB.
+transformers 5 hands back fp32 parameters as views of the mmapped file (read lazily), so its
+plain row reads no weights; "+ touch all params" reads each once, as any use of the model would.
 Issue targets: ours <= 1.5x safetensors.numpy, <= 1x transformers; peak RSS above imports
 <= 1.3x the checkpoint's bytes.
 """
@@ -31,7 +34,11 @@ CONTENDERS = {
     "crma_jax.load_pretrained (fp32)": "ours",
     "crma convert (load + Orbax write)": "convert",
     "transformers from_pretrained": "hf",
+    "transformers from_pretrained + touch all params": "hf_touch",
 }
+# `--phases`: a replica of `hf_params.assemble_params` with a timer per phase, and two variants
+# of its last line (how the host buffer becomes a jax.Array).
+PHASE_VARIANTS = ("jnp.asarray", "jax.device_put", "aligned+device_put")
 
 
 def proc_status() -> dict[str, float]:
@@ -69,12 +76,20 @@ def run_one(kind: str, path: str) -> dict[str, float]:
                 with tempfile.TemporaryDirectory() as tmp:
                     return convert_checkpoint(path, Path(tmp) / "out", progress=False)
             return jax.block_until_ready(crma_jax.load_pretrained(path)[1])
+    elif kind in PHASE_VARIANTS:
+        return phases(kind, path)
     else:
         import torch
         from transformers import AutoModelForCausalLM
 
         def load() -> object:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            # transformers 5 returns fp32 parameters as views of the mmapped file: nothing is
+            # read until used. "hf_touch" reads every parameter once (a sum) to pay for that.
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            if kind == "hf_touch":
+                with torch.no_grad():
+                    sum(float(p.sum()) for p in model.parameters())
+            return model
 
     before = proc_status()
     reset_peak_rss()
@@ -90,6 +105,52 @@ def run_one(kind: str, path: str) -> dict[str, float]:
         "anon_after_mb": after["RssAnon"],
         "file_after_mb": after["RssFile"],
     }
+
+
+def phases(variant: str, path: str) -> dict[str, float]:
+    """Seconds per phase of loading `path` the way `assemble_params` does, ending with `variant`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import traverse_util
+
+    from crma_jax.hf_params import abstract_params, hf_names
+    from crma_jax.model import Decoder
+    from crma_jax.pretrained import config_from_hf, open_source
+
+    before = proc_status()
+    reset_peak_rss()
+    t: dict[str, float] = dict.fromkeys(("backend", "abstract_params", "host_copy", "to_device"), 0.0)
+    t0 = time.perf_counter()
+    jnp.zeros(()).block_until_ready()
+    t["backend"] = time.perf_counter() - t0
+    source = open_source(path)
+    model = Decoder(config_from_hf(source.hf_config(), path))
+    t1 = time.perf_counter()
+    flat = traverse_util.flatten_dict(abstract_params(model))
+    t["abstract_params"] = time.perf_counter() - t1
+    out = {}
+    for leaf, spec in flat.items():
+        t1 = time.perf_counter()
+        names, transpose = hf_names(leaf, model.config.num_layers)
+        if variant == "aligned+device_put":  # 64-byte aligned: XLA:CPU adopts it without a copy
+            raw = np.empty(int(np.prod(spec.shape)) * 4 + 64, np.uint8)
+            off = -raw.ctypes.data % 64
+            buf = raw[off:off + raw.size - 64].view(np.float32).reshape(spec.shape)
+        else:
+            buf = np.empty(spec.shape, np.float32)
+        for i, name in enumerate(names):
+            tensor = source.get(name)
+            buf[i if leaf[0] == "layers" else ...] = tensor.T if transpose else tensor
+        t2 = time.perf_counter()
+        out[leaf] = (jnp.asarray(buf) if variant == "jnp.asarray" else jax.device_put(buf)).block_until_ready()
+        t["host_copy"] += t2 - t1
+        t["to_device"] += time.perf_counter() - t2
+        del buf
+    t["seconds"] = time.perf_counter() - t0
+    after = proc_status()
+    return {**t, "peak_rss_mb": after["VmHWM"], "rss_after_imports_mb": before["VmRSS"],
+            "anon_after_mb": after["RssAnon"], "file_after_mb": after["RssFile"]}
 
 
 def warm_page_cache(path: Path) -> None:
@@ -112,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--phases", action="store_true", help="time the phases of our loader instead")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -126,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     warm_page_cache(ckpt)
     print(f"$ python -m crma_jax.train.bench_convert {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"machine: {machine_note()} (before)")
-    runs: dict[str, list[dict[str, float]]] = {label: [] for label in CONTENDERS}
+    contenders = {f"assemble_params replica, ending {v}": v for v in PHASE_VARIANTS} if args.phases else CONTENDERS
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label in contenders}
     for _ in range(args.reps):
-        for label, kind in CONTENDERS.items():  # interleaved: A, B, C, D, A, B, ...
+        for label, kind in contenders.items():  # interleaved: A, B, C, D, A, B, ...
             cmd = [sys.executable, "-m", "crma_jax.train.bench_convert", "--child", kind, str(path)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
@@ -136,6 +199,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{label}: child exited with {out.returncode}")
             runs[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in runs.items()}
+    if args.phases:
+        print(f"machine: {machine_note()} (after)")
+        print(f"our loader's phases, median s of {args.reps} fresh processes each, interleaved")
+        print("| variant | backend init | abstract_params | host copy (memmap -> buf) | to device | total | "
+              "peak above imports MiB |")
+        print("|---|---|---|---|---|---|---|")
+        for label, r in results.items():
+            print(f"| {label} | {r['backend']:.3f} | {r['abstract_params']:.3f} | {r['host_copy']:.3f} | "
+                  f"{r['to_device']:.3f} | {r['seconds']:.3f} | {r['peak_rss_mb'] - r['rss_after_imports_mb']:.0f} |")
+        return 0
     read_s = results["safetensors.numpy.load_file"]["seconds"]
     hf_s = results["transformers from_pretrained"]["seconds"]
     print(f"machine: {machine_note()} (after)")

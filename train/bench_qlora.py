@@ -1,0 +1,164 @@
+"""Benchmark: peak RSS of one QLoRA training step, NF4 base vs bf16 base, TinyLlama-1.1B shapes.
+
+    python -m crma_jax.train.bench_qlora [--batch 1] [--seq 128] [--reps 1]
+
+A random TinyLlama-1.1B-shaped model (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV
+heads, vocab 32000, untied head), built without transformers: shapes from `jax.eval_shape` of
+`Decoder.init`, then every leaf drawn directly in bfloat16 (no float32 copy of the model ever
+exists); with `nf4`, each stacked projection kernel is quantized (`quantize_params`, double
+quantization) right after it is drawn and the bf16 copy dropped. `nf4-remat` is NF4 with a
+proposed library change applied by monkeypatch (see `patch_remat_dequantize`). Compute dtype bf16, LoRA r=8 on
+all 7 targets + CRMA rank 4, our optimizer, B x T random tokens. Each kind runs in a fresh
+subprocess; kinds are interleaved over `--reps`.
+
+Memory is the kernel's own accounting of this process (/proc/self/status): after setup and AOT
+compilation we note VmRSS, reset the high-water mark (`/proc/self/clear_refs` <- 5), run ONE
+step, block, and read VmHWM. So "step peak" is the process's true peak RSS during the step
+(weights + optimizer state + runtime + everything the step allocates), and "step increase" is
+what the step added on top of what was resident before it; setup's own peak (drawing and
+quantizing weights, compiling) is reported apart. Issue target: NF4 step peak <= 0.45x bf16's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+KINDS = ("nf4", "bf16", "nf4-remat")
+
+
+def patch_remat_dequantize() -> None:
+    """PROPOSAL, tried by monkeypatching `crma_jax.layers` in this child only: run each frozen
+    matmul `x @ dequantize(W)` under `jax.checkpoint`, so autodiff keeps the NF4 codes (not the
+    dequantized kernel) as the residual and dequantizes again in the backward pass."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    import crma_jax.layers as layers
+    from crma_jax.quant import dequantize
+
+    class Deferred(types.SimpleNamespace):
+        pass
+
+    def dot(x: Any, w: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(w, Deferred):
+            return jax.checkpoint(lambda x_, q_: jnp.dot(x_, dequantize(q_, w.dtype)))(x, w.q)
+        return jnp.dot(x, w, *args, **kwargs)
+
+    layers.jnp = types.SimpleNamespace(**{**{n: getattr(jnp, n) for n in dir(jnp) if not n.startswith("__")}, "dot": dot})
+    layers.dequantize = lambda q, dtype: Deferred(q=q, dtype=dtype)
+
+
+def status() -> dict[str, float]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, val = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(val.split()[0]) / 1024
+    return out
+
+
+def child(kind: str, batch: int, seq: int) -> dict[str, float]:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if kind == "nf4-remat":
+        patch_remat_dequantize()
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from crma_jax import CRMAConfig, Decoder, LoraConfig, ModelConfig, init_adapters, param_labels, quantize_params
+    from crma_jax.optim import make_optimizer
+    from crma_jax.quant import nbytes
+    from crma_jax.sharding import make_mesh
+    from crma_jax.train_step import jit_train_step, make_train_step
+
+    cfg = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
+                      num_heads=32, num_kv_heads=4, head_dim=64, tie_word_embeddings=False)
+    model = Decoder(cfg, dtype=jnp.bfloat16, lora=LoraConfig(rank=8, alpha=16.0), crma=CRMAConfig(rank=4))
+    ids1 = jnp.zeros((1, 1), jnp.int32)
+    shapes = traverse_util.flatten_dict(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids1))["params"])
+    draw = jax.jit(lambda key, shape: 0.02 * jax.random.normal(key, shape, jnp.bfloat16), static_argnums=1)
+    flat = {}
+    for i, (path, spec) in enumerate(shapes.items()):
+        leaf = jnp.ones(spec.shape, jnp.bfloat16) if path[-1] == "scale" else draw(jax.random.PRNGKey(i), spec.shape)
+        if kind.startswith("nf4") and path[0] == "layers" and path[-1] == "kernel":
+            leaf = quantize_params({"layers": {"k": {"kernel": leaf}}}, "nf4")["layers"]["k"]["kernel"]
+        flat[path] = jax.block_until_ready(leaf)
+    params = traverse_util.unflatten_dict(flat)
+    del flat, leaf
+    trainable = init_adapters(model, params, jax.random.PRNGKey(1))
+    lr = {"lora_a": 2e-4, "lora_b": 2e-4, "crma_mix": 1e-3, "crma_gate": 1e-2}
+    opt = make_optimizer(param_labels(trainable), lr, total_steps=0)
+    opt_state = jax.tree.map(jnp.copy, opt.init(trainable))  # distinct buffers: the step donates them
+    step, sh = jit_train_step(make_train_step(model, opt), make_mesh((1, 1, 1)), trainable, opt_state, params)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (batch, seq), 0, cfg.vocab_size)
+    data = {"input_ids": tokens, "segment_ids": jnp.ones((batch, seq), jnp.int32),
+            "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
+            "loss_mask": jnp.ones((batch, seq), jnp.int32)}
+    rng = jax.random.PRNGKey(3)
+    t0 = time.perf_counter()
+    compiled = step.lower(trainable, opt_state, params, data, rng).compile()
+    compile_s = time.perf_counter() - t0
+    temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20  # XLA's own buffer plan
+    setup = status()
+    Path("/proc/self/clear_refs").write_text("5")
+    t0 = time.perf_counter()
+    trainable, opt_state, metrics = compiled(trainable, opt_state, params, data, rng)
+    loss = float(jax.block_until_ready(metrics["loss"]))
+    step_s = time.perf_counter() - t0
+    after = status()
+    return {"base_weights_mb": nbytes(params) / 2**20, "setup_peak_mb": setup["VmHWM"], "rss_before_step_mb": setup["VmRSS"],
+            "step_peak_mb": after["VmHWM"], "step_increase_mb": after["VmHWM"] - setup["VmRSS"],
+            "step_s": step_s, "compile_s": compile_s, "loss": loss, "xla_temp_mb": temp_mb}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.batch, args.seq)))
+        return 0
+    print(f"$ python -m crma_jax.train.bench_qlora {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} (before)")
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+    for _ in range(args.reps):
+        for kind in KINDS:
+            cmd = [sys.executable, "-m", "crma_jax.train.bench_qlora", "--child", kind,
+                   "--batch", str(args.batch), "--seq", str(args.seq)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.stderr.write(out.stderr[-4000:])
+                raise SystemExit(f"{kind}: child exited with {out.returncode}")
+            runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    res = {k: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
+    print(f"TinyLlama-1.1B shapes (random weights), bf16 compute, LoRA r=8 x7 + CRMA 4, B={args.batch}, "
+          f"T={args.seq}; one step in a fresh process, median of {args.reps}")
+    print("| base | base weights MiB | setup peak MiB | RSS before step MiB | step peak MiB | step increase MiB | "
+          "XLA temp MiB | step s | loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k, r in res.items():
+        print(f"| {k} | {r['base_weights_mb']:.0f} | {r['setup_peak_mb']:.0f} | {r['rss_before_step_mb']:.0f} | "
+              f"{r['step_peak_mb']:.0f} | {r['step_increase_mb']:.0f} | {r['xla_temp_mb']:.0f} | {r['step_s']:.2f} | {r['loss']:.3f} |")
+    nf4, bf16 = res["nf4"], res["bf16"]
+    print(f"NF4 with the remat proposal / bf16: step peak {res['nf4-remat']['step_peak_mb'] / bf16['step_peak_mb']:.2f}")
+    print(f"NF4 / bf16: step peak {nf4['step_peak_mb'] / bf16['step_peak_mb']:.2f} (target <= 0.45), "
+          f"step increase {nf4['step_increase_mb'] / bf16['step_increase_mb']:.2f}, "
+          f"base weights {nf4['base_weights_mb'] / bf16['base_weights_mb']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
