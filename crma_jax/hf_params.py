@@ -103,7 +103,7 @@ def assemble_params(
             else:
                 buf[...] = tensor
         sharding = flat_shardings.get(path)
-        out[path] = jax.device_put(buf, sharding) if sharding is not None else jnp.asarray(buf)
+        out[path] = jax.device_put(buf, sharding)  # measured faster and leaner than jnp.asarray
         del buf
     return traverse_util.unflatten_dict(out)
 
