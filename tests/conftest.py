@@ -1,14 +1,20 @@
 """Shared fixtures: tiny random HF models of every supported architecture.
 
 XLA_FLAGS must be set before jax is first imported, so the whole session sees 8 simulated CPU
-devices (the sharding tests need them; everything else runs on device 0).
+devices (the sharding tests need them; everything else runs on device 0). The device-count flag
+is forced even when the caller's environment already sets XLA_FLAGS (its other flags are kept),
+so that the 8-device tests always run instead of skipping.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = " ".join(
+    [re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")).strip(), DEVICE_FLAG]
+).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import bitsandbytes.functional as bnb_functional  # a test dependency: imported, never skipped
 import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -27,9 +29,6 @@ from crma_jax.quant import (
     quantize_int8,
     quantize_nf4,
 )
-
-torch = pytest.importorskip("torch")
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 SETTINGS = settings(max_examples=30, deadline=None)
 _MIDPOINTS = (NF4_TABLE[:-1] + NF4_TABLE[1:]) / np.float32(2)

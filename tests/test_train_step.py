@@ -106,10 +106,6 @@ def single_device_run(reference, batches):
     return history, _host(final)
 
 
-needs_8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
-
-
-@needs_8
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
 def test_sharded_steps_match_single_device(shape, tiny_lm, reference, batches, single_device_run):
     model, _, trainable = reference
