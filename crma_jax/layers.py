@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from crma_jax.config import ModelConfig, RopeConfig
 from crma_jax.lora import LoraConfig, lora_a_init
-from crma_jax.quant import dequantize
+from crma_jax.matmul import frozen_linear, lora_linear
 
 Dtype = Any
 _KERNEL_INIT = nn.initializers.normal(0.02)
@@ -26,8 +26,9 @@ class Linear(nn.Module):
     """y = x @ W (+ scale · (dropout(x) @ A) @ B when this projection is a LoRA target).
 
     W (in, out) is a `params` kernel in Flax layout: a plain array, or an NF4/int8 tensor that is
-    dequantized here, inside the matmul, to the compute dtype. A and B live in the `lora`
-    collection and are used only when present (a base-only apply passes no `lora`).
+    dequantized inside the matmul to the compute dtype (`crma_jax.matmul`, whose backward keeps
+    W as stored, never dequantized). A and B live in the `lora` collection and are used only
+    when present (a base-only apply passes no `lora`).
     """
 
     features: int
@@ -41,19 +42,17 @@ class Linear(nn.Module):
             kernel = self.get_variable("params", "kernel")
         else:
             kernel = self.param("kernel", _KERNEL_INIT, (x.shape[-1], self.features), jnp.float32)
-        y = jnp.dot(x.astype(self.dtype), dequantize(kernel, self.dtype))
         cfg = self.lora
         if cfg is None or self.name not in cfg.targets:
-            return y
+            return frozen_linear(x, kernel, self.dtype)
         if not self.has_variable("lora", "a") and not self.is_mutable_collection("lora"):
-            return y
+            return frozen_linear(x, kernel, self.dtype)
         a = self.variable("lora", "a", lambda: lora_a_init(self.make_rng("params"), (x.shape[-1], cfg.rank))).value
         b = self.variable("lora", "b", lambda: jnp.zeros((cfg.rank, self.features), jnp.float32)).value
+        x_lora = x
         if cfg.dropout > 0.0 and not deterministic:
-            x = nn.Dropout(cfg.dropout)(x, deterministic=False)
-        low = jnp.dot(x.astype(self.dtype), a.astype(self.dtype))
-        # Scaling the small (r, out) B instead of the (B, T, out) product saves a full pass.
-        return y + jnp.dot(low, (b * cfg.scale).astype(self.dtype))
+            x_lora = nn.Dropout(cfg.dropout)(x, deterministic=False)
+        return lora_linear(x, x_lora, kernel, a, b, cfg.scale, self.dtype)
 
 
 def project(parent: Any, name: str, features: int, x: jax.Array, deterministic: bool) -> jax.Array:
