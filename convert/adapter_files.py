@@ -1,8 +1,11 @@
 """The adapter files a run leaves behind, read by `crma export` and `crma generate`.
 
-    RUN/adapters/meta.json              model path, LoRA and CRMA configs, LoRA set names
+    RUN/adapters/meta.json              the base (model path, dtype, quantization), LoRA and CRMA
+                                        configs, LoRA set names, and each set's data spec
     RUN/adapters/lora_<name>.safetensors  one LoRA set, keys "layers/self_attn/q_proj/a", ...
     RUN/adapters/crma.safetensors       the shared CRMA substrate (if any)
+    RUN/adapters/lora_init.safetensors  PiSSA runs only: the initial factors A0, B0; the base the
+                                        run trained on is W - scale·A0·B0 (then quantized)
 
 safetensors holds only arrays (no pickle), so adapters are safe to share and to load.
 """
@@ -29,13 +32,31 @@ from crma_jax.lora import LoraConfig
 ADAPTERS = "adapters"
 
 
+@dataclasses.dataclass(frozen=True)
+class BaseSpec:
+    """How a run loaded its frozen base: enough for `load_pretrained` to rebuild it exactly."""
+
+    model: str
+    dtype: str = "float32"
+    compute_dtype: str = ""
+    quant: str = ""
+
+
 @dataclasses.dataclass
 class Adapters:
-    model: str
+    """What a run trained, and on what. `data` maps a LoRA set name to its `DataSpec` dict."""
+
+    base: BaseSpec
     lora: LoraConfig | None
     crma: CRMAConfig | None
     lora_sets: dict[str, Any]
     crma_params: Any | None
+    lora_init: Any | None = None
+    data: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return self.base.model
 
 
 def _flat(tree: Any) -> dict[str, np.ndarray]:
@@ -53,14 +74,18 @@ def save_adapters(run: Path, adapters: Adapters) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".adapters.partial-", dir=run))
     meta = {
         "model": adapters.model,
+        "base": dataclasses.asdict(adapters.base),
         "lora": dataclasses.asdict(adapters.lora) if adapters.lora else None,
         "crma": dataclasses.asdict(adapters.crma) if adapters.crma else None,
-        "lora_sets": sorted(adapters.lora_sets),
+        "lora_sets": list(adapters.lora_sets),
+        "data": adapters.data,
     }
     for name, tree in adapters.lora_sets.items():
         save_file(_flat(tree), staging / f"lora_{name}.safetensors")
     if adapters.crma_params is not None:
         save_file(_flat(adapters.crma_params), staging / "crma.safetensors")
+    if adapters.lora_init is not None:
+        save_file(_flat(adapters.lora_init), staging / "lora_init.safetensors")
     (staging / "meta.json").write_text(json.dumps(meta, indent=2))
     final = run / ADAPTERS
     if final.exists():
@@ -82,7 +107,9 @@ def load_adapters(run: Path) -> Adapters:
     crma = CRMAConfig(**meta["crma"]) if meta.get("crma") else None
     sets = {name: _read(root / f"lora_{name}.safetensors") for name in meta["lora_sets"]}
     crma_params = _read(root / "crma.safetensors") if crma else None
-    return Adapters(meta["model"], lora, crma, sets, crma_params)
+    lora_init = _read(root / "lora_init.safetensors") if lora and lora.init == "pissa" else None
+    base = BaseSpec(**meta.get("base", {"model": meta["model"]}))
+    return Adapters(base, lora, crma, sets, crma_params, lora_init, meta.get("data", {}))
 
 
 def _read(path: Path) -> Any:

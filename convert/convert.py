@@ -22,9 +22,9 @@ from crma_jax.pretrained import load_source, open_source, save_converted
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
-def tqdm_progress(desc: str) -> Any:
-    """A `progress(items, total)` callback for `load_pretrained` that draws a tqdm bar."""
-    return lambda items, total: tqdm(items, total=total, desc=desc, unit="tensor", leave=False)
+def tqdm_progress(desc: str, unit: str = "tensor") -> Any:
+    """A `progress(items, total)` callback (for `load_pretrained`, `evaluate`) that draws a tqdm bar."""
+    return lambda items, total: tqdm(items, total=total, desc=desc, unit=unit, leave=False)
 
 
 def atomic_dir(out: Path, write: Callable[[Path], None]) -> Path:

@@ -4,7 +4,13 @@ OUT/peft_<set>/              a PEFT LoRA adapter per LoRA set (`PeftModel.from_p
 OUT/crma_adapter.safetensors the CRMA substrate, for `crma_jax.convert.torch_crma.attach_crma`
 OUT/merged_<set>/            with --merged: a full HF checkpoint with that set folded in
 
-For a `crma cl` run, RUN is one sequence: RUN/<condition>/seed<s>.
+Every export is relative to the *original* base model. A PiSSA run trained on the residual
+W − s·A0·B0, so each of its sets is exported as the equivalent rank-2r LoRA
+s·[A | A0]·[B ; −B0] on W (`crma_jax.lora.pissa_as_lora`), and the merged checkpoint is
+W + s·(A·B − A0·B0). A quantized run is exported against the full-precision W: its PyTorch
+model differs from the trained one by the base's quantization error, as with any QLoRA export.
+
+For a `crma cl` run, RUN is one sequence: RUN/<method>/seed<s>.
 """
 
 from __future__ import annotations
@@ -16,7 +22,16 @@ from crma_jax.convert.adapter_files import Adapters, load_adapters
 from crma_jax.convert.convert import atomic_dir
 from crma_jax.convert.peft_export import export_crma, export_merged, export_peft
 from crma_jax.convert.smollm2 import resolve_model_path
+from crma_jax.lora import LoraConfig, pissa_as_lora
 from crma_jax.pretrained import hf_config_of, load_pretrained, load_tokenizer
+
+
+def plain_lora(adapters: Adapters, name: str) -> tuple[Any, LoraConfig]:
+    """Set `name` as a LoRA on the original base weights (PiSSA sets converted to rank 2r)."""
+    lora = adapters.lora_sets[name]
+    if adapters.lora_init is None:
+        return lora, adapters.lora
+    return pissa_as_lora(lora, adapters.lora_init, adapters.lora)
 
 
 def export_run(run: Path, out: Path, merged: list[str] | None = None) -> dict[str, Any]:
@@ -29,8 +44,9 @@ def export_run(run: Path, out: Path, merged: list[str] | None = None) -> dict[st
     written: dict[str, Any] = {}
 
     def write(d: Path) -> None:
-        for name, lora in adapters.lora_sets.items():
-            export_peft(lora, adapters.lora, d / f"peft_{name}", base_model=adapters.model)
+        for name in adapters.lora_sets:
+            lora, cfg = plain_lora(adapters, name)
+            export_peft(lora, cfg, d / f"peft_{name}", base_model=adapters.model)
             written[f"peft_{name}"] = str(out / f"peft_{name}")
         if adapters.crma is not None:
             export_crma(adapters.crma_params, adapters.crma, d / "crma_adapter.safetensors")
@@ -39,8 +55,8 @@ def export_run(run: Path, out: Path, merged: list[str] | None = None) -> dict[st
             _, params = load_pretrained(model_path)
             tokenizer = load_tokenizer(model_path)
             for name in merged:
-                export_merged(params, adapters.lora_sets[name], adapters.lora, hf_config_of(model_path),
-                              d / f"merged_{name}", tokenizer)
+                lora, cfg = plain_lora(adapters, name)
+                export_merged(params, lora, cfg, hf_config_of(model_path), d / f"merged_{name}", tokenizer)
                 written[f"merged_{name}"] = str(out / f"merged_{name}")
 
     atomic_dir(out, write)

@@ -362,6 +362,31 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return self
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """Everything that decides which packed rows a run trains and evaluates on.
+
+    A run records its spec, so that `crma eval RUN` rebuilds exactly the run's holdout split.
+    `split_seed` seeds the document-level holdout split (`split_holdout`).
+    """
+
+    source: str
+    seq_len: int
+    holdout_fraction: float = 0.1
+    split_seed: int = 0
+    text_field: str = "text"
+    max_documents: int | None = None
+
+    def build(self, tokenizer: Any, vocab_size: int | None = None) -> tuple[PackedData, PackedData]:
+        """(train, holdout) packed rows (see `build_dataset`)."""
+        return build_dataset(self.source, tokenizer, self.seq_len, holdout_fraction=self.holdout_fraction,
+                             seed=self.split_seed, text_field=self.text_field, max_documents=self.max_documents,
+                             vocab_size=vocab_size)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
 def build_dataset(source: str, tokenizer: Any, seq_len: int, *, holdout_fraction: float = 0.1, seed: int = 0,
                   text_field: str = "text", max_documents: int | None = None, vocab_size: int | None = None,
                   cache_dir: str | None = None) -> tuple[PackedData, PackedData]:

@@ -78,13 +78,18 @@ def top_singular(w: jax.Array, rank: int, niter: int | None, key: jax.Array) -> 
     return (q @ ub)[:, :rank], s[:rank], vt[:rank]
 
 
+def pissa_residual(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """W_res = W − scale·A·B in float32: the frozen base of a PiSSA adapter (A, B) on W."""
+    return w.astype(jnp.float32) - scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+
+
 def pissa_factors(w: jax.Array, cfg: LoraConfig, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(A (in, r), B (r, out), W_res (in, out)) for one kernel, float32, with W = W_res + scale·A·B."""
     u, s, vt = top_singular(w, cfg.rank, cfg.pissa_niter, key)
     root = jnp.sqrt(s / cfg.scale)
     a = u * root[None, :]
     b = root[:, None] * vt
-    return a, b, w.astype(jnp.float32) - cfg.scale * (a @ b)
+    return a, b, pissa_residual(w, a, b, cfg.scale)
 
 
 def apply_pissa(params: Any, lora: Any, cfg: LoraConfig, key: jax.Array) -> tuple[Any, Any]:
@@ -114,3 +119,38 @@ def merge_lora(params: Any, lora: Any, cfg: LoraConfig) -> Any:
         delta = jnp.einsum("lir,lro->lio", flat_l[path + ("a",)], flat_l[path + ("b",)])
         flat_p[path + ("kernel",)] = (kernel.astype(jnp.float32) + cfg.scale * delta).astype(kernel.dtype)
     return traverse_util.unflatten_dict(flat_p)
+
+
+def subtract_pissa(params: Any, lora_init: Any, cfg: LoraConfig) -> Any:
+    """The base a PiSSA run trained on: every target kernel W -> W − scale·A0·B0, in its dtype.
+
+    `lora_init` holds the initial factors (A0, B0) stacked over layers, as `apply_pissa` made
+    them; reloading with them rebuilds the run's frozen base without another SVD.
+    """
+    flat_p = traverse_util.flatten_dict(params)
+    flat_l = traverse_util.flatten_dict(lora_init)
+    for path in {p[:-1] for p in flat_l}:
+        kernel = flat_p[path + ("kernel",)]
+        res = jax.vmap(lambda w, a, b: pissa_residual(w, a, b, cfg.scale))(
+            kernel, flat_l[path + ("a",)], flat_l[path + ("b",)])
+        flat_p[path + ("kernel",)] = res.astype(kernel.dtype)
+    return traverse_util.unflatten_dict(flat_p)
+
+
+def pissa_as_lora(lora: Any, lora_init: Any, cfg: LoraConfig) -> tuple[Any, LoraConfig]:
+    """A trained PiSSA set as a plain LoRA on the *original* W: (tree, config) of rank 2r.
+
+    The trained model is (W − s·A0·B0) + s·A·B = W + s·(A·B − A0·B0) = W + s·[A | A0]·[B ; −B0],
+    so the concatenated factors with the same scale s reproduce it on W; this is the conversion
+    PEFT users apply to PiSSA adapters. The returned config keeps `scale` (alpha is rescaled for
+    rank 2r) and has `init="default"` (it is an ordinary LoRA now).
+    """
+    flat_l = traverse_util.flatten_dict(lora)
+    flat_0 = traverse_util.flatten_dict(lora_init)
+    out = {}
+    for path, value in flat_l.items():
+        init = jnp.asarray(flat_0[path], value.dtype)
+        out[path] = jnp.concatenate([value, init], axis=-1) if path[-1] == "a" else jnp.concatenate([value, -init], axis=-2)
+    rank = 2 * cfg.rank
+    alpha = cfg.scale * (math.sqrt(rank) if cfg.rslora else rank)
+    return traverse_util.unflatten_dict(out), dataclasses.replace(cfg, rank=rank, alpha=alpha, init="default")

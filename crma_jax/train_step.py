@@ -86,16 +86,6 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, accum_s
     return train_step
 
 
-def make_eval_step(model: Any) -> Callable[[dict[str, Any], Batch], tuple[jax.Array, jax.Array]]:
-    """`eval_step(variables, batch) -> (summed NLL, token count)`, deterministic."""
-
-    def eval_step(variables: dict[str, Any], batch: Batch) -> tuple[jax.Array, jax.Array]:
-        total, (count, _) = forward_loss(model, variables, batch, None)
-        return total, count
-
-    return eval_step
-
-
 def batch_sharding(mesh: Mesh, rules: Any = DEFAULT_RULES) -> NamedSharding:
     """(B, T) batches split over the mesh axes that the `batch` rule names."""
     return NamedSharding(mesh, PartitionSpec(rules["batch"], None))

@@ -17,18 +17,30 @@ def trained(tiny_lm, tmp_path_factory):
     data.write_text("\n".join(json.dumps({"text": f"note {i}: the quick brown fox jumps over the lazy dog"}) for i in range(30)))
     run = root / "run"
     assert main(["train", "--model", str(tiny_lm), "--data", str(data), "--out", str(run), "--steps", "4",
-                 "--warmup-steps", "1", "--seq-len", "32", "--batch-size", "4", "--eval-every", "0",
+                 "--warmup-steps", "1", "--seq-len", "32", "--batch-size", "4", "--eval-every", "4",
                  "--no-plots", "--no-tensorboard", "--mesh", "1,1,1"]) == 0
     return run, data
+
+
+def test_eval_of_a_run_defaults_to_its_own_holdout_and_reproduces_its_loss(trained, capsys):
+    run, data = trained
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((run / "summary.json").read_text())
+    assert result["split"] == "holdout" and result["data"]["source"] == str(data) and result["data"]["seq_len"] == 32
+    assert result["loss"] == pytest.approx(summary["holdout_loss"], rel=1e-6)
+    assert result["tokens"] > 0
 
 
 def test_eval_base_and_run_with_and_without_crma(trained, tiny_lm, capsys):
     run, data = trained
     results = {}
     for name, argv in {"base": [str(tiny_lm)], "run": [str(run)], "run_no_crma": [str(run), "--no-crma"]}.items():
-        assert main(["eval", *argv, "--data", str(data), "--seq-len", "32", "--max-rows", "4"]) == 0
+        assert main(["eval", *argv, "--data", str(data), "--seq-len", "32", "--split", "all"]) == 0
         results[name] = json.loads(capsys.readouterr().out)
     assert all(r["tokens"] > 0 and r["perplexity"] > 1 for r in results.values())
+    assert len({r["tokens"] for r in results.values()}) == 1  # the same tokens, each counted once
     assert len({round(r["loss"], 6) for r in results.values()}) == 3  # LoRA and CRMA each change the loss
 
 
@@ -65,3 +77,100 @@ def test_eval_errors_name_the_culprit(trained, tiny_lm, tmp_path, capsys):
     assert "missing.txt" in capsys.readouterr().err
     assert main(["eval", str(tiny_lm), "--lora", "x", "--data", str(data)]) == 2
     assert "run directory" in capsys.readouterr().err
+    assert main(["eval", str(tiny_lm)]) == 2
+    assert "--data is required" in capsys.readouterr().err
+    assert main(["eval", str(run), "--lora", "nope"]) == 2
+    assert "no LoRA set 'nope'" in capsys.readouterr().err
+
+
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def test_every_flag_of_every_subcommand_has_help_with_its_default():
+    from crma_jax.train.cli import build_parser
+
+    checked = 0
+    stack = list(_subparsers(build_parser()))
+    while stack:
+        name, parser = stack.pop()
+        stack.extend((f"{name} {n}", p) for n, p in _subparsers(parser))
+        for action in parser._actions:
+            if not action.option_strings or action.help == "==SUPPRESS==" or action.dest == "help":
+                continue
+            assert action.help and len(action.help) > 10, f"crma {name} {action.option_strings}: no help"
+            takes_value = action.nargs != 0 and not isinstance(action.default, bool)
+            if takes_value and action.default is not None and not action.required:
+                assert "default" in action.help, f"crma {name} {action.option_strings}: default not shown"
+            checked += 1
+    assert checked > 100
+
+
+def test_domain_flags_override_the_yaml_domains(tmp_path):
+    from crma_jax.train.cli import build_parser
+    from crma_jax.train.config import config_from_args
+    from crma_jax.train.continual import CLConfig
+
+    config = tmp_path / "cl.yaml"
+    config.write_text("domains: legal,code\nsteps: 7\n")
+    args = build_parser().parse_args(["cl", "--config", str(config), "--domain", "docs", "--domain", "x=/data/x.jsonl"])
+    cfg = config_from_args(args, CLConfig, {"domains": ",".join(args.domain)})
+    assert cfg.domains == "docs,x=/data/x.jsonl" and cfg.steps == 7
+    config.write_text("data: legal\n")
+    with pytest.raises(ValueError, match=r"unknown settings \['data'\]"):
+        config_from_args(build_parser().parse_args(["cl", "--config", str(config)]), CLConfig)
+
+
+def test_unexpected_errors_print_one_line_and_the_traceback_with_debug(trained, monkeypatch, capsys):
+    import crma_jax.train.evaluate as evaluate_program
+
+    run, _ = trained
+
+    def broken(args):
+        raise TypeError("boom")
+
+    monkeypatch.setattr(evaluate_program, "run_eval", broken)
+    assert main(["eval", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["crma eval: internal error: TypeError: boom (run again with --debug for the traceback)"]
+    assert main(["eval", str(run), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "TypeError: boom" in err
+
+
+def test_benchmarks_are_subcommands_that_import_without_side_effects():
+    """Importing a benchmark changes no environment variable and patches no library module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, importlib, jax.numpy as jnp\n"
+        "before = dict(os.environ)\n"
+        "import crma_jax.layers as layers\n"
+        "from crma_jax.train.cli import BENCHMARKS, build_parser\n"
+        "for module, _ in BENCHMARKS.values(): importlib.import_module(module)\n"
+        "build_parser()\n"
+        "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())\n"
+        "assert layers.jnp is jnp\n"
+        "print(sorted(BENCHMARKS))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "['convert', 'crma', 'qlora', 'train']"
+
+
+def test_no_environment_switch_can_kill_a_run():
+    """Faults are injected by tests from outside (tests/fault_injection.py), never read from the
+    environment by the programs."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [p for d in ("crma_jax", "train", "convert") for p in (root / d).rglob("*.py")]
+    assert sources
+    offenders = [str(p) for p in sources if "CRMA_TEST" in p.read_text() or "SIGKILL" in p.read_text()]
+    assert not offenders

@@ -25,3 +25,10 @@ def test_demo_small_runs_end_to_end(tmp_path, smollm2_gguf_path, capsys):
     assert (out / "export" / "crma_adapter.safetensors").exists()
     results = json.loads((out / "cl" / "results.json").read_text())
     assert results["results"]["frozen"]["0"]["drift"] == [0.0, 0.0]
+    # A second demo into the same directory never reports the first one's numbers.
+    before = (out / "cl" / "results.json").read_text()
+    assert main(["demo", "--out", str(out)]) == 2
+    assert f"{out}: already holds a run; pass --resume" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--resume"]) == 2
+    assert "small: True -> False" in capsys.readouterr().err
+    assert (out / "cl" / "results.json").read_text() == before

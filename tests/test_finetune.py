@@ -159,6 +159,13 @@ def test_yaml_config_and_flag_precedence(tiny_lm, data_file, tmp_path, capsys):
     assert q_a.shape[-1] == 2  # lora_rank from the YAML file reached the model
     capsys.readouterr()
 
+    # The same out again: refused without --resume, and with --resume only on the same settings.
+    assert main(["train", "--config", str(config), "--steps=3", "--batch-size=2"]) == 2
+    assert f"{run}: already holds a run; pass --resume" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--steps=3", "--batch-size=2", "--lr-lora=1e-3", "--resume"]) == 2
+    assert "lr_lora: 0.0002 -> 0.001" in capsys.readouterr().err
+    assert len(read_metrics(run)) == 3
+
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"steps": 5, "sequence_length": 16}))
     assert main(["train", "--config", str(bad), "--out", str(tmp_path / "bad_run")]) == 2
@@ -171,7 +178,8 @@ def test_yaml_config_and_flag_precedence(tiny_lm, data_file, tmp_path, capsys):
 RESUME = ("--steps", "12", "--checkpoint-every", "4", "--lora-targets", "q_proj,v_proj")
 
 
-HOOKS = {"after_checkpoint": "CRMA_TEST_SIGKILL_AFTER_CHECKPOINT", "during_save": "CRMA_TEST_SIGKILL_DURING_SAVE"}
+FAULTS = ("after_checkpoint", "during_save")
+FAULT_DRIVER = Path(__file__).with_name("fault_injection.py")
 
 
 @pytest.fixture(scope="module")
@@ -188,15 +196,16 @@ def _train(argv: list[str], session) -> dict:
 
 @pytest.fixture(scope="module")
 def crash_runs(tiny_lm, data_file, tmp_path_factory, session) -> dict[str, tuple[Path, list[str], int, str]]:
-    """name -> (run dir, argv, return code, stderr) of subprocess runs that SIGKILL themselves at
-    step 8, one per test hook; plus "uninterrupted", the same config run in-process to the end."""
+    """name -> (run dir, argv, return code, stderr) of subprocess runs SIGKILLed at step 8 through
+    the `on_checkpoint` callback (tests/fault_injection.py), one per fault; plus "uninterrupted",
+    the same config run in-process to the end."""
     root = tmp_path_factory.mktemp("crash")
     argv = _argv(tiny_lm, data_file, root / "uninterrupted", *RESUME)
     assert _train(argv, session)["steps"] == 12
     out = {"uninterrupted": (root / "uninterrupted", argv, 0, "")}
-    for name, var in HOOKS.items():
+    for name in FAULTS:
         argv = _argv(tiny_lm, data_file, root / name, *RESUME)
-        proc = subprocess.run([sys.executable, "-m", "crma_jax.train.cli", *argv], cwd=REPO, env=_env(**{var: "8"}),
+        proc = subprocess.run([sys.executable, str(FAULT_DRIVER), name, "8", "*", "--", *argv], cwd=REPO, env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
         out[name] = (root / name, argv, proc.returncode, proc.stderr)
     return out

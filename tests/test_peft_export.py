@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import crma_jax
 from crma_jax import CRMAConfig, LoraConfig
-from crma_jax.convert.adapter_files import Adapters, load_adapters, save_adapters
+from crma_jax.convert.adapter_files import Adapters, BaseSpec, load_adapters, save_adapters
 from crma_jax.convert.peft_export import export_crma, export_merged, export_peft, import_peft
 from crma_jax.convert.torch_crma import attach_crma
 from crma_jax.errors import CheckpointError
@@ -90,7 +90,8 @@ def test_import_of_a_peft_adapter_made_by_get_peft_model(tiny_models, tmp_path):
 
 def test_adapter_files_round_trip_and_errors(tiny_models, tmp_path):
     model, v = trained_like(tiny_models["llama"])
-    save_adapters(tmp_path, Adapters(str(tiny_models["llama"]), model.lora, model.crma, {"legal": v["lora"]}, v["crma"]))
+    save_adapters(tmp_path, Adapters(BaseSpec(str(tiny_models["llama"])), model.lora, model.crma, {"legal": v["lora"]},
+                                     v["crma"]))
     back = load_adapters(tmp_path)
     assert back.lora == model.lora and back.crma == model.crma and list(back.lora_sets) == ["legal"]
     np.testing.assert_array_equal(back.lora_sets["legal"]["layers"]["mlp"]["up_proj"]["b"], v["lora"]["layers"]["mlp"]["up_proj"]["b"])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -16,6 +20,14 @@ from crma_jax.sharding import logical_axes, make_mesh, partition_spec
 def test_the_session_has_8_simulated_devices():
     """conftest.py forces the flag, so the 8-device tests below run (never skip) in any environment."""
     assert len(jax.devices()) == 8
+
+
+def test_a_preset_xla_flags_does_not_turn_the_8_device_tests_off():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          f"{__file__}::test_the_session_has_8_simulated_devices"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert "1 passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
 def _logits(model, params, ids):

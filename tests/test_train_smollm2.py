@@ -15,7 +15,7 @@ def test_train_lowers_holdout_loss_and_writes_everything(tmp_path, smollm2_gguf_
     run = tmp_path / "run"
     argv = ["train", "--model", "smollm2", "--data", "legal", "--out", str(run), "--steps", "24",
             "--seq-len", "64", "--batch-size", "4", "--lora-rank", "8", "--crma-rank", "4",
-            "--eval-every", "12", "--eval-batches", "4", "--checkpoint-every", "12", "--lr-lora", "1e-3",
+            "--eval-every", "12", "--checkpoint-every", "12", "--lr-lora", "1e-3",
             "--warmup-steps", "2"]
     assert main(argv) == 0
     summary = json.loads((run / "summary.json").read_text())

@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from crma_jax.train.config import TrainConfig
+from crma_jax.train.config import TrainConfig, setting
 from crma_jax.train.finetune import open_session, train
 from crma_jax.train.plots import plot_overlay
+from crma_jax.train.run_dir import check_run_dir, write_config
 
 ARMS = {  # name -> (crma, zclip)
     "crma+zclip": (True, True),
@@ -25,9 +26,16 @@ ARMS = {  # name -> (crma, zclip)
 COLUMNS = ("final_loss", "holdout_loss", "peak_grad_norm", "mean_grad_norm", "clip_count")
 
 
+@dataclasses.dataclass
+class AblateConfig(TrainConfig):
+    cli_exclude = ("crma", "zclip")  # every arm sets these two itself
+
+    out: str = setting("runs/ablate", "output directory (one run per arm inside); new or empty unless --resume")
+
+
 def run_ablation(cfg: TrainConfig, arms: dict[str, tuple[bool, bool]] = ARMS) -> dict[str, Any]:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_dir(out, cfg, cfg.resume)
     results: dict[str, Any] = {}
     sessions: dict[bool, Any] = {}
     initial: dict[bool, Any] = {}  # every arm starts from the same adapters
@@ -36,6 +44,7 @@ def run_ablation(cfg: TrainConfig, arms: dict[str, tuple[bool, bool]] = ARMS) ->
         if crma not in sessions:
             sessions[crma] = open_session(arm_cfg)
             initial[crma] = sessions[crma].trainable
+            write_config(out, cfg)  # model and data loaded: the run directory is claimed
         session = sessions[crma]
         session.trainable = initial[crma]
         results[name] = train(arm_cfg, session, log_prefix=f"ablate {name}")

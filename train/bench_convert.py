@@ -1,7 +1,7 @@
 """Benchmark: converting SmolLM2-135M (fp32 safetensors) against plain reading and transformers.
 
-    python -m crma_jax.train.bench_convert [--reps 3] [--json out.json]
-    python -m crma_jax.train.bench_convert --phases [--reps 7]    # where our loader's time goes
+    crma bench convert [--reps 3] [--json out.json]
+    crma bench convert --phases [--reps 7]    # where our loader's time goes
 
 Each contender runs in a fresh subprocess (so peak RSS is its own); the contenders are
 interleaved (A, B, C, D, A, B, ...) and each is run `--reps` times; the page cache is warmed once
@@ -21,13 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from crma_jax.train.bench_util import (
+    command_line,
+    cpu_env,
+    machine_note,
+    proc_status,
+    reset_peak_rss,
+)
 
 CONTENDERS = {
     "safetensors.numpy.load_file": "read",
@@ -41,23 +47,8 @@ CONTENDERS = {
 PHASE_VARIANTS = ("jnp.asarray", "jax.device_put", "aligned+device_put")
 
 
-def proc_status() -> dict[str, float]:
-    """VmRSS, VmHWM, RssAnon, RssFile of this process, in MiB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, val = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(val.split()[0]) / 1024
-    return out
-
-
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
 def run_one(kind: str, path: str) -> dict[str, float]:
     """Runs inside the child process: import, reset the peak, time the load, read the peak."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if kind == "read":
         from safetensors.numpy import load_file
 
@@ -67,9 +58,9 @@ def run_one(kind: str, path: str) -> dict[str, float]:
         import tempfile
 
         import jax
+        from crma_jax.convert.convert import convert_checkpoint
 
         import crma_jax
-        from crma_jax.convert.convert import convert_checkpoint
 
         def load() -> object:
             if kind == "convert":
@@ -159,23 +150,14 @@ def warm_page_cache(path: Path) -> None:
             pass
 
 
-def machine_note() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except StopIteration:
-        model = platform.machine()
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{model}, {os.cpu_count()} CPUs, load average {load}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--json", help="also write the results here")
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reps", type=int, default=3, help="fresh processes per contender (default: 3)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--phases", action="store_true", help="time the phases of our loader instead")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.child:
         print(json.dumps(run_one(*args.child)))
         return 0
@@ -186,14 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = path / "model.safetensors"
     ckpt_mb = ckpt.stat().st_size / 2**20
     warm_page_cache(ckpt)
-    print(f"$ python -m crma_jax.train.bench_convert {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"$ {command_line()}")
     print(f"machine: {machine_note()} (before)")
     contenders = {f"assemble_params replica, ending {v}": v for v in PHASE_VARIANTS} if args.phases else CONTENDERS
     runs: dict[str, list[dict[str, float]]] = {label: [] for label in contenders}
     for _ in range(args.reps):
         for label, kind in contenders.items():  # interleaved: A, B, C, D, A, B, ...
-            cmd = [sys.executable, "-m", "crma_jax.train.bench_convert", "--child", kind, str(path)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            cmd = [sys.executable, "-m", "crma_jax.train.cli", "bench", "convert", "--child", kind, str(path)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env())
             if out.returncode != 0:
                 sys.stderr.write(out.stderr)
                 raise SystemExit(f"{label}: child exited with {out.returncode}")
@@ -227,6 +209,3 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"checkpoint_mib": ckpt_mb, "results": results, "runs": runs}, indent=2))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

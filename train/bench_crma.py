@@ -1,6 +1,6 @@
 """Benchmark: what CRMA costs. (i) forward-pass time on SmolLM2-135M, (ii) parameter counts.
 
-    python -m crma_jax.train.bench_crma [--reps 10] [--batch 4] [--seq 256]
+    crma bench crma [--reps 10] [--batch 4] [--seq 256]
 
 (i) The real SmolLM2-135M (fp32 HF directory made from the GGUF), B x T random tokens, float32,
 CPU. Both contenders carry the SAME LoRA (r=8 on q,k,v,o,gate,up,down) and the same base
@@ -26,11 +26,10 @@ import sys
 import time
 from typing import Any, Callable
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from crma_jax.train.bench_util import command_line, cpu_env
 
 import crma_jax
 from crma_jax import CRMAConfig, Decoder, LoraConfig, ModelConfig, count_params
@@ -132,20 +131,21 @@ def forward_pairs(batch: int, seq: int, reps: int, lora: LoraConfig, crma: CRMAC
     }, reps)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reps", type=int, default=10, help="interleaved repetitions (default: 10)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size B (default: 4)")
+    parser.add_argument("--seq", type=int, default=256, help="sequence length T (default: 256)")
     parser.add_argument("--skip-forward", action="store_true", help="only the parameter counts")
-    parser.add_argument("--qr-procs", type=int, default=3, help="fresh processes for (iii)")
+    parser.add_argument("--qr-procs", type=int, default=3, help="fresh processes for (iii) (default: 3)")
     parser.add_argument("--qr-child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.qr_child:
         print(json.dumps(qr_backward(200)))
         return 0
     lora, crma = LoraConfig(rank=8, alpha=16.0), CRMAConfig(rank=4)
-    print(f"$ python -m crma_jax.train.bench_crma {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"$ {command_line()}")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
           f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} (before)")
     if not args.skip_forward:
@@ -172,12 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         print("| process | jnp.linalg.qr autodiff ms | qr_q custom VJP ms | library Gram-Schmidt ms | max abs grad diff qr vs qr_q |")
         print("|---|---|---|---|---|")
         for i in range(args.qr_procs):
-            cmd = [sys.executable, "-m", "crma_jax.train.bench_crma", "--qr-child"]
-            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+            cmd = [sys.executable, "-m", "crma_jax.train.cli", "bench", "crma", "--qr-child"]
+            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                          env=cpu_env()).stdout.strip().splitlines()[-1])
             print(f"| {i} | {r['qr'] * 1e3:.3f} | {r['qr_q'] * 1e3:.3f} | {r['gram_schmidt'] * 1e3:.3f} | "
                   f"{r['max_abs_diff']:.1e} |")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,12 @@
 """Benchmark: peak RSS of one QLoRA training step, NF4 base vs bf16 base, TinyLlama-1.1B shapes.
 
-    python -m crma_jax.train.bench_qlora [--batch 1] [--seq 128] [--reps 1]
+    crma bench qlora [--batch 1] [--seq 128] [--reps 1]
 
 A random TinyLlama-1.1B-shaped model (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV
 heads, vocab 32000, untied head), built without transformers: shapes from `jax.eval_shape` of
 `Decoder.init`, then every leaf drawn directly in bfloat16 (no float32 copy of the model ever
 exists); with `nf4`, each stacked projection kernel is quantized (`quantize_params`, double
-quantization) right after it is drawn and the bf16 copy dropped. `nf4-remat` is NF4 with a
-proposed library change applied by monkeypatch (see `patch_remat_dequantize`). Compute dtype bf16, LoRA r=8 on
+quantization) right after it is drawn and the bf16 copy dropped. Compute dtype bf16, LoRA r=8 on
 all 7 targets + CRMA rank 4, our optimizer, B x T random tokens. Each kind runs in a fresh
 subprocess; kinds are interleaved over `--reps`.
 
@@ -29,33 +28,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-KINDS = ("nf4", "bf16", "nf4-remat")
+from crma_jax.train.bench_util import command_line, cpu_env
 
-
-def patch_remat_dequantize() -> None:
-    """PROPOSAL, tried by monkeypatching `crma_jax.layers` in this child only: run each frozen
-    matmul `x @ dequantize(W)` under `jax.checkpoint`, so autodiff keeps the NF4 codes (not the
-    dequantized kernel) as the residual and dequantizes again in the backward pass."""
-    import types
-
-    import jax
-    import jax.numpy as jnp
-
-    import crma_jax.layers as layers
-    from crma_jax.quant import dequantize
-
-    class Deferred(types.SimpleNamespace):
-        pass
-
-    def dot(x: Any, w: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(w, Deferred):
-            return jax.checkpoint(lambda x_, q_: jnp.dot(x_, dequantize(q_, w.dtype)))(x, w.q)
-        return jnp.dot(x, w, *args, **kwargs)
-
-    layers.jnp = types.SimpleNamespace(**{**{n: getattr(jnp, n) for n in dir(jnp) if not n.startswith("__")}, "dot": dot})
-    layers.dequantize = lambda q, dtype: Deferred(q=q, dtype=dtype)
+KINDS = ("nf4", "bf16")
 
 
 def status() -> dict[str, float]:
@@ -68,14 +44,19 @@ def status() -> dict[str, float]:
 
 
 def child(kind: str, batch: int, seq: int) -> dict[str, float]:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if kind == "nf4-remat":
-        patch_remat_dequantize()
     import jax
     import jax.numpy as jnp
     from flax import traverse_util
 
-    from crma_jax import CRMAConfig, Decoder, LoraConfig, ModelConfig, init_adapters, param_labels, quantize_params
+    from crma_jax import (
+        CRMAConfig,
+        Decoder,
+        LoraConfig,
+        ModelConfig,
+        init_adapters,
+        param_labels,
+        quantize_params,
+    )
     from crma_jax.optim import make_optimizer
     from crma_jax.quant import nbytes
     from crma_jax.sharding import make_mesh
@@ -121,24 +102,25 @@ def child(kind: str, batch: int, seq: int) -> dict[str, float]:
             "step_s": step_s, "compile_s": compile_s, "loss": loss, "xla_temp_mb": temp_mb}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=1)
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=1, help="batch size B (default: 1)")
+    parser.add_argument("--seq", type=int, default=128, help="sequence length T (default: 128)")
+    parser.add_argument("--reps", type=int, default=1, help="fresh processes per base kind (default: 1)")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.child:
         print(json.dumps(child(args.child, args.batch, args.seq)))
         return 0
-    print(f"$ python -m crma_jax.train.bench_qlora {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"$ {command_line()}")
     print(f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} (before)")
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
     for _ in range(args.reps):
         for kind in KINDS:
-            cmd = [sys.executable, "-m", "crma_jax.train.bench_qlora", "--child", kind,
+            cmd = [sys.executable, "-m", "crma_jax.train.cli", "bench", "qlora", "--child", kind,
                    "--batch", str(args.batch), "--seq", str(args.seq)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env())
             if out.returncode != 0:
                 sys.stderr.write(out.stderr[-4000:])
                 raise SystemExit(f"{kind}: child exited with {out.returncode}")
@@ -153,12 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {k} | {r['base_weights_mb']:.0f} | {r['setup_peak_mb']:.0f} | {r['rss_before_step_mb']:.0f} | "
               f"{r['step_peak_mb']:.0f} | {r['step_increase_mb']:.0f} | {r['xla_temp_mb']:.0f} | {r['step_s']:.2f} | {r['loss']:.3f} |")
     nf4, bf16 = res["nf4"], res["bf16"]
-    print(f"NF4 with the remat proposal / bf16: step peak {res['nf4-remat']['step_peak_mb'] / bf16['step_peak_mb']:.2f}")
     print(f"NF4 / bf16: step peak {nf4['step_peak_mb'] / bf16['step_peak_mb']:.2f} (target <= 0.45), "
           f"step increase {nf4['step_increase_mb'] / bf16['step_increase_mb']:.2f}, "
           f"base weights {nf4['base_weights_mb'] / bf16['base_weights_mb']:.2f}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

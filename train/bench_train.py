@@ -1,6 +1,6 @@
 """Benchmark: LoRA (+ CRMA) training throughput on SmolLM2-135M, ours (JAX) vs PEFT (PyTorch), CPU.
 
-    python -m crma_jax.train.bench_train [--steps 6] [--batch 4] [--seq 256] [--breakdown]
+    crma bench train [--steps 6] [--batch 4] [--seq 256] [--breakdown]
 
 Same weights (the fp32 HF directory made from the GGUF), float32, B x T random tokens, LoRA r=8
 alpha=16 on q,k,v,o,gate,up,down, AdamW (lr 2e-4, no weight decay), no dropout, no gradient
@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from crma_jax.train.bench_util import command_line
 
 import crma_jax
 from crma_jax import CRMAConfig, LoraConfig, count_params, param_labels
@@ -274,19 +272,19 @@ def breakdown(model: Any, variables: dict[str, Any], batch: dict[str, jax.Array]
     }, reps)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per contender (default: 6)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size B (default: 4)")
+    parser.add_argument("--seq", type=int, default=256, help="sequence length T (default: 256)")
     parser.add_argument("--breakdown", action="store_true", help="also time sub-parts, profile, proposals")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
     from crma_jax.convert.smollm2 import smollm2_hf_dir
 
-    import torch
-
     path = smollm2_hf_dir()
-    print(f"$ python -m crma_jax.train.bench_train {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"$ {command_line()}")
     print(f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} (before)")
     model, variables = crma_jax.load_pretrained(path, dtype="float32", lora=LoraConfig(rank=8, alpha=16.0),
@@ -332,6 +330,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {k} | {statistics.median(v):.4f} | {m:.3f} | {m / on_s:.2f} |")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

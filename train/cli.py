@@ -1,15 +1,31 @@
-"""The `crma` command line: one entry point, one subcommand per program."""
+"""The `crma` command line: one entry point, one subcommand per program.
+
+Errors: bad input (a missing file, a bad setting, a corrupt checkpoint) prints one line naming
+the culprit and exits with 2; any other error prints one line and exits with 1; `--debug`
+prints the traceback as well. Ctrl-C exits with 130.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
 from crma_jax.convert.smollm2 import resolve_model_path
 from crma_jax.errors import CheckpointError
+
+BAD_INPUT = (CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, RuntimeError)
+# `crma bench NAME`: each module has add_flags(parser) and run(args) -> exit status.
+BENCHMARKS = {
+    "convert": ("crma_jax.train.bench_convert", "SmolLM2 load/convert time and peak RSS vs safetensors and transformers"),
+    "crma": ("crma_jax.train.bench_crma", "CRMA's forward cost and parameter counts"),
+    "train": ("crma_jax.train.bench_train", "training throughput, ours vs PEFT, with a profile"),
+    "qlora": ("crma_jax.train.bench_qlora", "peak RSS of one QLoRA step, NF4 vs bf16 base (TinyLlama shapes)"),
+}
 
 
 def _mesh(spec: str | None):
@@ -17,7 +33,11 @@ def _mesh(spec: str | None):
         return None
     from crma_jax.sharding import make_mesh
 
-    return make_mesh([int(x) for x in spec.split(",")])
+    try:
+        shape = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--mesh must be D,F,M integers, got {spec!r}") from None
+    return make_mesh(shape)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -31,13 +51,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from crma_jax.train.evaluate import evaluate, read_documents, token_rows
-    from crma_jax.train.inference import load_for_inference
+    from crma_jax.train.evaluate import run_eval
 
-    model, variables, tokenizer = load_for_inference(args.model, args.lora, args.dtype)
-    rows = token_rows(tokenizer, read_documents(args.data), args.seq_len, args.max_rows)
-    result = evaluate(model, variables, rows, args.batch_size, crma_enabled=not args.no_crma)
-    print(json.dumps({"model": args.model, "data": args.data, **result}, indent=2))
+    print(json.dumps(run_eval(args), indent=2))
     return 0
 
 
@@ -76,10 +92,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from crma_jax.train.ablate import run_ablation
-    from crma_jax.train.config import TrainConfig, config_from_args
+    from crma_jax.train.ablate import AblateConfig, run_ablation
+    from crma_jax.train.config import config_from_args
 
-    cfg = config_from_args(args, TrainConfig, {"out": "runs/ablate"})
+    cfg = config_from_args(args, AblateConfig)
     run_ablation(cfg)
     print((Path(cfg.out) / "ablation.md").read_text())
     return 0
@@ -103,81 +119,106 @@ def cmd_cl(args: argparse.Namespace) -> int:
     return 0 if payload else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    return importlib.import_module(BENCHMARKS[args.bench][0]).run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from crma_jax.train.ablate import AblateConfig
     from crma_jax.train.config import TrainConfig, add_config_flags
     from crma_jax.train.continual import CLConfig
+    from crma_jax.train.demo import add_demo_flags
+    from crma_jax.train.evaluate import add_eval_flags
 
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     parser = argparse.ArgumentParser(prog="crma", description="CRMA adapters for JAX/Flax decoders")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("convert", help="HF directory or .gguf -> crma-jax params checkpoint (Orbax)")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+
+    p = command("convert", "HF directory or .gguf -> crma-jax params checkpoint (Orbax)")
     p.add_argument("src", help="HF model directory, .gguf file, or 'smollm2'")
     p.add_argument("out", help="output directory (must not exist)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--mesh", help="place params on a D,F,M (data,fsdp,model) mesh while converting")
-    p.add_argument("--allow-pickle", action="store_true", help="load .bin weights with torch.load(weights_only=True)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="storage dtype (default: %(default)s)")
+    p.add_argument("--mesh", help="place params on a D,F,M (data,fsdp,model) mesh while converting (default: one device)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load .bin weights with torch.load(weights_only=True); refused by default")
     p.set_defaults(fn=cmd_convert)
 
     def inference_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("model", help="HF dir, .gguf, crma convert output, 'smollm2', or a run dir with adapters/")
-        p.add_argument("--lora", help="the LoRA set of a run dir to use (default: its last)")
+        p.add_argument("--lora", help="the LoRA set of a run dir to use (default: its last trained set)")
         p.add_argument("--no-crma", action="store_true", help="run with CRMA switched off (same weights)")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                       help="storage dtype (default: the run's, or float32 for a model)")
 
-    p = sub.add_parser("eval", help="next-token loss and perplexity on a domain or text file")
+    p = command("eval", "next-token loss and perplexity (default: a run's own holdout split)")
     inference_flags(p)
-    p.add_argument("--data", required=True, help="legal | code | docs, or a .txt / .jsonl file")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-rows", type=int, default=16)
+    add_eval_flags(p)
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("generate", help="generate text with a KV cache (greedy or top-p)")
+    p = command("generate", "generate text with a KV cache (greedy or top-p)")
     inference_flags(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("export", help="a run's adapters -> PEFT dirs, crma_adapter.safetensors, merged HF")
+    p = command("export", "a run's adapters -> PEFT dirs, crma_adapter.safetensors, merged HF")
     p.add_argument("run", help="a crma train run dir, or RUN/<condition>/seed<s> of a crma cl run")
     p.add_argument("out", help="output directory (must not exist)")
-    p.add_argument("--merged", action="append", metavar="SET", help="also write a merged HF checkpoint of SET")
+    p.add_argument("--merged", action="append", metavar="SET",
+                   help="also write a merged HF checkpoint of this LoRA set (repeatable)")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("train", help="fine-tune LoRA (+ CRMA) on one dataset")
+    p = command("train", "fine-tune LoRA (+ CRMA) on one dataset")
     add_config_flags(p, TrainConfig)
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("ablate", help="stability ablation: CRMA on/off x ZClip on/off, same data and seed")
-    add_config_flags(p, TrainConfig)
+    p = command("ablate", "stability ablation: CRMA on/off x ZClip on/off, same data and seed")
+    add_config_flags(p, AblateConfig)
     p.set_defaults(fn=cmd_ablate)
 
-    p = sub.add_parser("cl", help="continual learning over domains: NAIVE / FROZEN / MODULAR")
+    p = command("cl", "continual learning over domains: NAIVE / FROZEN / MODULAR")
     add_config_flags(p, CLConfig)
-    p.add_argument("--domain", action="append", help="NAME=PATH or a built-in NAME (repeat, in order)")
+    p.add_argument("--domain", action="append", metavar="NAME[=PATH]",
+                   help="a domain in training order, a built-in NAME or NAME=PATH (repeat; overrides `domains`)")
     p.set_defaults(fn=cmd_cl)
 
-    from crma_jax.train.demo import add_demo_flags
-
-    p = sub.add_parser("demo", help="SmolLM2: convert, continual learning on legal/code/docs, export to PyTorch")
+    p = command("demo", "SmolLM2: convert, continual learning on legal/code/docs, export to PyTorch")
     add_demo_flags(p)
     p.set_defaults(fn=cmd_demo)
+
+    p = command("bench", "benchmarks: print what they measure, with the command and the machine")
+    benches = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    for name, (module, help_text) in BENCHMARKS.items():
+        b = benches.add_parser(name, help=help_text, description=help_text, parents=[common])
+        importlib.import_module(module).add_flags(b)
+    p.set_defaults(fn=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name = f"crma {args.command}"
     try:
         return args.fn(args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f"crma {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"crma {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns any error into an exit status
+        if args.debug:
+            traceback.print_exc()
+        known = isinstance(e, BAD_INPUT)
+        hint = "" if args.debug else " (run again with --debug for the traceback)"
+        print(f"{name}: error: {e}" if known else f"{name}: internal error: {type(e).__name__}: {e}{hint}",
+              file=sys.stderr)
+        return 2 if known else 1
 
 
 if __name__ == "__main__":

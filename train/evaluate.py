@@ -1,74 +1,67 @@
-"""`crma eval MODEL --data D`: next-token loss and perplexity of a model on text.
+"""`crma eval MODEL_OR_RUN`: next-token loss and perplexity, on the library's one evaluation path.
 
-`--data` is a built-in domain name (legal, code, docs) or a text/JSONL file. Documents are
-tokenized, joined with EOS, and cut into rows of `seq_len` tokens (the ragged tail is dropped).
+For a run directory the default data is the run's own holdout split, rebuilt from the data spec
+recorded with its adapters, so `crma eval RUN` reproduces the run's final holdout loss. `--data`
+evaluates any built-in domain or file instead, split the same way (`--split` picks the holdout,
+the training part, or all of it). Every target token is counted exactly once.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
-from typing import Any, Iterable
+import argparse
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from tqdm import tqdm
+from crma_jax.convert.adapter_files import load_adapters
+from crma_jax.convert.convert import tqdm_progress
+from crma_jax.data import DataSpec
+from crma_jax.evaluate import EvalResult, evaluate
+from crma_jax.train.inference import is_run, load_for_inference, pick_set
 
-from crma_jax.domains import DOMAINS, domain_documents
-from crma_jax.loss import next_token_loss
+SPLITS = ("holdout", "train", "all")
 
 
-def read_documents(data: str) -> list[str]:
-    """Documents from a built-in domain name, a `.jsonl` file (field `text`) or a text file."""
-    if data in DOMAINS:
-        return domain_documents(data)
-    path = Path(data)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file (or built-in domain: {', '.join(DOMAINS)})")
-    if path.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                if "text" not in row:
-                    raise ValueError(f"{path}:{i}: no 'text' field")
-                docs.append(row["text"])
-    else:
-        docs = [path.read_text(encoding="utf-8")]
-    if not any(d.strip() for d in docs):
-        raise ValueError(f"{path}: no text")
-    return docs
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="a built-in domain (legal, code, docs) or a .jsonl/.txt/.parquet file; "
+                                  "default for a run: the run's own data")
+    p.add_argument("--split", choices=SPLITS, default="holdout",
+                   help="which part of the data to score (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, help="tokens per row with --data (default: the run's, else 256)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per forward pass (default: %(default)s)")
+    p.add_argument("--holdout-fraction", type=float, default=0.1,
+                   help="with --data: fraction of documents in the holdout split (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="with --data: seed of the document-level split (default: %(default)s)")
+    p.add_argument("--text-field", default="text", help="with --data: JSONL/parquet text field (default: %(default)s)")
+    p.add_argument("--max-documents", type=int, default=0,
+                   help="with --data: only the first N documents; 0 = all (default: %(default)s)")
 
 
-def token_rows(tokenizer: Any, documents: Iterable[str], seq_len: int, max_rows: int | None = None) -> np.ndarray:
-    """(N, seq_len) int32 rows of EOS-joined token ids."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    ids: list[int] = []
-    for doc in documents:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        ids.append(eos)
-        if max_rows is not None and len(ids) >= max_rows * seq_len:
-            break
-    n = len(ids) // seq_len if max_rows is None else min(len(ids) // seq_len, max_rows)
-    if n == 0:
-        raise ValueError(f"not enough text for one row of {seq_len} tokens ({len(ids)} tokens)")
-    return np.asarray(ids[: n * seq_len], np.int32).reshape(n, seq_len)
+def eval_spec(args: argparse.Namespace, set_name: str | None) -> DataSpec:
+    """The data spec to score: `--data` with its flags, else the run's recorded spec for the set."""
+    recorded = load_adapters(args.model).data.get(set_name or "", {}) if is_run(args.model) else {}
+    if args.data:
+        return DataSpec(source=args.data, seq_len=args.seq_len or recorded.get("seq_len") or 256,
+                        holdout_fraction=args.holdout_fraction, split_seed=args.split_seed,
+                        text_field=args.text_field, max_documents=args.max_documents or None)
+    if not is_run(args.model):
+        raise ValueError(f"{args.model}: --data is required for a model (only a run directory knows its data)")
+    if not recorded:
+        raise ValueError(f"{args.model}: LoRA set {set_name!r} records no data spec; pass --data")
+    spec = DataSpec(**recorded)
+    return DataSpec(**{**spec.as_dict(), "seq_len": args.seq_len}) if args.seq_len else spec
 
 
-def evaluate(
-    model: Any, variables: dict[str, Any], rows: np.ndarray, batch_size: int = 4, crma_enabled: bool = True
-) -> dict[str, float]:
-    """Mean next-token loss and perplexity over `rows`, batch by batch."""
-
-    @jax.jit
-    def step(batch: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return next_token_loss(model.apply(variables, batch, crma_enabled=crma_enabled), batch)
-
-    total, count = 0.0, 0.0
-    for i in tqdm(range(0, len(rows), batch_size), desc="eval", unit="batch", leave=False):
-        s, c = step(jnp.asarray(rows[i : i + batch_size]))
-        total, count = total + float(s), count + float(c)
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count)}
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Load, build the split, evaluate; returns the JSON-able report."""
+    set_name = pick_set(load_adapters(args.model), args.model, args.lora) if is_run(args.model) else args.lora
+    spec = eval_spec(args, set_name)
+    model, variables, tokenizer = load_for_inference(args.model, set_name, args.dtype)
+    train_rows, holdout_rows = spec.build(tokenizer, vocab_size=model.config.vocab_size)
+    parts = {"holdout": [holdout_rows], "train": [train_rows], "all": [train_rows, holdout_rows]}[args.split]
+    total = EvalResult(0.0, 0)
+    for rows in parts:
+        r = evaluate(model, variables, rows, args.batch_size, crma_enabled=not args.no_crma,
+                     progress=tqdm_progress("eval", unit="batch"))
+        total = EvalResult(total.nll_sum + r.nll_sum, total.tokens + r.tokens)
+    return {"model": args.model, "lora": set_name, "crma": "crma" in variables and not args.no_crma,
+            "data": spec.as_dict(), "split": args.split, **total.as_dict()}

@@ -15,26 +15,30 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from crma_jax import CRMAConfig, LoraConfig, load_pretrained, param_labels
-from crma_jax.convert.adapter_files import Adapters, save_adapters
+from crma_jax.convert.adapter_files import Adapters, BaseSpec, save_adapters
 from crma_jax.convert.smollm2 import resolve_model_path
-from crma_jax.data import BatchIterator, build_dataset, check_tokenizer
+from crma_jax.data import BatchIterator, DataSpec, PackedData, check_tokenizer
+from crma_jax.evaluate import evaluate
 from crma_jax.optim import learning_rates, make_optimizer, zclip_metrics
 from crma_jax.pretrained import load_tokenizer
 from crma_jax.sharding import make_mesh
 from crma_jax.train.checkpointing import checkpoint_manager, restore_state, save_state
 from crma_jax.train.config import TrainConfig
 from crma_jax.train.metrics import MetricsWriter
-from crma_jax.train_step import jit_train_step, make_eval_step, make_train_step
+from crma_jax.train.run_dir import check_run_dir, write_config
+from crma_jax.train_step import batch_sharding, jit_train_step, make_train_step
 
 TRAINABLE = ("lora", "crma")
+# Called right after a checkpoint save of `step` has started (Orbax saves asynchronously; call
+# `manager.wait_until_finished()` for the committed checkpoint). Tests inject faults here.
+OnCheckpoint = Callable[[int, Any], None]
 
 
 class TrainingError(RuntimeError):
@@ -50,9 +54,13 @@ class Session:
     frozen: Any
     trainable: dict[str, Any]
     tokenizer: Any
-    train_data: Any
-    holdout: Any
+    train_data: PackedData | None
+    holdout: PackedData | None
     mesh: Any
+    # The spec that `train_data` and `holdout` were built from (recorded with the adapters).
+    data_spec: DataSpec | None = None
+    # PiSSA's initial factors (A0, B0), the LoRA every fresh PiSSA set starts from; None otherwise.
+    lora_init: Any = None
     # Compiled steps keyed by the settings they depend on: a continual run trains many domains
     # with one program instead of recompiling per domain.
     compiled: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -69,6 +77,17 @@ def crma_config(cfg: TrainConfig) -> CRMAConfig | None:
     return CRMAConfig(rank=cfg.crma_rank, sinkhorn_iters=cfg.crma_iters) if cfg.crma else None
 
 
+def base_spec(cfg: TrainConfig) -> BaseSpec:
+    return BaseSpec(model=cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, quant=cfg.quant)
+
+
+def data_spec(cfg: TrainConfig, source: str | None = None, split_seed: int | None = None) -> DataSpec:
+    """The run's data spec (`source` and `split_seed` default to `--data` and `--seed`)."""
+    return DataSpec(source=source or cfg.data, seq_len=cfg.seq_len, holdout_fraction=cfg.holdout_fraction,
+                    split_seed=cfg.seed if split_seed is None else split_seed, text_field=cfg.text_field,
+                    max_documents=cfg.max_documents or None)
+
+
 def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
     """Load model + adapters onto the mesh, the tokenizer, and (optionally) the train/holdout data."""
     cfg.validate()
@@ -82,14 +101,14 @@ def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
     )
     tokenizer = load_tokenizer(cfg.tokenizer or path)
     check_tokenizer(tokenizer, model.config.vocab_size)
-    train_data = holdout = None
+    train_data = holdout = spec = None
     if load_data:
-        train_data, holdout = build_dataset(
-            cfg.data, tokenizer, cfg.seq_len, holdout_fraction=cfg.holdout_fraction, seed=cfg.seed,
-            text_field=cfg.text_field, max_documents=cfg.max_documents or None,
-        )
+        spec = data_spec(cfg)
+        train_data, holdout = spec.build(tokenizer)
     trainable = {c: variables[c] for c in TRAINABLE if c in variables}
-    return Session(cfg, model, variables["params"], trainable, tokenizer, train_data, holdout, mesh)
+    lora_init = variables["lora"] if cfg.lora_init == "pissa" else None
+    return Session(cfg, model, variables["params"], trainable, tokenizer, train_data, holdout, mesh,
+                   data_spec=spec, lora_init=lora_init)
 
 
 def build_optimizer(cfg: TrainConfig, trainable: dict[str, Any]) -> Any:
@@ -101,17 +120,22 @@ def build_optimizer(cfg: TrainConfig, trainable: dict[str, Any]) -> Any:
     )
 
 
-def evaluate_holdout(session: Session, variables: dict[str, Any], batches: int, holdout: Any = None) -> float:
-    """Mean next-token loss over the first `batches` holdout batches (fixed order)."""
-    if "eval" not in session.compiled:
-        session.compiled["eval"] = jax.jit(make_eval_step(session.model))
-    eval_step = session.compiled["eval"]
-    it = BatchIterator(session.holdout if holdout is None else holdout, session.cfg.batch_size, seed=0, shuffle=False)
-    total, count = 0.0, 0.0
-    for _, batch in zip(range(batches), it):
-        s, c = eval_step(variables, {k: jnp.asarray(v) for k, v in batch.items()})
-        total, count = total + float(s), count + float(c)
-    return total / max(count, 1.0)
+def evaluate_holdout(session: Session, variables: dict[str, Any], holdout: PackedData | None = None) -> float:
+    """Mean next-token loss over every token of the holdout split (`crma_jax.evaluate.evaluate`)."""
+    sharding = batch_sharding(session.mesh)
+    data = session.holdout if holdout is None else holdout
+    result = evaluate(session.model, variables, data, session.cfg.batch_size,
+                      place=lambda b: jax.device_put(b, sharding))
+    return result.loss
+
+
+def save_run_adapters(run: Path, session: Session, sets: dict[str, Any], crma: Any,
+                      data: dict[str, DataSpec]) -> Path:
+    """RUN/adapters: the LoRA sets, the substrate, and everything needed to rebuild the base."""
+    cfg = session.cfg
+    return save_adapters(run, Adapters(base_spec(cfg), session.model.lora, session.model.crma, sets, crma,
+                                       lora_init=session.lora_init,
+                                       data={name: spec.as_dict() for name, spec in data.items()}))
 
 
 def step_metrics(metrics: dict[str, Any], opt_state: Any, dt: float) -> dict[str, Any]:
@@ -147,18 +171,17 @@ def defer_sigint() -> tuple[list[int], Any]:
     return hits, lambda: signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
-def _test_hook(var: str, run: Path) -> int:
-    """Crash-test hooks: "N" kills at step N of any run, "N@name" only in a run dir called name."""
-    step, _, where = os.environ.get(var, "0").partition("@")
-    return int(step) if not where or run.name == where else 0
+def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "train",
+          on_checkpoint: OnCheckpoint | None = None, data_name: str = "default") -> dict[str, Any]:
+    """Run (or resume) one fine-tuning job; returns the summary (also written to summary.json).
 
-
-def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "train") -> dict[str, Any]:
-    """Run (or resume) one fine-tuning job; returns the summary (also written to summary.json)."""
-    session = session or open_session(cfg)  # bad model/data fail here, before RUN exists
+    `session` reuses a loaded model and data (its `trainable` is the starting point);
+    `data_name` names the LoRA set in RUN/adapters.
+    """
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    cfg.save(run / "config.yaml")
+    check_run_dir(run, cfg, cfg.resume)
+    session = session or open_session(cfg)  # bad model/data fail here, before RUN exists
+    write_config(run, cfg)
     trainable, frozen = session.trainable, session.frozen
     key = repr(dataclasses.replace(cfg, out="", data="", resume=False, seed=0)) + repr(jax.tree.structure(trainable))
     if key not in session.compiled:
@@ -174,8 +197,6 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     data = BatchIterator(session.train_data, cfg.batch_size, seed=cfg.seed)
     mngr = checkpoint_manager(run, cfg.keep_checkpoints)
     start = 0
-    if not cfg.resume and mngr.latest_step() is not None:
-        raise FileExistsError(f"{run}: has checkpoints already; pass --resume to continue, or choose a new --out")
     if cfg.resume and mngr.latest_step() is not None:
         start, state, meta = restore_state(mngr, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
         trainable, opt_state, rng = place((state["trainable"], state["opt_state"], state["rng"]))
@@ -184,14 +205,12 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     initial_file = run / "initial_eval.json"
     if cfg.eval_every and not initial_file.exists():
         # The holdout loss before any update, so a run can show that training helped.
-        initial = evaluate_holdout(session, {"params": frozen, **trainable}, cfg.eval_batches)
+        initial = evaluate_holdout(session, {"params": frozen, **trainable})
         initial_file.write_text(json.dumps({"holdout_loss": initial}))
 
     def checkpoint(step: int) -> None:
         save_state(mngr, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng}, {"step": step, "data": data.state()})
 
-    kill_after = _test_hook("CRMA_TEST_SIGKILL_AFTER_CHECKPOINT", run)
-    kill_in_save = _test_hook("CRMA_TEST_SIGKILL_DURING_SAVE", run)
     skipped_run = 0
     step = start
     bar = tqdm(total=cfg.steps, initial=start, desc=log_prefix, unit="step", dynamic_ncols=True)
@@ -213,17 +232,14 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
                 if skipped_run >= cfg.max_skipped_steps:
                     raise TrainingError(f"step {step}: {skipped_run} consecutive non-finite gradients; stopping")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                record["eval_loss"] = evaluate_holdout(session, {"params": frozen, **trainable}, cfg.eval_batches)
+                record["eval_loss"] = evaluate_holdout(session, {"params": frozen, **trainable})
             writer.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint(step)  # async: training goes on while Orbax writes
-                if step == kill_in_save:
-                    os.kill(os.getpid(), signal.SIGKILL)  # test hook: die while the save is in flight
-                if step == kill_after:
-                    mngr.wait_until_finished()
-                    os.kill(os.getpid(), signal.SIGKILL)  # test hook: die right after a committed save
+                if on_checkpoint is not None:
+                    on_checkpoint(step, mngr)
     except KeyboardInterrupt:
         tqdm.write(f"interrupted at step {step}: saving a checkpoint")
         if step > start and mngr.latest_step() != step:
@@ -240,8 +256,8 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
         summary["initial_holdout_loss"] = json.loads(initial_file.read_text())["holdout_loss"]
         summary["holdout_loss"] = writer.last("eval_loss")
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
-    save_adapters(run, Adapters(cfg.model, session.model.lora, session.model.crma, {"default": trainable["lora"]},
-                                trainable.get("crma")))
+    save_run_adapters(run, session, {data_name: trainable["lora"]}, trainable.get("crma"),
+                      {data_name: session.data_spec} if session.data_spec else {})
     if cfg.plots:
         from crma_jax.train.plots import plot_run
 

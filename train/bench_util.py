@@ -1,0 +1,55 @@
+"""What every `crma bench` program shares: the command line it prints, the machine it names,
+the environment of its child processes, and the kernel's own memory accounting."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+
+def command_line() -> str:
+    """The command as the user typed it (`crma bench ...`), for the top of every report."""
+    argv = sys.argv[:]
+    prog = Path(argv[0]).name if argv else "crma"
+    if prog in ("cli.py", "__main__.py", "-m"):
+        prog = "crma"
+    return " ".join([prog, *map(shlex.quote, argv[1:])])
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the machine architecture where there is none)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def machine_note() -> str:
+    """CPU model, core count and load average: the context every timing is read in."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{cpu_model()}, {os.cpu_count()} CPUs, load average {load}"
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment for a benchmark's child process: the parent's, pinned to JAX's CPU backend
+    (children measure host memory and CPU time), plus `extra`."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def proc_status() -> dict[str, float]:
+    """VmRSS, VmHWM, RssAnon, RssFile of this process, in MiB."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, val = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(val.split()[0]) / 1024
+    return out
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the next peak is this phase's own."""
+    Path("/proc/self/clear_refs").write_text("5")
