@@ -47,23 +47,14 @@ def eval_batches(data: PackedData, batch_size: int) -> Iterator[Batch]:
         yield batch
 
 
-def token_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """(B, T) float32: the NLL of each target token (column t is predicted by logits[:, t−1]);
-    0 where `loss_mask` is 0, and in column 0."""
-    lg = logits[:, :-1].astype(jnp.float32)
-    picked = jnp.take_along_axis(lg, input_ids[:, 1:, None], axis=-1)[..., 0]
-    nll = (jax.nn.logsumexp(lg, axis=-1) - picked) * loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.pad(nll, ((0, 0), (1, 0)))
-
-
 @functools.partial(jax.jit, static_argnames=("model", "crma_enabled"))
 def batch_token_nll(model: Any, variables: dict[str, Any], batch: dict[str, jax.Array],
                     crma_enabled: bool = True) -> jax.Array:
-    """(B, T) per-token NLL of `model` with `variables` on one batch (deterministic, jitted once
-    per model and batch shape)."""
-    logits = model.apply(variables, batch["input_ids"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"], crma_enabled=crma_enabled)
-    return token_nll(logits, batch["input_ids"], batch["loss_mask"])
+    """(B, T) float32 per-token NLL of `model` with `variables` on one batch (`Decoder.token_nll`:
+    column t scores input_ids[:, t]; 0 in column 0 and where `loss_mask` is 0). Deterministic,
+    jitted once per model and batch shape."""
+    return model.apply(variables, batch["input_ids"], batch["loss_mask"], batch["positions"],
+                       batch["segment_ids"], crma_enabled=crma_enabled, method="token_nll")
 
 
 @dataclasses.dataclass(frozen=True)

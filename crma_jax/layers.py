@@ -1,4 +1,4 @@
-"""Building blocks of the decoder: RMSNorm, rotary embeddings, masks, GQA attention, gated MLP.
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, GQA attention, gated MLP.
 
 Every block mirrors the matching transformers module numerically (same op order and the same
 float32 islands), so converted checkpoints reproduce PyTorch's logits. Parameter names match
@@ -14,6 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
+from crma_jax.attention import MaskInfo, dot_product_attention
 from crma_jax.config import ModelConfig, RopeConfig
 from crma_jax.lora import LoraConfig, lora_a_init
 from crma_jax.matmul import frozen_linear, lora_linear
@@ -113,42 +116,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention_mask(
-    attention_mask: jax.Array | None,
-    segment_ids: jax.Array | None,
-    batch: int,
-    length: int,
-    window: int | None,
-    kv_length: int | None = None,
-    offset: jax.Array | int = 0,
-) -> jax.Array:
-    """Boolean (B, T, S) mask, True = query t may attend key s (S = `kv_length`, default T).
-
-    Causal by index, with query t at absolute index `offset + t` (decoding into a KV cache);
-    keys with `attention_mask == 0` are hidden (padding); with `segment_ids` (packed sequences)
-    a query sees only its own document; with `window` only the last `window` keys
-    (q - k < window), as transformers' sliding-window overlay.
-    """
-    kv_length = length if kv_length is None else kv_length
-    q = offset + jnp.arange(length)[:, None]
-    k = jnp.arange(kv_length)[None, :]
-    allowed = k <= q
-    if window is not None:
-        allowed = allowed & (q - k < window)
-    mask = jnp.broadcast_to(allowed, (batch, length, kv_length))
-    if attention_mask is not None:
-        mask = mask & (attention_mask[:, None, :] > 0)
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return mask
-
-
 class Attention(nn.Module):
-    """Grouped-query attention without repeating K/V: queries are grouped per KV head."""
+    """Grouped-query attention without repeating K/V (`crma_jax.attention`).
+
+    `impl` picks the attention implementation ("auto", "xla", "blockwise", "cudnn"; see
+    `crma_jax.attention.dot_product_attention`) and `block` its (query, key) tile size. Projection outputs carry checkpoint names
+    (`query_proj`, `key_proj`, `value_proj`, `context`, `out_proj`) for the remat policies.
+    """
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
     lora: LoraConfig | None = None
+    impl: str = "auto"
+    block: int = 512
 
     @nn.compact
     def __call__(
@@ -156,43 +136,45 @@ class Attention(nn.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        mask: MaskInfo,
         deterministic: bool = True,
         kv_cache: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | int = 0,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """(output (B, T, d), updated cache). With `kv_cache` ((B, S, kv, hd) keys and values),
-        this step's keys/values are written at `cache_index` and queries attend all S slots."""
+        this step's keys/values are written at `cache_index` and queries attend all S slots
+        (`mask.offset` must then be `cache_index`)."""
         cfg = self.config
         b, t, _ = x.shape
-        kv, group, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        kv, hd = cfg.num_kv_heads, cfg.head_dim
 
         def proj(name: str, features: int, inputs: jax.Array) -> jax.Array:
             return project(self, name, features, inputs, deterministic)
 
-        q = proj("q_proj", cfg.num_heads * hd, x).reshape(b, t, cfg.num_heads, hd)
-        k = proj("k_proj", kv * hd, x).reshape(b, t, kv, hd)
-        v = proj("v_proj", kv * hd, x).reshape(b, t, kv, hd)
-        q = apply_rope(q, cos, sin).reshape(b, t, kv, group, hd)
+        q = checkpoint_name(proj("q_proj", cfg.num_heads * hd, x), "query_proj").reshape(b, t, cfg.num_heads, hd)
+        k = checkpoint_name(proj("k_proj", kv * hd, x), "key_proj").reshape(b, t, kv, hd)
+        v = checkpoint_name(proj("v_proj", kv * hd, x), "value_proj").reshape(b, t, kv, hd)
+        q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if kv_cache is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
             kv_cache = (k, v)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q * jnp.asarray(cfg.attn_scale, self.dtype), k)
-        scores = scores.astype(jnp.float32)
-        if cfg.attn_logit_softcap:
-            scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-        # A finite fill keeps fully masked rows (padding queries) NaN-free.
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads * hd)
-        return proj("o_proj", cfg.hidden_size, out), kv_cache
+        out = dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask,
+            scale=cfg.attn_scale, softcap=cfg.attn_logit_softcap or None, impl=self.impl,
+            block_q=self.block, block_k=self.block,
+        )
+        out = checkpoint_name(out.reshape(b, t, cfg.num_heads * hd), "context")
+        return checkpoint_name(proj("o_proj", cfg.hidden_size, out), "out_proj"), kv_cache
 
 
 class MLP(nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU for Llama/Mistral, GeGLU (tanh) for Gemma."""
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU for Llama/Mistral, GeGLU (tanh) for Gemma.
+
+    Projection outputs carry checkpoint names `mlpwi_0` (gate), `mlpwi_1` (up), `mlpwo` (down).
+    """
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
@@ -205,10 +187,10 @@ class MLP(nn.Module):
         def proj(name: str, features: int, inputs: jax.Array) -> jax.Array:
             return project(self, name, features, inputs, deterministic)
 
-        gate = proj("gate_proj", cfg.intermediate_size, x)
-        up = proj("up_proj", cfg.intermediate_size, x)
+        gate = checkpoint_name(proj("gate_proj", cfg.intermediate_size, x), "mlpwi_0")
+        up = checkpoint_name(proj("up_proj", cfg.intermediate_size, x), "mlpwi_1")
         if cfg.activation == "silu":
             act = jax.nn.silu(gate)
         else:
             act = jax.nn.gelu(gate, approximate=cfg.activation == "gelu_tanh")
-        return proj("down_proj", cfg.hidden_size, act * up)
+        return checkpoint_name(proj("down_proj", cfg.hidden_size, act * up), "mlpwo")

@@ -23,25 +23,50 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from crma_jax.attention import IMPLEMENTATIONS, NO_WINDOW, MaskInfo
 from crma_jax.config import ModelConfig
 from crma_jax.crma import CRMA, DIAGNOSTICS, CRMAConfig
 from crma_jax.layers import MLP, Attention, RMSNorm, rope_tables
-from crma_jax.layers import attention_mask as build_mask
+from crma_jax.loss import chunked_token_nll, target_count
 from crma_jax.lora import LoraConfig
 
 Dtype = Any
 # Collections that hold one slice per layer under `layers/`; adapters added later live here too.
 LAYER_COLLECTIONS = ("params", "lora", "crma", DIAGNOSTICS)
 
+_ATTENTION_NAMES = ("query_proj", "key_proj", "value_proj", "context", "out_proj")
+_MLP_NAMES = ("mlpwi_0", "mlpwi_1", "mlpwo")
+_save = jax.checkpoint_policies.save_only_these_names
+# What each decoder layer keeps for the backward pass (names as in MaxText). `None`: no remat,
+# every activation is saved. The others keep the layer input plus the named projection outputs
+# and recompute the rest. No policy saves a dequantized kernel: the matmuls' custom VJP
+# (`crma_jax.matmul`) keeps quantized kernels as stored.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_qkv_proj": _save("query_proj", "key_proj", "value_proj"),
+    "save_dot_except_mlp": _save(*_ATTENTION_NAMES),
+    "minimal": _save(*_ATTENTION_NAMES, *_MLP_NAMES),
+}
+LOSS_CHUNK = 1024  # rows per chunk of the LM head + cross-entropy (see `crma_jax.loss`)
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm block, then CRMA on the residual. Llama/Mistral/Gemma: h + attn(norm(h)), then
-    h + mlp(norm(h)). Gemma-2 also normalizes each branch's output (sandwich norms)."""
+    h + mlp(norm(h)). Gemma-2 also normalizes each branch's output (sandwich norms).
+
+    `mask` carries the key padding and segment ids; the layer adds the causal offset
+    (`cache_index`, None outside decoding) and its sliding window: the config's window when
+    every layer has the same one (a static int or None), else `layer_window` (a traced int32,
+    `NO_WINDOW` for a full-attention layer).
+    """
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
     lora: LoraConfig | None = None
     crma: CRMAConfig | None = None
+    attention: str = "auto"
+    attention_block: int = 512
 
     @nn.compact
     def __call__(
@@ -49,12 +74,11 @@ class DecoderLayer(nn.Module):
         h: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        full_mask: jax.Array,
-        window_mask: jax.Array,
+        mask: MaskInfo,
         deterministic: bool,
         crma_enabled: bool,
-        cache_index: jax.Array | int,
-        slides: jax.Array,
+        cache_index: jax.Array | int | None,
+        layer_window: jax.Array,
         kv_cache: tuple[jax.Array, jax.Array] | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
@@ -62,10 +86,15 @@ class DecoderLayer(nn.Module):
         def norm(name: str) -> RMSNorm:
             return RMSNorm(cfg.rms_norm_eps, cfg.gemma_norm, self.dtype, name=name)
 
-        mask = jnp.where(slides, window_mask, full_mask)
-        attn = Attention(cfg, self.dtype, self.lora, name="self_attn")
+        window = cfg.windows[0] if len(set(cfg.windows)) == 1 else layer_window
+        mask = mask._replace(offset=0 if cache_index is None else cache_index, window=window)
+        attn = Attention(cfg, self.dtype, self.lora, self.attention, self.attention_block, name="self_attn")
         mlp = MLP(cfg, self.dtype, self.lora, name="mlp")
-        a, kv_cache = attn(norm("input_layernorm")(h), cos, sin, mask, deterministic, kv_cache, cache_index)
+        index = 0 if cache_index is None else cache_index
+        # The barrier keeps XLA from hoisting this layer's float32 upcast of h out of the layer
+        # scan's backward loop, where it would convert every layer's saved input at once.
+        h = jax.lax.optimization_barrier(h)
+        a, kv_cache = attn(norm("input_layernorm")(h), cos, sin, mask, deterministic, kv_cache, index)
         if cfg.sandwich_norms:
             h = h + norm("post_attention_layernorm")(a)
             h = h + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(h), deterministic))
@@ -89,29 +118,40 @@ class Decoder(nn.Module):
     collection is absent from `apply`'s variables. `crma_enabled=False` turns CRMA into the
     identity on the same weights; `deterministic=False` enables LoRA dropout (needs a
     `dropout` rng).
+
+    `remat` names a `REMAT_POLICIES` entry for what each layer saves for the backward pass;
+    `attention` picks the attention implementation (`crma_jax.attention`) and
+    `attention_block` its tile size. None of these changes the numbers, only memory and speed.
     """
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
     lora: LoraConfig | None = None
     crma: CRMAConfig | None = None
+    remat: str = "none"
+    attention: str = "auto"
+    attention_block: int = 512
 
     def setup(self) -> None:
         cfg = self.config
-        windows = {w for w in cfg.windows if w is not None}
-        if len(windows) > 1:
-            raise ValueError(f"at most one sliding-window size is supported, got {sorted(windows)}")
-        self.window = windows.pop() if windows else None
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {self.attention!r}")
+        layer = DecoderLayer
+        if self.remat != "none":
+            # static_argnums count `self` as 0: `deterministic` and `crma_enabled` are Python bools.
+            layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False, static_argnums=(5, 6))
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, embedding_init=nn.initializers.normal(0.02)
         )
         self.layers = nn.scan(
-            DecoderLayer,
+            layer,
             variable_axes={c: 0 for c in LAYER_COLLECTIONS},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * 7 + (0, 0),
+            in_axes=(nn.broadcast,) * 6 + (0, 0),
             length=cfg.num_layers,
-        )(cfg, self.dtype, self.lora, self.crma)
+        )(cfg, self.dtype, self.lora, self.crma, self.attention, self.attention_block)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norm, self.dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(
@@ -143,18 +183,51 @@ class Decoder(nn.Module):
             # HF casts sqrt(d) to the activation dtype before multiplying (bf16 rounds it).
             h = h * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
         cos, sin = rope_tables(positions, cfg.rope, cfg.head_dim)
-        s = t if kv_cache is None else kv_cache[0].shape[2]
-
-        def mask(window: int | None) -> jax.Array:
-            return build_mask(attention_mask, segment_ids, b, t, window, s, cache_index)
-
-        full = mask(None)
-        windowed = mask(self.window) if self.window else full
-        slides = jnp.asarray([w is not None for w in cfg.windows])
+        if segment_ids is not None and kv_cache is not None:
+            raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+        mask = MaskInfo(q_segment=segment_ids, kv_segment=segment_ids, kv_valid=attention_mask)
+        windows = jnp.asarray([NO_WINDOW if w is None else w for w in cfg.windows], jnp.int32)
         h, kv_cache = self.layers(
-            h, cos, sin, full, windowed, deterministic, crma_enabled, cache_index, slides, kv_cache
+            h, cos, sin, mask, deterministic, crma_enabled, None if kv_cache is None else cache_index, windows, kv_cache
         )
         return self.norm(h), kv_cache
+
+    def head(self) -> dict[str, jax.Array]:
+        """The LM head as `chunked_token_nll` takes it: {"kernel": (d, V)} or {"embedding": (V, d)}."""
+        if self.config.tie_word_embeddings:
+            return {"embedding": self.embed_tokens.embedding}
+        return {"kernel": self.variables["params"]["lm_head"]["kernel"]}
+
+    def token_nll(
+        self,
+        input_ids: jax.Array,
+        loss_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        deterministic: bool = True,
+        crma_enabled: bool = True,
+        chunk_size: int = LOSS_CHUNK,
+    ) -> jax.Array:
+        """(B, T) float32 per-token next-token NLL (column 0 and masked targets are 0), through
+        the chunked LM head + cross-entropy: no (B, T, V) logits are ever materialised."""
+        h, _ = self.hidden(input_ids, None, positions, segment_ids, deterministic, crma_enabled)
+        softcap = self.config.final_logit_softcap or None
+        return chunked_token_nll(h, input_ids, loss_mask, softcap=softcap, chunk_size=chunk_size, **self.head())
+
+    def loss(
+        self,
+        input_ids: jax.Array,
+        loss_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        deterministic: bool = True,
+        crma_enabled: bool = True,
+        chunk_size: int = LOSS_CHUNK,
+    ) -> tuple[jax.Array, jax.Array]:
+        """float32 (summed next-token NLL, number of target tokens): `next_token_loss` of the
+        logits, computed chunk by chunk (see `token_nll`)."""
+        nll = self.token_nll(input_ids, loss_mask, positions, segment_ids, deterministic, crma_enabled, chunk_size)
+        return jnp.sum(nll), target_count(input_ids, loss_mask)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Project hidden states (B, T, d) to float32 logits (B, T, V), with soft-capping."""

@@ -16,7 +16,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from crma_jax.crma import DIAGNOSTICS, crma_diagnostics
-from crma_jax.loss import next_token_loss
 from crma_jax.sharding import DEFAULT_RULES, param_shardings
 
 Batch = dict[str, jax.Array]
@@ -24,19 +23,21 @@ BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 
 
 def forward_loss(model: Any, variables: dict[str, Any], batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Any]:
-    """(summed next-token NLL, (token count, diagnostics state)) on one (micro-)batch."""
+    """(summed next-token NLL, (token count, diagnostics state)) on one (micro-)batch, through
+    the chunked LM head + cross-entropy (`Decoder.loss`)."""
     deterministic = rng is None
     collect = [DIAGNOSTICS] if model.crma is not None else []
-    logits, state = model.apply(
+    (total, count), state = model.apply(
         variables,
         batch["input_ids"],
-        positions=batch["positions"],
-        segment_ids=batch["segment_ids"],
+        batch["loss_mask"],
+        batch["positions"],
+        batch["segment_ids"],
         deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng},
         mutable=collect,
+        method="loss",
     )
-    total, count = next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
     return total, (count, state)
 
 

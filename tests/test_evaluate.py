@@ -13,8 +13,16 @@ from hypothesis import strategies as st
 import crma_jax
 from crma_jax import LoraConfig
 from crma_jax.data import PackedData, pack_documents
-from crma_jax.evaluate import eval_batches, evaluate, route, token_nll
+from crma_jax.evaluate import eval_batches, evaluate, route
 from crma_jax.loss import next_token_loss
+
+
+def token_nll(logits, input_ids, loss_mask):
+    """Reference per-token NLL from full logits: column t scores input_ids[:, t]."""
+    lg = logits[:, :-1].astype(jnp.float32)
+    picked = jnp.take_along_axis(lg, input_ids[:, 1:, None], axis=-1)[..., 0]
+    nll = (jax.nn.logsumexp(lg, axis=-1) - picked) * loss_mask[:, 1:].astype(jnp.float32)
+    return jnp.pad(nll, ((0, 0), (1, 0)))
 
 
 def _packed(rows: int, seq_len: int = 16, seed: int = 0) -> PackedData:

@@ -16,16 +16,27 @@ import crma_jax
 BF16_REL_BOUND = 0.03
 
 
+# "blockwise" with 4-token tiles: T = 12 gives 3 x 3 tiles, so the online softmax, the skipped
+# causal/window tiles and the padding all take part.
+ATTENTION = {"xla": {"attention": "xla"}, "blockwise": {"attention": "blockwise", "attention_block": 4}}
+
+
+@pytest.mark.parametrize("attention", list(ATTENTION))
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_fp32_logits_match_transformers_on_padded_batch(arch, tiny_models, batch):
+def test_fp32_logits_match_transformers_on_padded_batch(arch, attention, tiny_models, batch):
     ids, mask = batch
     ref = hf_logits(tiny_models[arch], ids, mask)
     model, params = crma_jax.load_pretrained(tiny_models[arch])
+    model = model.clone(**ATTENTION[attention])
     ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     assert ours.shape == ref.shape == (2, 12, 128)
     assert ours.dtype == np.float32
     real = mask.astype(bool)  # padded query positions have no defined output
     np.testing.assert_array_less(np.abs(ours - ref)[real].max(), 1e-4)
+    if attention == "blockwise":  # and it equals the quadratic reference path tightly
+        dense = np.asarray(model.clone(attention="xla").apply({"params": params}, jnp.asarray(ids),
+                                                              attention_mask=jnp.asarray(mask)))
+        np.testing.assert_array_less(np.abs(ours - dense)[real].max(), 1e-5)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -80,3 +91,68 @@ def test_random_init_has_the_documented_tree():
     assert layer["self_attn"]["k_proj"]["kernel"].shape == (3, 16, 16)
     assert layer["mlp"]["down_proj"]["kernel"].shape == (3, 24, 16)
     assert set(layer) >= {"pre_feedforward_layernorm", "post_feedforward_layernorm"}
+
+
+def _remat_problem(quant=None):
+    """A tiny Gemma-2 (windows, soft-caps, sandwich norms) with LoRA + CRMA, its frozen params,
+    trainable adapters (LoRA B perturbed so every gradient is non-zero) and a packed batch."""
+    from crma_jax.adapters import quantize_params
+
+    cfg = crma_jax.ModelConfig(
+        model_type="gemma2", vocab_size=80, hidden_size=64, intermediate_size=96, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, sandwich_norms=True, gemma_norm=True,
+        tie_word_embeddings=True, attn_logit_softcap=5.0, final_logit_softcap=3.0,
+        layer_windows=(4, None), activation="gelu_tanh", scale_embedding=True,
+    )
+    model = crma_jax.Decoder(cfg, lora=crma_jax.LoraConfig(rank=2, alpha=4.0),
+                             crma=crma_jax.CRMAConfig(rank=2, init_mix_logit=0.0), attention_block=4)
+    rng = np.random.RandomState(0)
+    ids = jnp.asarray(rng.randint(0, 80, (2, 10)), jnp.int32)
+    variables = model.init(jax.random.PRNGKey(0), ids)
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(1), x.shape), variables["lora"])
+    frozen = quantize_params(variables["params"], quant) if quant else variables["params"]
+    batch = dict(loss_mask=jnp.ones_like(ids), segment_ids=jnp.asarray([[1] * 6 + [2] * 4, [1] * 10]),
+                 positions=jnp.asarray([list(range(6)) + list(range(4)), list(range(10))]))
+    return model, frozen, {"lora": lora, "crma": variables["crma"]}, ids, batch
+
+
+def _loss_fn(model, frozen, ids, batch):
+    def loss(trainable):
+        return model.apply({"params": frozen, **trainable}, ids, batch["loss_mask"], batch["positions"],
+                           batch["segment_ids"], method="loss")[0]
+    return loss
+
+
+@pytest.mark.parametrize("policy", [p for p in crma_jax.model.REMAT_POLICIES if p != "none"])
+def test_remat_policies_give_the_gradients_of_no_remat(policy):
+    model, frozen, trainable, ids, batch = _remat_problem()
+    want = jax.jit(jax.grad(_loss_fn(model, frozen, ids, batch)))(trainable)
+    got = jax.jit(jax.grad(_loss_fn(model.clone(remat=policy), frozen, ids, batch)))(trainable)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(want["lora"]))
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5, rtol=0), got, want)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+@pytest.mark.parametrize("policy", list(crma_jax.model.REMAT_POLICIES))
+def test_no_remat_policy_saves_a_dequantized_kernel(policy, quant):
+    """The backward's saved residuals hold quantized kernels as stored, never a float (in, out)
+    projection kernel (which would undo what NF4/int8 saves)."""
+    model, frozen, trainable, ids, batch = _remat_problem(quant)
+    cfg = model.config
+    kernel_shapes = {(cfg.hidden_size, cfg.num_heads * cfg.head_dim), (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim),
+                     (cfg.num_heads * cfg.head_dim, cfg.hidden_size), (cfg.hidden_size, cfg.intermediate_size),
+                     (cfg.intermediate_size, cfg.hidden_size)}
+    # A vjp function is a pytree whose leaves are exactly the residuals saved for the backward.
+    _, backward = jax.vjp(_loss_fn(model.clone(remat=policy), frozen, ids, batch), trainable)
+    saved = [(a.shape, a.dtype) for a in jax.tree.leaves(backward)]
+    floats = [(shape, dt) for shape, dt in saved if jnp.issubdtype(dt, jnp.floating)]
+    assert not [sd for sd in floats if tuple(sd[0][-2:]) in kernel_shapes], saved
+    # The stored codes are what the backward keeps (uint8 NF4 nibbles / int8 codes).
+    assert any(not jnp.issubdtype(dt, jnp.floating) and len(shape) >= 2 for shape, dt in saved)
+
+
+def test_unknown_remat_policy_and_attention_are_refused():
+    model, frozen, trainable, ids, batch = _remat_problem()
+    for bad in (dict(remat="everything"), dict(attention="flash")):
+        with pytest.raises(ValueError, match="must be one of"):
+            model.clone(**bad).apply({"params": frozen, **trainable}, ids)

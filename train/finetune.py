@@ -99,6 +99,7 @@ def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
         path, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype or None, mesh=mesh,
         lora=lora_config(cfg), crma=crma_config(cfg), quant=cfg.quant or None, seed=cfg.seed,
     )
+    model = model.clone(remat=cfg.remat, attention=cfg.attention)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
     check_tokenizer(tokenizer, model.config.vocab_size)
     train_data = holdout = spec = None

@@ -16,7 +16,7 @@ import yaml
 CONFIG_FILE = "config.yaml"
 # Settings that change where and how a run is written or logged, never what it computes.
 RESULT_NEUTRAL = frozenset({"out", "resume", "plots", "tensorboard", "checkpoint_every", "keep_checkpoints",
-                            "eval_every", "debug"})
+                            "eval_every", "debug", "remat", "attention"})
 _MISSING = "<not set>"
 
 
