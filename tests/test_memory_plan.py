@@ -1,0 +1,59 @@
+"""`plan_step_memory` and `crma bench memory`: XLA's plan of one step from abstract shapes."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from crma_jax.config import ModelConfig
+from crma_jax.memory_plan import ARCHS, arch_config, plan_step_memory
+from crma_jax.train.cli import main
+
+# Small enough to compile in seconds, big enough that activations dominate the plan.
+SMALL = dict(model_type="mistral", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, sliding_window=256)
+
+
+def test_remat_and_nf4_shrink_the_plan_and_blockwise_attention_keeps_it_linear():
+    config = ModelConfig.from_hf(SMALL)
+
+    def plan(**kw):
+        options = dict(seq_len=1024, quant="nf4", backend="cpu", remat="full", attention="blockwise")
+        return plan_step_memory(config, **{**options, **kw})
+
+    base = plan()
+    assert base.total == base.argument + base.temp + base.output - base.alias
+    assert plan(remat="none").temp > 2 * base.temp
+    assert plan(quant=None).weights > 2.5 * base.weights
+    # Quadratic (B, heads, T, T) float32 scores at T=1024: 4·4·1024² bytes per layer = 16 MiB.
+    assert plan(attention="xla").temp > base.temp + 16 * 2**20
+    assert plan(seq_len=2048).temp < 2.5 * base.temp  # linear in T, with headroom
+
+
+def test_arch_config_knows_the_published_models_and_reads_config_files(tmp_path):
+    assert arch_config("mistral-7b").hidden_size == ARCHS["mistral-7b"]["hidden_size"] == 4096
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SMALL))
+    assert arch_config(str(path)).num_layers == 4
+    with pytest.raises(FileNotFoundError, match="neither a known architecture"):
+        arch_config(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        arch_config(str(tmp_path / "bad.json"))
+
+
+def test_bench_memory_prints_a_row_per_setting(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SMALL))
+    assert main(["bench", "memory", "--arch", str(path), "--quant", "bf16,nf4", "--remat", "none,full",
+                 "--seq-len", "256", "--backend", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(f"| {path}")]
+    assert len(rows) == 4
+    totals = {tuple(r.split("|")[2:4]): float(r.split("|")[10].strip(" *")) for r in rows}
+    assert totals[(" nf4 ", " full ")] < totals[(" bf16 ", " none ")]
+    assert "$ " in out and "machine:" in out
+    assert main(["bench", "memory", "--arch", "llama-70b"]) == 2
+    assert "neither a known architecture" in capsys.readouterr().err
