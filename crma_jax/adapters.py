@@ -48,17 +48,21 @@ def quantize_params(params: Any, kind: str, double_quant: bool = True) -> Any:
     """Quantize every projection kernel under `layers/` ("nf4" or "int8"); embeddings, the LM
     head and norms stay as they are. Stacked (L, in, out) kernels are quantized layer by layer,
     so every leaf keeps the leading layer axis that `nn.scan` slices."""
-    if kind not in QUANT_KINDS:
-        raise ValueError(f"quant must be one of {QUANT_KINDS} or None, got {kind!r}")
-    if kind == "nf4":
-        one = jax.jit(jax.vmap(functools.partial(quantize_nf4, block_size=64, double_quant=double_quant)))
-    else:
-        one = jax.jit(quantize_int8)  # per-output-channel scales already keep the layer axis
+    one = jax.jit(jax.vmap(kernel_quantizer(kind, double_quant)))
     flat = traverse_util.flatten_dict(params)
     for path, leaf in flat.items():
         if path[0] == "layers" and path[-1] == "kernel":
             flat[path] = one(leaf)
     return traverse_util.unflatten_dict(flat)
+
+
+def kernel_quantizer(kind: str, double_quant: bool = True) -> Any:
+    """The quantizer of one (in, out) kernel for `kind` ("nf4": 64-blocks; "int8": per column)."""
+    if kind not in QUANT_KINDS:
+        raise ValueError(f"quant must be one of {QUANT_KINDS} or None, got {kind!r}")
+    if kind == "nf4":
+        return functools.partial(quantize_nf4, block_size=64, double_quant=double_quant)
+    return quantize_int8
 
 
 def _label(collection: str, name: str) -> str:

@@ -59,12 +59,16 @@ def _np_dtype(dtype: Any) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype))
 
 
+LayerTransform = Callable[[int, np.ndarray], Any]
+
+
 def assemble_params(
     model: Any,
     source: TensorSource,
     dtype: Any = jnp.float32,
     shardings: Any = None,
     progress: Callable[[Iterator[Any], int], Iterator[Any]] | None = None,
+    transforms: dict[tuple[str, ...], LayerTransform] | None = None,
 ) -> dict[str, Any]:
     """Read every parameter of `model` from `source`, cast to `dtype`, and place it on a device.
 
@@ -72,9 +76,20 @@ def assemble_params(
     that buffer goes to its `NamedSharding` (or the default device), then is freed. So the host
     never holds more than one leaf beyond what is already placed. Raises `CheckpointError` naming
     the file and key for a missing tensor or a shape mismatch.
+
+    `transforms` maps a layer-stacked leaf's path (e.g. ("layers", "mlp", "up_proj", "kernel"))
+    to `fn(layer, w)`, called on each layer's tensor as soon as it is read (w: C-contiguous, in
+    `dtype`, Flax layout); its outputs (any pytree of arrays) are stacked over layers and placed
+    instead of the leaf. So a quantized base is built one layer at a time and its full-precision
+    leaf never exists. The transformed leaves go to the leaf's sharding when it is a single
+    device, else replicated over the leaf's mesh.
     """
     config: ModelConfig = model.config
     flat = traverse_util.flatten_dict(abstract_params(model))
+    transforms = dict(transforms or {})
+    for path in transforms:
+        if path not in flat or path[0] != "layers":
+            raise ValueError(f"a transform needs a layer-stacked leaf, not {'/'.join(path)}")
     flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     available = set(source.keys())
     target = _np_dtype(dtype)
@@ -84,28 +99,50 @@ def assemble_params(
     out = {}
     for path, spec in items:
         names, transpose = hf_names(path, config.num_layers)
-        buf = np.empty(spec.shape, target)
+        transform = transforms.get(path)
+        buf = None if transform else np.empty(spec.shape, target)
+        per_layer = []
         stacked = len(names) > 1 or path[0] == "layers"
         for i, name in enumerate(names):
-            if name not in available:
-                raise CheckpointError(f"{_file(source, name)}: missing tensor {name!r}")
-            tensor = source.get(name)
-            tensor = tensor.T if transpose else tensor
-            want = spec.shape[1:] if stacked else spec.shape
-            if tuple(tensor.shape) != tuple(want):
-                layout = " in Flax (in, out) layout" if transpose else ""
-                raise CheckpointError(
-                    f"{_file(source, name)}: tensor {name!r} has shape {tuple(tensor.shape)}{layout}, "
-                    f"expected {tuple(want)}"
-                )
-            if stacked:
+            tensor = _read(source, name, available, transpose, spec.shape[1:] if stacked else spec.shape)
+            if transform:
+                per_layer.append(jax.tree.map(np.asarray, transform(i, np.ascontiguousarray(tensor, target))))
+            elif stacked:
                 buf[i] = tensor
             else:
                 buf[...] = tensor
         sharding = flat_shardings.get(path)
-        out[path] = jax.device_put(buf, sharding)  # measured faster and leaner than jnp.asarray
-        del buf
+        if transform:
+            out[path] = _place_stacked(per_layer, sharding)
+        else:
+            out[path] = jax.device_put(buf, sharding)  # measured faster and leaner than jnp.asarray
+        del buf, per_layer
     return traverse_util.unflatten_dict(out)
+
+
+def _read(source: TensorSource, name: str, available: set[str], transpose: bool, want: tuple[int, ...]) -> Any:
+    """One HF tensor in Flax layout, checked against the shape the model expects."""
+    if name not in available:
+        raise CheckpointError(f"{_file(source, name)}: missing tensor {name!r}")
+    tensor = source.get(name)
+    tensor = tensor.T if transpose else tensor
+    if tuple(tensor.shape) != tuple(want):
+        layout = " in Flax (in, out) layout" if transpose else ""
+        raise CheckpointError(
+            f"{_file(source, name)}: tensor {name!r} has shape {tuple(tensor.shape)}{layout}, expected {tuple(want)}"
+        )
+    return tensor
+
+
+def _place_stacked(per_layer: list[Any], sharding: Any) -> Any:
+    """Stack per-layer pytrees leaf by leaf and place them (see `assemble_params`)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+    def stack(*leaves: np.ndarray) -> jax.Array:
+        return jax.device_put(np.stack(leaves), sharding)
+
+    return jax.tree.map(stack, *per_layer)
 
 
 def _file(source: TensorSource, name: str) -> Any:

@@ -92,6 +92,11 @@ def pissa_factors(w: jax.Array, cfg: LoraConfig, key: jax.Array) -> tuple[jax.Ar
     return a, b, pissa_residual(w, a, b, cfg.scale)
 
 
+def layer_keys_seed(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
+    """The key whose split over layers seeds PiSSA's randomized SVD of the kernels at `path`."""
+    return jax.random.fold_in(key, zlib.crc32("/".join(path).encode()))
+
+
 def apply_pissa(params: Any, lora: Any, cfg: LoraConfig, key: jax.Array) -> tuple[Any, Any]:
     """PiSSA-initialize every LoRA pair in `lora` from the matching kernels of `params`.
 
@@ -102,7 +107,7 @@ def apply_pissa(params: Any, lora: Any, cfg: LoraConfig, key: jax.Array) -> tupl
     flat_l = traverse_util.flatten_dict(lora)
     for path in sorted({p[:-1] for p in flat_l}):
         kernel = flat_p[path + ("kernel",)]
-        keys = jax.random.split(jax.random.fold_in(key, zlib.crc32('/'.join(path).encode())), kernel.shape[0])
+        keys = jax.random.split(layer_keys_seed(key, path), kernel.shape[0])
         a, b, res = jax.vmap(lambda w, k: pissa_factors(w, cfg, k))(kernel, keys)
         flat_l[path + ("a",)] = a.astype(flat_l[path + ("a",)].dtype)
         flat_l[path + ("b",)] = b.astype(flat_l[path + ("b",)].dtype)

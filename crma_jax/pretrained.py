@@ -14,14 +14,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 from jax.sharding import Mesh
 
-from crma_jax.adapters import init_adapters, pissa_init, quantize_params
+from crma_jax.adapters import init_adapters, kernel_quantizer, pissa_init, quantize_params
 from crma_jax.config import ModelConfig
 from crma_jax.crma import CRMAConfig
 from crma_jax.errors import CheckpointError
 from crma_jax.hf_params import abstract_params, assemble_params
-from crma_jax.lora import LoraConfig
+from crma_jax.lora import LoraConfig, layer_keys_seed, pissa_factors
 from crma_jax.model import Decoder
 from crma_jax.safetensors_io import SafetensorsSource
 from crma_jax.sharding import param_shardings
@@ -96,28 +97,91 @@ def load_pretrained(
     """
     store = resolve_dtype(dtype)
     compute = resolve_dtype(compute_dtype) if compute_dtype is not None else store
+    if quant is not None:
+        kernel_quantizer(quant)  # refuse an unknown kind before reading anything
+    pissa = lora if lora is not None and lora.init == "pissa" else None
+    pissa_key = jax.random.PRNGKey(seed + 1)
+    streamed = quant is not None and not is_converted(path)
     if is_converted(path):
         model, params = _load_converted(Path(path), store, compute, mesh)
     else:
-        model, params = load_source(open_source(path, allow_pickle=allow_pickle), store, compute, mesh, progress)
+        source = open_source(path, allow_pickle=allow_pickle)
+        model = Decoder(config_from_hf(source.hf_config(), _config_file(source)), dtype=compute)
+        transforms = _quantize_transforms(model.clone(lora=lora), quant, pissa, pissa_key) if streamed else None
+        model, params = load_source(source, store, compute, mesh, progress, transforms)
+    pissa_factors = _split_pissa(params) if streamed and pissa else None
     if lora is None and crma is None:
-        return model, quantize_params(params, quant) if quant else params
+        return model, quantize_params(params, quant) if quant and not streamed else params
     model = model.clone(lora=lora, crma=crma)
     adapters = init_adapters(model, params, jax.random.PRNGKey(seed))
-    if lora is not None and lora.init == "pissa":
-        params, adapters["lora"] = pissa_init(params, adapters["lora"], lora, jax.random.PRNGKey(seed + 1))
-    if quant:
+    if pissa_factors is not None:
+        adapters["lora"] = _with_factors(adapters["lora"], pissa_factors)
+    elif pissa is not None:
+        params, adapters["lora"] = pissa_init(params, adapters["lora"], lora, pissa_key)
+    if quant and not streamed:
         params = quantize_params(params, quant)
     return model, {"params": params, **adapters}
 
 
+def _quantize_transforms(model: Decoder, quant: str, pissa: LoraConfig | None, key: jax.Array) -> dict[Any, Any]:
+    """`assemble_params` transforms that quantize every layer kernel as it is read; for a PiSSA
+    LoRA target, the SVD runs first on the tensor read and the residual is quantized. Each gives
+    exactly what `quantize_params` (after `pissa_init`) gives on the whole stacked leaf."""
+    quantize = jax.jit(kernel_quantizer(quant))
+    targets = set()
+    if pissa is not None:
+        lora = jax.eval_shape(lambda p: init_adapters(model, p, jax.random.PRNGKey(0)), abstract_params(model))["lora"]
+        targets = {path[:-1] for path in traverse_util.flatten_dict(lora["layers"])}
+    factors = jax.jit(lambda w, k: pissa_factors(w, pissa, k)) if pissa is not None else None
+    transforms = {}
+    for path in traverse_util.flatten_dict(abstract_params(model)):
+        if path[0] != "layers" or path[-1] != "kernel":
+            continue
+        if path[1:-1] in targets:
+            keys = jax.random.split(layer_keys_seed(key, path[1:-1]), model.config.num_layers)
+
+            def svd_then_quantize(i: int, w: Any, keys: jax.Array = keys) -> dict[str, Any]:
+                a, b, res = factors(w, keys[i])
+                return {"kernel": quantize(res.astype(w.dtype)), PISSA_A: a, PISSA_B: b}
+
+            transforms[path] = svd_then_quantize
+        else:
+            transforms[path] = lambda i, w: quantize(w)
+    return transforms
+
+
+PISSA_A, PISSA_B = "pissa_a", "pissa_b"
+
+
+def _split_pissa(params: dict[str, Any]) -> dict[tuple[str, ...], Any]:
+    """Pull the streamed PiSSA factors out of `params` (in place): {layer path: (A, B)}."""
+    flat = traverse_util.flatten_dict(params["layers"])
+    found = {}
+    for path in [p for p in flat if p[-1] == PISSA_A]:
+        kernel = path[:-1]  # (..., "q_proj", "kernel")
+        found[kernel[:-1]] = (flat.pop(path), flat.pop(kernel + (PISSA_B,)))
+        flat[kernel] = flat.pop(kernel + ("kernel",))
+    params["layers"] = traverse_util.unflatten_dict(flat)
+    return found
+
+
+def _with_factors(lora: dict[str, Any], factors: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    flat = traverse_util.flatten_dict(lora["layers"])
+    for path, (a, b) in factors.items():
+        flat[path + ("a",)] = a.astype(flat[path + ("a",)].dtype)
+        flat[path + ("b",)] = b.astype(flat[path + ("b",)].dtype)
+    return {**lora, "layers": traverse_util.unflatten_dict(flat)}
+
+
 def load_source(
-    source: Any, dtype: Any, compute_dtype: Any, mesh: Mesh | None = None, progress: Callable[..., Any] | None = None
+    source: Any, dtype: Any, compute_dtype: Any, mesh: Mesh | None = None, progress: Callable[..., Any] | None = None,
+    transforms: dict[Any, Any] | None = None,
 ) -> tuple[Decoder, dict[str, Any]]:
-    """(model, params) from an opened tensor source (see `open_source`)."""
+    """(model, params) from an opened tensor source (see `open_source`); `transforms` as in
+    `assemble_params`."""
     model = Decoder(config_from_hf(source.hf_config(), _config_file(source)), dtype=resolve_dtype(compute_dtype))
     shardings = param_shardings(abstract_params(model), mesh) if mesh is not None else None
-    return model, assemble_params(model, source, resolve_dtype(dtype), shardings, progress)
+    return model, assemble_params(model, source, resolve_dtype(dtype), shardings, progress, transforms)
 
 
 def read_converted_meta(path: Path) -> dict[str, Any]:
