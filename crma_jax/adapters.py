@@ -19,11 +19,10 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from crma_jax.lora import LoraConfig, apply_pissa
-from crma_jax.quant import Int8Tensor, NF4Tensor, quantize_int8, quantize_nf4
+from crma_jax.quant import STORED, NF4Tensor, as_bits, quantize_int8, quantize_nf4
 
 TRAINABLE = ("lora", "crma")
 QUANT_KINDS = ("nf4", "int8")
-_QUANTIZED = (NF4Tensor, Int8Tensor)
 
 
 def init_adapters(model: Any, params: Any, rng: jax.Array) -> dict[str, Any]:
@@ -56,6 +55,20 @@ def quantize_params(params: Any, kind: str, double_quant: bool = True) -> Any:
     return traverse_util.unflatten_dict(flat)
 
 
+def store_as_bits(params: Any) -> Any:
+    """Every bf16/f16 projection kernel under `layers/` as `Float16Bits` (lossless; see there:
+    on XLA:CPU it keeps the layer scan from converting whole stacked kernels to float32).
+    Other leaves, and kernels already quantized or in float32, stay as they are."""
+    flat = traverse_util.flatten_dict(params)
+    for path, leaf in flat.items():
+        if path[0] == "layers" and path[-1] == "kernel" and not isinstance(leaf, STORED) and leaf.dtype.itemsize == 2:
+            flat[path] = jax.eval_shape(as_bits, leaf) if isinstance(leaf, jax.ShapeDtypeStruct) else _bits(leaf)
+    return traverse_util.unflatten_dict(flat)
+
+
+_bits = jax.jit(as_bits, donate_argnums=0)  # the kernel's buffer becomes its bits
+
+
 def kernel_quantizer(kind: str, double_quant: bool = True) -> Any:
     """The quantizer of one (in, out) kernel for `kind` ("nf4": 64-blocks; "int8": per column)."""
     if kind not in QUANT_KINDS:
@@ -81,7 +94,7 @@ def param_labels(variables: dict[str, Any]) -> dict[str, Any]:
 
     def label_tree(collection: str, tree: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: _label(collection, _key(path[-1])), tree, is_leaf=lambda x: isinstance(x, _QUANTIZED)
+            lambda path, _: _label(collection, _key(path[-1])), tree, is_leaf=lambda x: isinstance(x, STORED)
         )
 
     return {c: label_tree(c, t) for c, t in variables.items()}
@@ -92,7 +105,7 @@ def count_params(variables: dict[str, Any]) -> dict[str, int]:
     counts = {"trainable": 0, "frozen": 0}
     for collection, tree in variables.items():
         kind = "trainable" if collection in TRAINABLE else "frozen"
-        for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, _QUANTIZED)):
+        for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, STORED)):
             counts[kind] += _numel(leaf)
     return counts
 

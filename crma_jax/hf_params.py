@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
+from jax.sharding import NamedSharding
 
 from crma_jax.config import ModelConfig
 from crma_jax.errors import CheckpointError
+from crma_jax.sharding import partition_spec
 
 
 class TensorSource(Protocol):
@@ -81,8 +83,8 @@ def assemble_params(
     to `fn(layer, w)`, called on each layer's tensor as soon as it is read (w: C-contiguous, in
     `dtype`, Flax layout); its outputs (any pytree of arrays) are stacked over layers and placed
     instead of the leaf. So a quantized base is built one layer at a time and its full-precision
-    leaf never exists. The transformed leaves go to the leaf's sharding when it is a single
-    device, else replicated over the leaf's mesh.
+    leaf never exists. On a mesh, each output field is sharded by its own logical axes
+    (`crma_jax.sharding`), as the dense kernel would be.
     """
     config: ModelConfig = model.config
     flat = traverse_util.flatten_dict(abstract_params(model))
@@ -101,22 +103,23 @@ def assemble_params(
         names, transpose = hf_names(path, config.num_layers)
         transform = transforms.get(path)
         buf = None if transform else np.empty(spec.shape, target)
-        per_layer = []
         stacked = len(names) > 1 or path[0] == "layers"
         for i, name in enumerate(names):
             tensor = _read(source, name, available, transpose, spec.shape[1:] if stacked else spec.shape)
             if transform:
-                per_layer.append(jax.tree.map(np.asarray, transform(i, np.ascontiguousarray(tensor, target))))
+                buf = _put_layer(buf, i, len(names), transform(i, np.ascontiguousarray(tensor, target)))
             elif stacked:
                 buf[i] = tensor
             else:
                 buf[...] = tensor
         sharding = flat_shardings.get(path)
         if transform:
-            out[path] = _place_stacked(per_layer, sharding)
+            out[path] = jax.tree_util.tree_map_with_path(
+                lambda sub, b, sharding=sharding, path=path: jax.device_put(b, _field_sharding(sharding, path, sub, b.shape)),
+                buf)
         else:
             out[path] = jax.device_put(buf, sharding)  # measured faster and leaner than jnp.asarray
-        del buf, per_layer
+        del buf
     return traverse_util.unflatten_dict(out)
 
 
@@ -134,15 +137,28 @@ def _read(source: TensorSource, name: str, available: set[str], transpose: bool,
     return tensor
 
 
-def _place_stacked(per_layer: list[Any], sharding: Any) -> Any:
-    """Stack per-layer pytrees leaf by leaf and place them (see `assemble_params`)."""
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+def _field_sharding(sharding: Any, path: tuple[str, ...], sub: tuple[Any, ...], shape: tuple[int, ...]) -> Any:
+    """Where a field of a transformed leaf goes: on a mesh, its own logical axes (e.g. NF4's
+    packed codes sharded like the kernel's rows); a single device otherwise."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in sub)
+    if names and names[0] == "kernel":  # the transform returned {"kernel": ..., ...}
+        names = names[1:]
+    return NamedSharding(sharding.mesh, partition_spec(path + names, shape, sharding.mesh))
 
-    def stack(*leaves: np.ndarray) -> jax.Array:
-        return jax.device_put(np.stack(leaves), sharding)
 
-    return jax.tree.map(stack, *per_layer)
+def _put_layer(buf: Any, i: int, layers: int, result: Any) -> Any:
+    """Write layer `i`'s transform result into the stacked host buffers (made at layer 0), so
+    the layers are never held twice."""
+    if buf is None:
+        buf = jax.tree.map(lambda x: np.empty((layers, *np.shape(x)), np.asarray(x).dtype), result)
+
+    def put(b: np.ndarray, x: Any) -> np.ndarray:
+        b[i] = np.asarray(x)
+        return b
+
+    return jax.tree.map(put, buf, result)
 
 
 def _file(source: TensorSource, name: str) -> Any:

@@ -23,9 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from crma_jax.quant import Int8Tensor, NF4Tensor, dequantize
-
-_QUANTIZED = (NF4Tensor, Int8Tensor)
+from crma_jax.quant import STORED, dequantize
 
 
 def _value(p: Any) -> Any:
@@ -43,7 +41,7 @@ def _flat(x: jax.Array) -> jax.Array:
 
 def _kernel_grad(kernel: Any, x: jax.Array, dy: jax.Array, wanted: bool) -> Any:
     # A quantized kernel has no meaningful gradient (its leaves are codes and scales).
-    if not wanted or isinstance(kernel, _QUANTIZED):
+    if not wanted or isinstance(kernel, STORED):
         return None
     return (_flat(x).T @ _flat(dy)).astype(kernel.dtype)
 

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from crma_jax.adapters import init_adapters, param_labels, quantize_params
+from crma_jax.adapters import init_adapters, param_labels, quantize_params, store_as_bits
 from crma_jax.config import ModelConfig
 from crma_jax.crma import CRMAConfig
 from crma_jax.hf_params import abstract_params
@@ -67,10 +67,13 @@ def _struct(x: Any, dtype: Any = None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
 
 
-def abstract_base(model: Decoder, dtype: Any, quant: str | None) -> Any:
-    """ShapeDtypeStructs of the frozen base stored in `dtype`, its kernels quantized if asked."""
+def abstract_base(model: Decoder, dtype: Any, quant: str | None, platform: str = "cpu") -> Any:
+    """ShapeDtypeStructs of the frozen base stored in `dtype` as `crma train` stores it on
+    `platform`: kernels quantized if asked, else 16-bit ones as their bits on a CPU."""
     params = jax.tree.map(lambda s: _struct(s, dtype), abstract_params(model))
-    return jax.eval_shape(lambda p: quantize_params(p, quant), params) if quant else params
+    if quant:
+        return jax.eval_shape(lambda p: quantize_params(p, quant), params)
+    return store_as_bits(params) if platform == "cpu" else params
 
 
 def plan_step_memory(config: ModelConfig, *, batch_size: int = 1, seq_len: int = 2048, quant: str | None = "nf4",
@@ -85,7 +88,7 @@ def plan_step_memory(config: ModelConfig, *, batch_size: int = 1, seq_len: int =
     """
     device = jax.devices(backend)[0] if backend else jax.devices()[0]
     model = Decoder(config, dtype=compute_dtype, lora=lora, crma=crma, **model_options)
-    frozen = abstract_base(model, dtype, quant)
+    frozen = abstract_base(model, dtype, quant, device.platform)
     trainable = jax.eval_shape(lambda p: init_adapters(model, p, jax.random.PRNGKey(0)), frozen)
     lr = {"lora_a": 1e-4, "lora_b": 1e-4, "crma_mix": 1e-3, "crma_gate": 1e-2}
     optimizer = make_optimizer(param_labels(trainable), lr, total_steps=1000)

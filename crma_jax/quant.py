@@ -34,6 +34,9 @@ __all__ = [
     "block_absmax",
     "quantize_int8",
     "dequantize_int8",
+    "Float16Bits",
+    "as_bits",
+    "STORED",
     "dequantize",
     "nbytes",
 ]
@@ -234,12 +237,44 @@ def dequantize_int8(q: Int8Tensor, dtype: DTypeLike = jnp.float32) -> jax.Array:
     return (q.codes.astype(jnp.float32) * q.scale[..., None, :]).astype(dtype)
 
 
-def dequantize(x: ArrayLike | NF4Tensor | Int8Tensor, dtype: DTypeLike = jnp.float32) -> jax.Array:
-    """A base weight as a plain array of `dtype`: dequantizes NF4/int8, casts anything else."""
+@struct.dataclass
+class Float16Bits:
+    """A bf16/f16 weight stored as its bit pattern: bits uint16, the weight's shape; lossless.
+
+    Why: XLA:CPU cannot dynamic-slice a 16-bit float array natively. Slicing one layer out of a
+    stacked (L, in, out) bf16 kernel inside the layer scan makes it convert the *whole* stack to
+    float32 first (27 GiB for Mistral-7B's). Slicing uint16 is native, and the bitcast back
+    happens per layer. Other backends slice bf16 natively and need none of this.
+    """
+
+    bits: jax.Array
+    dtype: str = struct.field(pytree_node=False, default="bfloat16")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+
+def as_bits(w: jax.Array) -> Float16Bits:
+    """A 16-bit float array as `Float16Bits` (anything else is a ValueError)."""
+    if jnp.dtype(w.dtype).itemsize != 2 or not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"as_bits takes a 16-bit float array, got {w.dtype}")
+    return Float16Bits(bits=jax.lax.bitcast_convert_type(w, jnp.uint16), dtype=jnp.dtype(w.dtype).name)
+
+
+# Frozen weights stored other than as a plain array: one leaf each for labels, counts and grads.
+STORED = (NF4Tensor, Int8Tensor, Float16Bits)
+
+
+def dequantize(x: ArrayLike | NF4Tensor | Int8Tensor | Float16Bits, dtype: DTypeLike = jnp.float32) -> jax.Array:
+    """A base weight as a plain array of `dtype`: dequantizes NF4/int8, bitcasts `Float16Bits`,
+    casts anything else."""
     if isinstance(x, NF4Tensor):
         return dequantize_nf4(x, dtype)
     if isinstance(x, Int8Tensor):
         return dequantize_int8(x, dtype)
+    if isinstance(x, Float16Bits):
+        return jax.lax.bitcast_convert_type(x.bits, jnp.dtype(x.dtype)).astype(dtype)
     return jnp.asarray(x).astype(dtype)
 
 

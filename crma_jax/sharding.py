@@ -31,6 +31,24 @@ _OUT_IS_HIDDEN = ("o_proj", "down_proj")  # these map (heads|mlp) -> embed
 _MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
+# Fields of the stored kernels of `crma_jax.quant`, by the kernel's (in, out) logical axes:
+# Float16Bits.bits and Int8Tensor.codes have the kernel's shape; Int8Tensor.scale is per output
+# column; NF4's packed codes and block absmax are the row-major flattened kernel, so sharding
+# them like its rows keeps each shard's rows whole when the mesh axis divides `in`.
+_STORED_FIELDS = {
+    "bits": lambda i, o: (i, o),
+    "codes": lambda i, o: (i, o),
+    "scale": lambda i, o: (o,),
+    "packed": lambda i, o: (i,),
+    "absmax": lambda i, o: (i,),
+}
+
+
+def _kernel_axes(module: str) -> tuple[str, str]:
+    inner = "mlp" if module in _MLP_NAMES else "heads"
+    return (inner, "embed") if module in _OUT_IS_HIDDEN else ("embed", inner)
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A Mesh with axes (data, fsdp, model) of the given sizes over `devices` (default: all)."""
     need = int(np.prod(shape))
@@ -50,8 +68,10 @@ def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
     elif module == "lm_head":
         axes = ("embed", "vocab")
     elif leaf == "kernel":
-        inner = "mlp" if module in _MLP_NAMES else "heads"
-        axes = (inner, "embed") if module in _OUT_IS_HIDDEN else ("embed", inner)
+        axes = _kernel_axes(module)
+    elif module == "kernel" and len(path) > 2:  # a field of a stored (quantized) kernel
+        k_in, k_out = _kernel_axes(path[-3])
+        axes = _STORED_FIELDS.get(leaf, lambda i, o: ())(k_in, k_out)
     elif leaf == "scale":
         axes = ("norm",)
     else:

@@ -64,3 +64,35 @@ def test_quantized_base_keeps_labels_counts_and_runs_under_jit(kind, cls, tiny_m
 def test_unknown_quant_kind(tiny_models):
     with pytest.raises(ValueError, match="quant must be one of"):
         crma_jax.load_pretrained(tiny_models["llama"], quant="fp8")
+
+
+def test_bf16_kernels_stored_as_bits_give_the_same_model_and_gradients(tiny_models):
+    """`store_as_bits` is lossless: same logits and adapter gradients, same labels and counts;
+    float32 and quantized kernels are left alone."""
+    from crma_jax.adapters import store_as_bits
+    from crma_jax.quant import Float16Bits
+
+    model, variables = crma_jax.load_pretrained(tiny_models["llama"], dtype="bfloat16", lora=LoraConfig(rank=4),
+                                                crma=CRMAConfig(rank=2))
+    bits = {**variables, "params": store_as_bits(jax.tree.map(jnp.copy, variables["params"]))}
+    q = bits["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(q, Float16Bits) and q.bits.dtype == jnp.uint16 and q.dtype == "bfloat16"
+    assert bits["params"]["embed_tokens"]["embedding"].dtype == jnp.bfloat16  # not a layer kernel
+    assert crma_jax.count_params(bits) == crma_jax.count_params(variables)
+    labels = jax.tree.leaves(crma_jax.param_labels(bits)["params"], is_leaf=lambda x: isinstance(x, str))
+    assert collections.Counter(labels) == {"frozen": len(jax.tree.leaves(variables["params"]))}
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 12)), jnp.int32)
+
+    @jax.jit
+    def loss_and_grads(v):
+        def loss(t):
+            return model.apply({**v, **t}, ids, method="loss")[0]
+        trainable = {c: v[c] for c in ("lora", "crma")}
+        return jax.value_and_grad(loss)(trainable)
+
+    got, want = loss_and_grads(bits), loss_and_grads(variables)
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)), got, want)
+    nf4 = crma_jax.load_pretrained(tiny_models["llama"], dtype="bfloat16", quant="nf4")[1]
+    assert jax.tree.structure(store_as_bits(nf4)) == jax.tree.structure(nf4)
+    fp32 = crma_jax.load_pretrained(tiny_models["llama"])[1]
+    assert jax.tree.structure(store_as_bits(fp32)) == jax.tree.structure(fp32)

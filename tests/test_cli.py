@@ -161,7 +161,7 @@ def test_benchmarks_are_subcommands_that_import_without_side_effects():
     env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_PLATFORMS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "['convert', 'crma', 'memory', 'qlora', 'train']"
+    assert out.stdout.strip() == "['convert', 'crma', 'load', 'memory', 'qlora', 'train']"
 
 
 def test_no_environment_switch_can_kill_a_run():

@@ -308,3 +308,16 @@ def test_nbytes_counts_leaves_of_any_pytree():
         "q": quantize_nf4(np.ones((4, 32), np.float32)),
     }
     assert nbytes(tree) == 48 + 10 + 4 + (64 + 2 * 4)
+
+
+def test_float16_bits_round_trip_exactly_and_refuse_other_dtypes():
+    from crma_jax.quant import Float16Bits, as_bits
+
+    w = jnp.asarray(np.random.RandomState(0).randn(3, 8, 5), jnp.bfloat16)
+    b = as_bits(w)
+    assert isinstance(b, Float16Bits) and b.bits.dtype == jnp.uint16 and b.shape == (3, 8, 5)
+    np.testing.assert_array_equal(np.asarray(dequantize(b, jnp.bfloat16)), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda b: dequantize(b, jnp.float32))(b)),
+                                  np.asarray(w.astype(jnp.float32)))
+    with pytest.raises(ValueError, match="16-bit float"):
+        as_bits(jnp.zeros((2, 2), jnp.float32))

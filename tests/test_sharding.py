@@ -71,3 +71,27 @@ def test_make_mesh_checks_device_count():
     with pytest.raises(ValueError, match="needs 16 devices, have 8"):
         make_mesh((2, 2, 4))
     assert make_mesh((1, 1, 2)).devices.size == 2  # a smaller mesh takes the first devices
+
+
+def test_stored_kernel_fields_shard_like_the_kernel():
+    q = ("layers", "self_attn", "q_proj", "kernel")
+    down = ("layers", "mlp", "down_proj", "kernel")
+    assert logical_axes(q + ("bits",), 3) == logical_axes(q, 3) == ("layers", "embed", "heads")
+    assert logical_axes(down + ("codes",), 3) == ("layers", "mlp", "embed")
+    assert logical_axes(down + ("scale",), 2) == ("layers", "embed")  # int8: per output column
+    assert logical_axes(q + ("packed",), 2) == ("layers", "embed")  # NF4: the flattened rows
+    assert logical_axes(q + ("absmax",), 2) == ("layers", "embed")
+    assert logical_axes(q + ("absmax", "codes"), 2) == (None, None)  # double-quant: replicated
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_streaming_quantized_load_shards_the_codes_and_matches_unsharded(quant, tiny_models, batch):
+    ids, _ = batch
+    mesh = make_mesh((1, 2, 4))
+    model, sharded = crma_jax.load_pretrained(tiny_models["llama"], mesh=mesh, quant=quant)
+    _, plain = crma_jax.load_pretrained(tiny_models["llama"], quant=quant)
+    q = sharded["layers"]["self_attn"]["q_proj"]["kernel"]
+    codes = q.packed if quant == "nf4" else q.codes
+    assert codes.sharding.spec == (P(None, "fsdp") if quant == "nf4" else P(None, "fsdp", "model"))
+    assert codes.addressable_shards[0].data.size < codes.size
+    np.testing.assert_allclose(_logits(model, sharded, ids), _logits(model, plain, ids), atol=1e-5, rtol=0)

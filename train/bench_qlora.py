@@ -1,6 +1,6 @@
 """Benchmark: peak RSS of one QLoRA training step, NF4 base vs bf16 base, TinyLlama-1.1B shapes.
 
-    crma bench qlora [--batch 1] [--seq 128] [--reps 1]
+    crma bench qlora [--batch 1] [--seq 128] [--reps 1] [--remat full]
 
 A random TinyLlama-1.1B-shaped model (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV
 heads, vocab 32000, untied head), built without transformers: shapes from `jax.eval_shape` of
@@ -29,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from crma_jax.model import REMAT_POLICIES
 from crma_jax.train.bench_util import command_line, cpu_env
+from crma_jax.train.config import TrainConfig
 
 KINDS = ("nf4", "bf16")
 
@@ -43,7 +45,7 @@ def status() -> dict[str, float]:
     return out
 
 
-def child(kind: str, batch: int, seq: int) -> dict[str, float]:
+def child(kind: str, batch: int, seq: int, remat: str) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
     from flax import traverse_util
@@ -64,7 +66,7 @@ def child(kind: str, batch: int, seq: int) -> dict[str, float]:
 
     cfg = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
                       num_heads=32, num_kv_heads=4, head_dim=64, tie_word_embeddings=False)
-    model = Decoder(cfg, dtype=jnp.bfloat16, lora=LoraConfig(rank=8, alpha=16.0), crma=CRMAConfig(rank=4))
+    model = Decoder(cfg, dtype=jnp.bfloat16, lora=LoraConfig(rank=8, alpha=16.0), crma=CRMAConfig(rank=4), remat=remat)
     ids1 = jnp.zeros((1, 1), jnp.int32)
     shapes = traverse_util.flatten_dict(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids1))["params"])
     draw = jax.jit(lambda key, shape: 0.02 * jax.random.normal(key, shape, jnp.bfloat16), static_argnums=1)
@@ -106,12 +108,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="batch size B (default: 1)")
     parser.add_argument("--seq", type=int, default=128, help="sequence length T (default: 128)")
     parser.add_argument("--reps", type=int, default=1, help="fresh processes per base kind (default: 1)")
+    parser.add_argument("--remat", choices=REMAT_POLICIES, default=TrainConfig.remat,
+                        help=f"remat policy of the step (default: crma train's, {TrainConfig.remat})")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.child:
-        print(json.dumps(child(args.child, args.batch, args.seq)))
+        print(json.dumps(child(args.child, args.batch, args.seq, args.remat)))
         return 0
     print(f"$ {command_line()}")
     print(f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} (before)")
@@ -119,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     for _ in range(args.reps):
         for kind in KINDS:
             cmd = [sys.executable, "-m", "crma_jax.train.cli", "bench", "qlora", "--child", kind,
-                   "--batch", str(args.batch), "--seq", str(args.seq)]
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--remat", args.remat]
             out = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env())
             if out.returncode != 0:
                 sys.stderr.write(out.stderr[-4000:])
@@ -127,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
     res = {k: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
     print(f"TinyLlama-1.1B shapes (random weights), bf16 compute, LoRA r=8 x7 + CRMA 4, B={args.batch}, "
-          f"T={args.seq}; one step in a fresh process, median of {args.reps}")
+          f"T={args.seq}, remat {args.remat}; one step in a fresh process, median of {args.reps}")
     print("| base | base weights MiB | setup peak MiB | RSS before step MiB | step peak MiB | step increase MiB | "
           "XLA temp MiB | step s | loss |")
     print("|---|---|---|---|---|---|---|---|---|")

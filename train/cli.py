@@ -25,6 +25,7 @@ BENCHMARKS = {
     "crma": ("crma_jax.train.bench_crma", "CRMA's forward cost and parameter counts"),
     "train": ("crma_jax.train.bench_train", "training throughput, ours vs PEFT, with a profile"),
     "qlora": ("crma_jax.train.bench_qlora", "peak RSS of one QLoRA step, NF4 vs bf16 base (TinyLlama shapes)"),
+    "load": ("crma_jax.train.bench_load", "peak memory of a streaming NF4 load vs load-then-quantize"),
     "memory": ("crma_jax.train.bench_memory", "plan a training step's memory from abstract shapes (no weights)"),
 }
 

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crma_jax import CRMAConfig, LoraConfig, load_pretrained, param_labels
+from crma_jax.adapters import store_as_bits
 from crma_jax.convert.adapter_files import Adapters, BaseSpec, save_adapters
 from crma_jax.convert.smollm2 import resolve_model_path
 from crma_jax.data import BatchIterator, DataSpec, PackedData, check_tokenizer
@@ -100,6 +101,8 @@ def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
         lora=lora_config(cfg), crma=crma_config(cfg), quant=cfg.quant or None, seed=cfg.seed,
     )
     model = model.clone(remat=cfg.remat, attention=cfg.attention)
+    if jax.default_backend() == "cpu":  # see `crma_jax.quant.Float16Bits`
+        variables["params"] = store_as_bits(variables["params"])
     tokenizer = load_tokenizer(cfg.tokenizer or path)
     check_tokenizer(tokenizer, model.config.vocab_size)
     train_data = holdout = spec = None
