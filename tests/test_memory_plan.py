@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
 import pytest
 
 from crma_jax.config import ModelConfig

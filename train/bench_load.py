@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from crma_jax.train.bench_util import command_line, cpu_env, machine_note, proc_status, reset_peak_rss
+from crma_jax.train.bench_util import command_line, machine_note, proc_status, reset_peak_rss, run_child
 
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
@@ -101,13 +99,7 @@ def run(args: argparse.Namespace) -> int:
         runs: dict[str, list[dict[str, float]]] = {w: [] for w in WAYS}
         for _ in range(args.reps):
             for way in WAYS:
-                cmd = [sys.executable, "-m", "crma_jax.train.cli", "bench", "load", "--quant", args.quant,
-                       "--child", str(ckpt), way]
-                out = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env())
-                if out.returncode != 0:
-                    sys.stderr.write(out.stderr[-4000:])
-                    raise SystemExit(f"{way}: child exited with {out.returncode}")
-                runs[way].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs[way].append(run_child("load", "--quant", args.quant, "--child", str(ckpt), way))
     res = {w: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for w, rs in runs.items()}
     print(f"TinyLlama-1.1B shapes (random bf16 weights), quant={args.quant}, median of {args.reps} fresh processes")
     print("| load | peak above imports MiB | RSS after MiB | model MiB |")

@@ -1,43 +1,51 @@
 """Benchmark: LoRA (+ CRMA) training throughput on SmolLM2-135M, ours (JAX) vs PEFT (PyTorch), CPU.
 
-    crma bench train [--steps 6] [--batch 4] [--seq 256] [--breakdown]
+    crma bench train [--steps 4] [--rounds 2] [--batch 4] [--seq 256] [--xla-flags-sweep] [--breakdown]
 
 Same weights (the fp32 HF directory made from the GGUF), float32, B x T random tokens, LoRA r=8
-alpha=16 on q,k,v,o,gate,up,down, AdamW (lr 2e-4, no weight decay), no dropout, no gradient
-checkpointing. Contenders: our jitted train step (`make_train_step` + `jit_train_step`,
-`make_optimizer`: ZClip + per-label AdamW) with CRMA rank 4 on and off, and PEFT LoRA +
-`torch.optim.AdamW` with `torch.set_num_threads(os.cpu_count())`. Each is warmed up (compiled) by
-one step, then `--steps` steps run interleaved (ours+CRMA, ours, PEFT, ours+CRMA, ...); tokens/s =
-B*T / median step time.
+alpha=16 on q,k,v,o,gate,up,down, AdamW (lr 2e-4, no weight decay), no dropout. Contenders: our
+jitted train step (`make_train_step` + `jit_train_step`, `make_optimizer`: ZClip + per-label
+AdamW) with CRMA rank 4 on and off (remat none, like PEFT without gradient checkpointing), the
+same with `crma train`'s default remat, and PEFT LoRA + `torch.optim.AdamW` with
+`torch.set_num_threads(os.cpu_count())`.
 
-Also the machine's fp32 matmul rate (XLA and torch) on the step's shapes, and our step's
-achieved GFLOP/s, with N = B*T tokens:
+Each contender runs in **its own process**, one per round, alternating (A, B, C, D, A, ...):
+torch's OpenMP threads keep spinning after each torch op and took the cores from XLA when both
+ran in one process. Each process compiles / warms up with one step, then times `--steps` steps;
+tokens/s = B*T / median step time over all rounds.
+
+Step efficiency = the step's achieved FLOP/s over XLA's own fp32 matmul rate on the step's
+matmul shapes, measured in a JAX-only process (`xla_matmul_rate`). Step FLOPs, N = B*T tokens:
   frozen projections: 4 * N * P_layers  (forward 2NP + input-gradient 2NP; frozen W gets no dW)
   LM head (tied):     4 * N * d * V     (forward + input-gradient into the hidden states)
   attention:          12 * L * B * T^2 * H * hd  (QK^T and PV: 4BT^2·H·hd forward, 2x that backward)
   LoRA:               6 * N * P_lora    (forward, input-grad and weight-grad of A and B)
-CRMA, norms, RoPE, softmax and the optimizer are not counted (they are memory-bound).
-`--breakdown` times the jitted sub-parts of our step (forward, head + loss, gradient, update).
+CRMA, norms, RoPE, softmax, the optimizer and remat's recomputation are not counted.
+`--xla-flags-sweep` times our step under each XLA:CPU option of `XLA_CANDIDATES` against the
+default; `--breakdown` profiles our step and times its jitted sub-parts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from crma_jax.train.bench_util import command_line
 
 import crma_jax
 from crma_jax import CRMAConfig, LoraConfig, count_params, param_labels
 from crma_jax.loss import next_token_loss
 from crma_jax.optim import make_optimizer
 from crma_jax.sharding import make_mesh
+from crma_jax.train.bench_util import command_line, cpu_env, machine_note, run_child
 from crma_jax.train_step import forward_loss, jit_train_step, make_train_step
 
 LR = {"lora_a": 2e-4, "lora_b": 2e-4, "crma_mix": 1e-3, "crma_gate": 1e-2}
@@ -103,20 +111,32 @@ def peft_step(path: Any, ids: np.ndarray) -> Callable[[], Any]:
     return run
 
 
-def matmul_rates(reps: int = 5) -> list[tuple[str, str, float, float]]:
-    """(shape, framework, best GFLOP/s, median GFLOP/s) for x (1024, 576) @ w (576, n)."""
-    import torch
+def step_matmuls(cfg: Any, batch: int, seq: int) -> list[tuple[int, int, int, int]]:
+    """(M, K, N, count) of the step's frozen matmuls, forward x·W and input-gradient dy·Wᵀ."""
+    m, d, hd = batch * seq, cfg.hidden_size, cfg.head_dim
+    q_out, kv_out, f = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.intermediate_size
+    shapes = [(d, q_out, 1), (d, kv_out, 2), (q_out, d, 1), (d, f, 2), (f, d, 1)]
+    out = []
+    for k, n, c in shapes:
+        out += [(m, k, n, c * cfg.num_layers), (m, n, k, c * cfg.num_layers)]
+    return out + [(m, d, cfg.vocab_size, 1), (m, cfg.vocab_size, d, 1)]
 
-    rows = []
-    for n in (1536, 49152):
-        flops = 2 * 1024 * 576 * n
-        x, w = np.random.default_rng(0).standard_normal((2, 1024 * 576 + 576 * n), np.float32)
-        xj, wj = jnp.asarray(x[: 1024 * 576].reshape(1024, 576)), jnp.asarray(w[: 576 * n].reshape(576, n))
-        xt, wt = torch.from_numpy(np.asarray(xj)), torch.from_numpy(np.asarray(wj))
-        dot = jax.jit(jnp.dot)
-        ts = interleave({"XLA (jax.jit(jnp.dot))": lambda: dot(xj, wj), "torch.mm": lambda: torch.mm(xt, wt)}, reps)
-        rows += [(f"1024x576x{n}", k, flops / min(v) / 1e9, flops / statistics.median(v) / 1e9) for k, v in ts.items()]
-    return rows
+
+def xla_matmul_rate(cfg: Any, batch: int, seq: int, reps: int = 5) -> tuple[float, list[tuple[str, float]]]:
+    """XLA's own fp32 matmul rate on the step's shapes, in this (JAX-only) process: the
+    FLOP-weighted harmonic mean over `step_matmuls` of each shape's best-of-`reps` GFLOP/s."""
+    rng = np.random.default_rng(0)
+    dot = jax.jit(jnp.dot)
+    rows, total_flops, total_s = [], 0.0, 0.0
+    for m, k, n, count in step_matmuls(cfg, batch, seq):
+        x = jnp.asarray(rng.standard_normal((m, k), np.float32))
+        w = jnp.asarray(rng.standard_normal((k, n), np.float32))
+        best = min(interleave({"dot": lambda: dot(x, w)}, reps)["dot"])
+        flops = 2 * m * k * n
+        rows.append((f"{m}x{k}x{n} (x{count})", flops / best / 1e9))
+        total_flops += count * flops
+        total_s += count * best
+    return total_flops / total_s / 1e9, rows
 
 
 def step_flops(cfg: Any, batch: int, seq: int, lora_params: int) -> float:
@@ -125,73 +145,6 @@ def step_flops(cfg: Any, batch: int, seq: int, lora_params: int) -> float:
     per_layer = d * (q_out + 2 * kv_out) + q_out * d + 3 * d * cfg.intermediate_size
     attention = 12 * cfg.num_layers * batch * seq**2 * cfg.num_heads * hd
     return 4 * n * (cfg.num_layers * per_layer + d * cfg.vocab_size) + attention + 6 * n * lora_params
-
-
-@jax.custom_vjp
-def lora_matmul(x: Any, w: Any, a: Any, b: Any, scale: float = 2.0) -> Any:
-    """PROPOSAL: x @ w + scale (x @ a) @ b with a hand-written VJP on 2-D (tokens, features)."""
-    return x @ w + (x @ a) @ b * scale
-
-
-def _lora_fwd(x: Any, w: Any, a: Any, b: Any, scale: float = 2.0) -> Any:
-    return lora_matmul(x, w, a, b, scale), (x, w, a, b, scale)
-
-
-def _lora_bwd(res: Any, dy: Any) -> Any:
-    x, w, a, b, scale = res
-    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    dlow = (dy2 @ b.T) * scale
-    dx = (dy2 @ w.T + dlow @ a.T).reshape(x.shape)
-    return dx, jnp.zeros_like(w), x2.T @ dlow, (x2 @ a).T @ dy2 * scale, 0.0
-
-
-lora_matmul.defvjp(_lora_fwd, _lora_bwd)
-
-
-def proposals(model: Any, batch: dict[str, jax.Array]) -> dict[str, Callable[[], Any]]:
-    """fwd+bwd of one layer's MLP (library vs `lora_matmul`) and attention core (a verbatim replica
-    of the library's vs heads-major layout, K/V repeated, additive mask), random weights."""
-    from crma_jax.layers import MLP
-
-    cfg, (b, t), hd, g = model.config, batch["input_ids"].shape, model.config.head_dim, model.config.num_heads // model.config.num_kv_heads
-    ks = jax.random.split(jax.random.PRNGKey(1), 4)
-    x = jax.random.normal(ks[0], (b, t, cfg.hidden_size))
-    mlp = MLP(cfg, model.dtype, model.lora)
-    v = mlp.init(ks[1], x)
-
-    def lib_mlp(lora: Any, x_: Any, p: Any) -> Any:
-        return jnp.sum(jnp.square(mlp.apply({"params": p, "lora": lora}, x_)))
-
-    def new_mlp(lora: Any, x_: Any, p: Any) -> Any:
-        def lin(name: str, h: Any) -> Any:
-            return lora_matmul(h, p[name]["kernel"], lora[name]["a"], lora[name]["b"], model.lora.scale)
-        return jnp.sum(jnp.square(lin("down_proj", jax.nn.silu(lin("gate_proj", x_)) * lin("up_proj", x_))))
-
-    q = jax.random.normal(ks[2], (b, t, cfg.num_heads, hd))
-    k, vv = jax.random.normal(ks[3], (2, b, t, cfg.num_kv_heads, hd))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-
-    def lib_attn(q_: Any, k_: Any, v_: Any) -> Any:
-        s = jnp.einsum("btkgd,bskd->bkgts", q_.reshape(b, t, -1, g, hd) * hd**-0.5, k_).astype(jnp.float32)
-        s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
-        return jnp.sum(jnp.square(jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(s, axis=-1), v_)))
-
-    def new_attn(q_: Any, k_: Any, v_: Any) -> Any:
-        k_, v_ = jnp.repeat(k_, g, axis=2), jnp.repeat(v_, g, axis=2)
-        s = jnp.einsum("bthd,bshd->bhts", q_ * hd**-0.5, k_) + jnp.where(mask, 0.0, -1e30)[:, None]
-        return jnp.sum(jnp.square(jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v_)))
-
-    grads = [jax.jit(jax.grad(f, argnums=(0, 1))) for f in (lib_mlp, new_mlp, lib_attn, new_attn)]
-    for i in (0, 2):
-        args = (v["lora"], x, v["params"]) if i == 0 else (q, k, vv)
-        diff = max(float(jnp.max(jnp.abs(u - w))) for u, w in zip(jax.tree.leaves(grads[i](*args)), jax.tree.leaves(grads[i + 1](*args))))
-        print(f"proposal {'MLP' if i == 0 else 'attention'}: max |grad difference| vs library = {diff:.2e}")
-    return {
-        "1 layer: MLP+LoRA fwd+bwd, library (autodiff)": lambda: grads[0](v["lora"], x, v["params"]),
-        "1 layer: MLP+LoRA fwd+bwd, proposal (lora_matmul VJP)": lambda: grads[1](v["lora"], x, v["params"]),
-        "1 layer: attention core fwd+bwd, library layout": lambda: grads[2](q, k, vv),
-        "1 layer: attention core fwd+bwd, proposal (bhts, bias)": lambda: grads[3](q, k, vv),
-    }
 
 
 def profile_step(run: Callable[[], Any], hlo: str, top: int = 12) -> None:
@@ -241,92 +194,142 @@ def breakdown(model: Any, variables: dict[str, Any], batch: dict[str, jax.Array]
     def head_loss(h: Any, p: Any) -> Any:
         return next_token_loss(model.apply({"params": p}, h, method="logits"), batch["input_ids"], batch["loss_mask"])[0]
 
-    def head_loss_chunked(h: Any, p: Any, chunk: int = 128) -> Any:
-        """The same loss without the (B, T, V) logits: per-chunk logits, recomputed in backward."""
-        hs = h[:, :-1].reshape(-1, h.shape[-1])
-        tgt = batch["input_ids"][:, 1:].reshape(-1)
-        w = batch["loss_mask"][:, 1:].reshape(-1).astype(jnp.float32)
-        pad = -hs.shape[0] % chunk
-        hs, tgt, w = jnp.pad(hs, ((0, pad), (0, 0))), jnp.pad(tgt, (0, pad)), jnp.pad(w, (0, pad))
-
-        @jax.checkpoint
-        def one(args: Any) -> Any:
-            logits = (args[0] @ p["embed_tokens"]["embedding"].T).astype(jnp.float32)
-            picked = jnp.take_along_axis(logits, args[1][:, None], axis=-1)[:, 0]
-            return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * args[2])
-
-        return jnp.sum(jax.lax.map(one, (hs.reshape(-1, chunk, hs.shape[-1]), tgt.reshape(-1, chunk), w.reshape(-1, chunk))))
-
     h = jax.block_until_ready(jax.jit(hidden)(variables))
-    a, b = jax.jit(head_loss)(h, params), jax.jit(head_loss_chunked)(h, params)
-    print(f"chunked head+loss matches the library's: {float(a):.4f} vs {float(b):.4f}")
-    fns = [jax.jit(f) for f in (hidden, loss, jax.value_and_grad(loss), jax.value_and_grad(head_loss),
-                                jax.value_and_grad(head_loss_chunked))]
+    fns = [jax.jit(f) for f in (hidden, loss, jax.value_and_grad(loss), jax.value_and_grad(head_loss))]
     return interleave({
         "forward to hidden states (layers only)": lambda: fns[0](variables),
         "forward + head + loss": lambda: fns[1](trainable, params),
         "value_and_grad(loss) wrt lora+crma (no optimizer)": lambda: fns[2](trainable, params),
-        "head + loss, fwd+bwd to h (library: full B,T,V logits)": lambda: fns[3](h, params),
-        "head + loss, fwd+bwd to h (chunks of 128 tokens, remat)": lambda: fns[4](h, params),
-        **proposals(model, batch),
+        "head + loss, fwd+bwd to h (full B,T,V logits, for scale)": lambda: fns[3](h, params),
     }, reps)
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per contender (default: 6)")
-    parser.add_argument("--batch", type=int, default=4, help="batch size B (default: 4)")
-    parser.add_argument("--seq", type=int, default=256, help="sequence length T (default: 256)")
-    parser.add_argument("--breakdown", action="store_true", help="also time sub-parts, profile, proposals")
+CONTENDERS = {
+    "ours+crma": "ours, LoRA + CRMA (remat none)",
+    "ours": "ours, LoRA, CRMA off (remat none)",
+    "ours+crma-remat": "ours, LoRA + CRMA (remat full, crma train's default)",
+    "peft": "PEFT LoRA (torch)",
+}
+# XLA:CPU options tried by --xla-flags-sweep, each against the default in alternating processes.
+XLA_CANDIDATES = (
+    "--xla_cpu_use_onednn=true",
+    "--xla_cpu_prefer_vector_width=512",
+    "--xla_cpu_enable_fast_math=true",
+    "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+    "--xla_cpu_experimental_ynn_fusion_type=",
+    "--xla_cpu_use_xnnpack=false",
+)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _setup(batch_size: int, seq: int) -> tuple[Any, Any, Any, dict[str, Any], np.ndarray]:
     from crma_jax.convert.smollm2 import smollm2_hf_dir
 
     path = smollm2_hf_dir()
-    print(f"$ {command_line()}")
-    print(f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} (before)")
     model, variables = crma_jax.load_pretrained(path, dtype="float32", lora=LoraConfig(rank=8, alpha=16.0),
                                                 crma=CRMAConfig(rank=4))
-    b, t = args.batch, args.seq
-    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (b, t)).astype(np.int32)
-    batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.ones((b, t), jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-             "loss_mask": jnp.ones((b, t), jnp.int32)}
-    off = {k: v for k, v in variables.items() if k != "crma"}
-    fns = {"ours, LoRA + CRMA": our_step(model, variables, batch),
-           "ours, LoRA (CRMA off)": our_step(model.clone(crma=None), off, batch),
-           "PEFT LoRA (torch)": peft_step(path, ids)}
-    first = {k: float(jax.device_get(fn())) for k, fn in fns.items()}  # also the warm-up / compile
-    print("step-0 loss (same weights, B=0 LoRA): " + ", ".join(f"{k}: {v:.4f}" for k, v in first.items()))
-    times = interleave(fns, args.steps)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    flops = step_flops(model.config, b, t, count_params({"lora": variables["lora"]})["trainable"])
-    rates = matmul_rates()
-    print(f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} (after)")
-    print(f"\nSmolLM2-135M LoRA r=8 (7 targets) training step, B={b}, T={t}, float32; "
-          f"median of {args.steps} interleaved steps after 1 warm-up; step FLOPs (formula above) = {flops / 1e9:.0f} G")
-    print("| contender | median step s | min s | tokens/s | achieved GFLOP/s |")
-    print("|---|---|---|---|---|")
-    for k, v in times.items():
-        print(f"| {k} | {med[k]:.3f} | {min(v):.3f} | {b * t / med[k]:.0f} | {flops / med[k] / 1e9:.1f} |")
-    peft_s, on_s, off_s = med["PEFT LoRA (torch)"], med["ours, LoRA + CRMA"], med["ours, LoRA (CRMA off)"]
-    print(f"throughput ours/PEFT: CRMA off {peft_s / off_s:.2f}x, CRMA on {peft_s / on_s:.2f}x; "
-          f"CRMA-on / CRMA-off step time {on_s / off_s:.3f}")
-    print("\nfp32 matmul x (1024, 576) @ w (576, n), 5 interleaved reps")
-    print("| shape | framework | best GFLOP/s | median GFLOP/s |")
-    print("|---|---|---|---|")
-    for shape, fw, best, medr in rates:
-        print(f"| {shape} | {fw} | {best:.1f} | {medr:.1f} |")
-    if args.breakdown:
-        profile_step(fns["ours, LoRA + CRMA"], fns["ours, LoRA + CRMA"].hlo())  # type: ignore[attr-defined]
-        sub = breakdown(model, variables, batch, args.steps)
-        print(f"\nsub-parts of our step (LoRA + CRMA), jitted, median of {args.steps} interleaved reps")
-        print(f"| part | median s | x{model.config.num_layers} layers for 1-layer parts | share of the full step |")
-        print("|---|---|---|---|")
-        for k, v in sub.items():
-            m = statistics.median(v) * (model.config.num_layers if k.startswith("1 layer") else 1)
-            print(f"| {k} | {statistics.median(v):.4f} | {m:.3f} | {m / on_s:.2f} |")
-    return 0
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch_size, seq)).astype(np.int32)
+    batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.ones((batch_size, seq), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch_size, seq)),
+             "loss_mask": jnp.ones((batch_size, seq), jnp.int32)}
+    return path, model, variables, batch, ids
 
+
+def child(name: str, steps: int, batch_size: int, seq: int) -> dict[str, Any]:
+    """One contender in this process: warm-up (compile) step, then `steps` timed steps."""
+    path, model, variables, batch, ids = _setup(batch_size, seq)
+    if name == "matmul":
+        rate, rows = xla_matmul_rate(model.config, batch_size, seq)
+        return {"rate": rate, "rows": rows}
+    if name == "peft":
+        fn = peft_step(path, ids)
+    elif name == "ours":
+        fn = our_step(model.clone(crma=None), {k: v for k, v in variables.items() if k != "crma"}, batch)
+    else:
+        fn = our_step(model.clone(remat="full" if name.endswith("remat") else "none"), variables, batch)
+    first = float(jax.device_get(fn()))
+    return {"loss0": first, "times": interleave({name: fn}, steps)[name]}
+
+
+def _spawn(name: str, args: argparse.Namespace, xla_flags: str = "") -> dict[str, Any]:
+    env = cpu_env(XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), xla_flags])))
+    return run_child("train", "--child", name, "--steps", str(args.steps), "--batch", str(args.batch),
+                     "--seq", str(args.seq), env=env)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per contender process (default: 4)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of one fresh process per contender, alternating (default: 2)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size B (default: 4)")
+    parser.add_argument("--seq", type=int, default=256, help="sequence length T (default: 256)")
+    parser.add_argument("--breakdown", action="store_true", help="also profile our step and time its sub-parts")
+    parser.add_argument("--xla-flags-sweep", action="store_true",
+                        help="also time our step under each XLA:CPU option in XLA_CANDIDATES against the default")
+    parser.add_argument("--child", choices=[*CONTENDERS, "matmul", "breakdown"], help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.child == "breakdown":
+        _, model, variables, batch, _ = _setup(args.batch, args.seq)
+        fn = our_step(model, variables, batch)
+        fn()
+        profile_step(fn, fn.hlo())  # type: ignore[attr-defined]
+        sub = breakdown(model, variables, batch, args.steps)
+        print(f"\nsub-parts of our step (LoRA + CRMA, remat none), jitted, median of {args.steps} interleaved reps")
+        print("| part | median s |\n|---|---|")
+        for k, v in sub.items():
+            print(f"| {k} | {statistics.median(v):.4f} |")
+        return 0
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.batch, args.seq)))
+        return 0
+    print(f"$ {command_line()}")
+    print(f"{machine_note()} (before); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    times: dict[str, list[float]] = {k: [] for k in CONTENDERS}
+    loss0 = {}
+    for _ in range(args.rounds):
+        for name in CONTENDERS:
+            res = _spawn(name, args)
+            times[name] += res["times"]
+            loss0[name] = res["loss0"]
+    rate, rows = (lambda r: (r["rate"], r["rows"]))(_spawn("matmul", args))
+    print(f"{machine_note()} (after)")
+    b, t = args.batch, args.seq
+    _, model, variables, _, _ = _setup(1, 8)
+    flops = step_flops(model.config, b, t, count_params({"lora": variables["lora"]})["trainable"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nSmolLM2-135M LoRA r=8 (7 targets) training step, B={b}, T={t}, float32; each contender in its own "
+          f"process, {args.rounds} alternating rounds x {args.steps} steps after 1 warm-up; step FLOPs (formula above) "
+          f"= {flops / 1e9:.0f} G")
+    print("step-0 loss (same weights): " + ", ".join(f"{k}: {v:.4f}" for k, v in loss0.items()))
+    print("| contender | median step s | min s | tokens/s | achieved GFLOP/s | step efficiency |")
+    print("|---|---|---|---|---|---|")
+    for k, v in times.items():
+        achieved = flops / med[k] / 1e9
+        print(f"| {CONTENDERS[k]} | {med[k]:.3f} | {min(v):.3f} | {b * t / med[k]:.0f} | {achieved:.1f} | "
+              f"{achieved / rate:.2f} |")
+    print(f"XLA's own fp32 matmul rate on the step's shapes (JAX-only process): {rate:.1f} GFLOP/s "
+          f"(FLOP-weighted over {len(rows)} shapes: " + ", ".join(f"{s} {r:.0f}" for s, r in rows) + ")")
+    peft_s = med["peft"]
+    print(f"ours/PEFT throughput: CRMA off {peft_s / med['ours']:.2f}x, CRMA on {peft_s / med['ours+crma']:.2f}x, "
+          f"CRMA on with remat full {peft_s / med['ours+crma-remat']:.2f}x; "
+          f"CRMA-on / CRMA-off step time {med['ours+crma'] / med['ours']:.3f}")
+    if args.xla_flags_sweep:
+        print("\nXLA:CPU options, ours LoRA + CRMA (remat none), alternating processes with the default")
+        print("| XLA_FLAGS | median step s | default's median s | speed-up |\n|---|---|---|---|")
+        for flag in XLA_CANDIDATES:
+            got, base = [], []
+            for _ in range(args.rounds):
+                got += _spawn("ours+crma", args, flag)["times"]
+                base += _spawn("ours+crma", args)["times"]
+            print(f"| `{flag}` | {statistics.median(got):.3f} | {statistics.median(base):.3f} | "
+                  f"{statistics.median(base) / statistics.median(got):.2f}x |")
+    if args.breakdown:
+        out = subprocess.run([sys.executable, "-m", "crma_jax.train.cli", "bench", "train", "--child", "breakdown",
+                              "--steps", str(args.steps), "--batch", str(b), "--seq", str(t)],
+                             capture_output=True, text=True, env=cpu_env())
+        print(out.stdout)
+        if out.returncode != 0:
+            sys.stderr.write(out.stderr[-4000:])
+            return 1
+    return 0

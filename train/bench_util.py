@@ -3,11 +3,14 @@ the environment of its child processes, and the kernel's own memory accounting."
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def command_line() -> str:
@@ -53,3 +56,14 @@ def proc_status() -> dict[str, float]:
 def reset_peak_rss() -> None:
     """Reset VmHWM to the current RSS (Linux >= 4.0), so the next peak is this phase's own."""
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def run_child(bench: str, *flags: str, env: dict[str, str] | None = None) -> Any:
+    """Run `crma bench BENCH FLAGS...` in a fresh process (a benchmark's own child mode) and
+    return the JSON its last stdout line holds; a failed child stops the benchmark, naming it."""
+    cmd = [sys.executable, "-m", "crma_jax.train.cli", "bench", bench, *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env or cpu_env())
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-4000:])
+        raise SystemExit(f"{' '.join(cmd[3:])}: child exited with {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
