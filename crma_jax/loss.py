@@ -25,6 +25,7 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, mask: jax.Array | N
 
 
 VOCAB_BLOCK = 8192  # vocabulary columns per block of the blockwise LM head + cross-entropy
+FULL_LOGITS_MAX = 2**26  # logits (rows x V) up to which the loss takes them all at once: 256 MiB f32
 
 
 def _head_block(head: jax.Array, j: jax.Array, size: int, tied: bool, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -159,8 +160,10 @@ def chunked_token_nll(
     softcap: float | None = None,
     chunk_size: int = 1024,
     vocab_block: int = VOCAB_BLOCK,
+    full_logits_max: int = FULL_LOGITS_MAX,
 ) -> jax.Array:
-    """(B, T) float32 per-token NLL from final hidden states, never holding (B, T, V) logits.
+    """(B, T) float32 per-token NLL from final hidden states, holding no (B, T, V) logits
+    beyond `full_logits_max` elements.
 
     hidden (B, T, d) in the compute dtype; the LM head is `kernel` (d, V) or a tied
     `embedding` (V, d) (exactly one), cast to hidden's dtype as `Decoder.logits` does, and the
@@ -172,7 +175,11 @@ def chunked_token_nll(
     softmax does) and the custom backward recomputes each block. Forward and backward hold
     O(chunk_size · vocab_block) logits and one head block in the compute dtype, never the
     (B, T, V) logits nor a float32 copy of the whole head (which XLA:CPU would otherwise make:
-    3.4 GiB for Gemma-2's tied 256k × 3584 embedding).
+    3.4 GiB for Gemma-2's tied 256k × 3584 embedding). When all the logits number at most
+    `full_logits_max`, they are computed at once and differentiated by autodiff instead: the
+    blockwise backward recomputes the logits, one more head matmul (measured: value_and_grad
+    of a SmolLM2 step at B·T = 1024 takes 5.21 s blockwise, 4.86 s at once; BENCHMARKS.md §3),
+    which only pays off when the logits would not fit.
     """
     if (kernel is None) == (embedding is None):
         raise ValueError("pass exactly one of kernel (d, V) or embedding (V, d)")
@@ -182,16 +189,33 @@ def chunked_token_nll(
     rows = b * (t - 1)
     h = hidden[:, :-1].reshape(rows, d)
     targets = input_ids[:, 1:].reshape(rows)
+    tied = embedding is not None
+    head = embedding if tied else kernel
+    if rows * head.shape[0 if tied else 1] <= full_logits_max:
+        nll = _full_nll(h, targets, head, tied, softcap or None).reshape(b, t - 1)
+    else:
+        nll = _rows_nll(h, targets, head, tied, softcap or None, chunk_size, vocab_block).reshape(b, t - 1)
+    if loss_mask is not None:
+        nll = nll * loss_mask[:, 1:].astype(jnp.float32)
+    return jnp.pad(nll, ((0, 0), (1, 0)))
+
+
+def _full_nll(h: jax.Array, targets: jax.Array, head: jax.Array, tied: bool, softcap: float | None) -> jax.Array:
+    """(rows,) NLL from all the logits at once (small problems; plain autodiff)."""
+    logits = _block_logits(h, head.astype(h.dtype) if tied else head.astype(h.dtype).T, softcap)
+    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def _rows_nll(h: jax.Array, targets: jax.Array, head: jax.Array, tied: bool, softcap: float | None,
+              chunk_size: int, vocab_block: int) -> jax.Array:
+    """(rows,) NLL through `_blockwise_nll` over row chunks of `chunk_size`."""
+    rows, d = h.shape
     size = max(1, min(chunk_size, rows))
     n = -(-rows // size)
     h = jnp.pad(h, ((0, n * size - rows), (0, 0))).reshape(n, size, d)
     targets = jnp.pad(targets, (0, n * size - rows)).reshape(n, size)
-    tied = embedding is not None
-    nll = _blockwise_nll(h, targets, embedding if tied else kernel, tied, softcap or None, vocab_block)
-    nll = nll.reshape(-1)[:rows].reshape(b, t - 1)
-    if loss_mask is not None:
-        nll = nll * loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.pad(nll, ((0, 0), (1, 0)))
+    return _blockwise_nll(h, targets, head, tied, softcap, vocab_block).reshape(-1)[:rows]
 
 
 def chunked_next_token_loss(
@@ -204,10 +228,11 @@ def chunked_next_token_loss(
     softcap: float | None = None,
     chunk_size: int = 1024,
     vocab_block: int = VOCAB_BLOCK,
+    full_logits_max: int = FULL_LOGITS_MAX,
 ) -> tuple[jax.Array, jax.Array]:
     """`next_token_loss` from hidden states through `chunked_token_nll`: float32 (sum, count)."""
     nll = chunked_token_nll(hidden, input_ids, loss_mask, kernel=kernel, embedding=embedding, softcap=softcap,
-                            chunk_size=chunk_size, vocab_block=vocab_block)
+                            chunk_size=chunk_size, vocab_block=vocab_block, full_logits_max=full_logits_max)
     return jnp.sum(nll), target_count(input_ids, loss_mask)
 
 

@@ -27,7 +27,7 @@ from crma_jax.attention import IMPLEMENTATIONS, NO_WINDOW, MaskInfo
 from crma_jax.config import ModelConfig
 from crma_jax.crma import CRMA, DIAGNOSTICS, CRMAConfig
 from crma_jax.layers import MLP, Attention, RMSNorm, rope_tables
-from crma_jax.loss import chunked_token_nll, target_count
+from crma_jax.loss import FULL_LOGITS_MAX, chunked_token_nll, target_count
 from crma_jax.lora import LoraConfig
 
 Dtype = Any
@@ -207,12 +207,14 @@ class Decoder(nn.Module):
         deterministic: bool = True,
         crma_enabled: bool = True,
         chunk_size: int = LOSS_CHUNK,
+        full_logits_max: int = FULL_LOGITS_MAX,
     ) -> jax.Array:
         """(B, T) float32 per-token next-token NLL (column 0 and masked targets are 0), through
         the chunked LM head + cross-entropy: no (B, T, V) logits are ever materialised."""
         h, _ = self.hidden(input_ids, None, positions, segment_ids, deterministic, crma_enabled)
         softcap = self.config.final_logit_softcap or None
-        return chunked_token_nll(h, input_ids, loss_mask, softcap=softcap, chunk_size=chunk_size, **self.head())
+        return chunked_token_nll(h, input_ids, loss_mask, softcap=softcap, chunk_size=chunk_size,
+                                 full_logits_max=full_logits_max, **self.head())
 
     def loss(
         self,
@@ -223,10 +225,12 @@ class Decoder(nn.Module):
         deterministic: bool = True,
         crma_enabled: bool = True,
         chunk_size: int = LOSS_CHUNK,
+        full_logits_max: int = FULL_LOGITS_MAX,
     ) -> tuple[jax.Array, jax.Array]:
         """float32 (summed next-token NLL, number of target tokens): `next_token_loss` of the
         logits, computed chunk by chunk (see `token_nll`)."""
-        nll = self.token_nll(input_ids, loss_mask, positions, segment_ids, deterministic, crma_enabled, chunk_size)
+        nll = self.token_nll(input_ids, loss_mask, positions, segment_ids, deterministic, crma_enabled, chunk_size,
+                             full_logits_max)
         return jnp.sum(nll), target_count(input_ids, loss_mask)
 
     def logits(self, h: jax.Array) -> jax.Array:

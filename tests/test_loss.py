@@ -23,8 +23,8 @@ def _full_loss(hidden, ids, mask, head, tied, softcap):
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("softcap", [None, 3.0])
-@pytest.mark.parametrize("vocab_block", [16, 64])  # 50 = 16 + 16 + 16 + 2: the last block overlaps
-def test_chunked_equals_full_values_and_gradients(tied, softcap, vocab_block):
+@pytest.mark.parametrize("vocab_block,full_max", [(16, 0), (64, 0), (64, 10**9)])  # 50 = 16+16+16+2: overlap
+def test_chunked_equals_full_values_and_gradients(tied, softcap, vocab_block, full_max):
     b, t, d, v = 2, 7, 16, 50
     rng = np.random.RandomState(0)
     hidden = jnp.asarray(rng.randn(b, t, d), jnp.float32)
@@ -34,7 +34,8 @@ def test_chunked_equals_full_values_and_gradients(tied, softcap, vocab_block):
 
     def chunked(h, w):
         kw = {"embedding": w} if tied else {"kernel": w}
-        return chunked_next_token_loss(h, ids, mask, softcap=softcap, chunk_size=5, vocab_block=vocab_block, **kw)  # 14 rows: 3 chunks
+        return chunked_next_token_loss(h, ids, mask, softcap=softcap, chunk_size=5, vocab_block=vocab_block,
+                                       full_logits_max=full_max, **kw)  # 14 rows: 3 chunks, or all at once
 
     def full(h, w):
         return _full_loss(h, ids, mask, w, tied, softcap)
@@ -94,7 +95,7 @@ def test_decoder_loss_equals_logits_path_with_adapter_gradients(kind):
     @jax.jit
     def both(t):
         def chunked(t):
-            return model.apply({"params": frozen, **t}, ids, mask, chunk_size=4, method="loss", **kw)
+            return model.apply({"params": frozen, **t}, ids, mask, chunk_size=4, full_logits_max=0, method="loss", **kw)
 
         def full(t):
             return next_token_loss(model.apply({"params": frozen, **t}, ids, **kw), ids, mask)
@@ -121,7 +122,7 @@ def test_chunked_loss_memory_holds_no_full_logits():
         grad = jax.grad(lambda h, w, i: loss(h, w, i)[0], argnums=(0, 1))
         return jax.jit(grad).lower(*specs).compile().memory_analysis().temp_size_in_bytes
 
-    chunked = temp(lambda h, w, i: chunked_next_token_loss(h, i, kernel=w, chunk_size=256))
+    chunked = temp(lambda h, w, i: chunked_next_token_loss(h, i, kernel=w, chunk_size=256, full_logits_max=0))
     full = temp(lambda h, w, i: _full_loss(h, i, None, w, False, None))
     assert full > logits_bytes
     # Measured: two (256, V) float32 chunk buffers (65.6 MB) against 1.5 GB for the full path.
@@ -138,7 +139,8 @@ def test_frozen_bf16_head_is_never_copied_whole():
              jax.ShapeDtypeStruct((b, t), jnp.int32))
 
     def loss(h, w, i):
-        return chunked_next_token_loss(h, i, embedding=w, softcap=30.0, chunk_size=256, vocab_block=1024)[0]
+        return chunked_next_token_loss(h, i, embedding=w, softcap=30.0, chunk_size=256, vocab_block=1024,
+                                       full_logits_max=0)[0]
 
     temp = jax.jit(jax.grad(loss)).lower(*specs).compile().memory_analysis().temp_size_in_bytes
     # Measured: one bf16 bit-copy of the head (the bitcast) plus (256, 1024) blocks; a float32
