@@ -261,8 +261,12 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(crash_runs, uninter
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_lm, data_file, tmp_path):
     run = tmp_path / "run"
     argv = _argv(tiny_lm, data_file, run, "--steps", "100000", "--checkpoint-every", "100000", *RESUME[4:])
+    # As from a terminal: SIGINT at its default in the child, even when this test process runs
+    # as a background job (a non-interactive shell starts `cmd &` with SIGINT ignored, and an
+    # ignored signal stays ignored across exec).
     proc = subprocess.Popen([sys.executable, "-m", "crma_jax.train.cli", *argv], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         metrics = run / "metrics.jsonl"
         deadline = time.monotonic() + 300
