@@ -7,11 +7,16 @@ LoRA (+ CRMA) step compiled from abstract shapes. No weights are loaded or alloc
 The figures are `jax.jit(step).lower(ShapeDtypeStructs).compile().memory_analysis()` on the
 chosen backend (the default one, or e.g. "cpu"), so they describe the exact program that
 `crma train` runs with the same settings, including its donation of the trainable state.
+
+`fastest_fitting` is the same measurement used at run time: `crma train --remat auto` compiles
+the step under each remat policy, fastest first, and runs the first whose new allocations fit
+in the memory the devices still have free.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -61,6 +66,90 @@ class MemoryPlan:
 
     def gib(self) -> dict[str, float]:
         return {k: v / GIB for k, v in {**dataclasses.asdict(self), "total": self.total}.items()}
+
+
+# Remat policies from fastest to leanest, as measured on SmolLM2's step (BENCHMARKS.md §3):
+# `none` and `minimal` recompute only elementwise work (`minimal` keeps less), the others
+# recompute projections too.
+REMAT_BY_SPEED = ("none", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full")
+# The share of free memory a step may plan to use: XLA's plan leaves out the runtime's own
+# allocations and fragmentation.
+HEADROOM = 0.85
+
+
+def step_bytes(analysis: Any) -> int:
+    """Bytes one run of a compiled step allocates beyond its (already resident) arguments:
+    temporaries plus outputs that are not donated argument buffers."""
+    return analysis.temp_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+
+
+def _host_free_bytes() -> int:
+    """MemAvailable, capped by the cgroup (v2) limit where one is set."""
+    with open("/proc/meminfo") as f:
+        free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            current = int(f.read())
+        if limit != "max":
+            free = min(free, int(limit) - current)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def free_bytes(devices: Sequence[Any]) -> int:
+    """Bytes still free on the most loaded of `devices`: the allocator's limit minus what is in
+    use for an accelerator, the host's available memory for CPU devices (which share it)."""
+    free = []
+    for device in devices:
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        if stats and "bytes_limit" in stats:
+            free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+        else:
+            cpus = sum(d.platform == "cpu" for d in devices if d.process_index == device.process_index)
+            free.append(_host_free_bytes() // max(cpus, 1))
+    return min(free)
+
+
+@dataclasses.dataclass(frozen=True)
+class RematChoice:
+    """The policy `fastest_fitting` picked, its compiled step, and what each tried policy needs."""
+
+    policy: str
+    compiled: Any
+    fits: bool
+    needed: dict[str, int]  # policy -> `step_bytes`, in the order tried
+    free: int
+
+    def describe(self) -> str:
+        tried = ", ".join(f"{p} {_size(n)}" for p, n in self.needed.items())
+        verdict = "fits" if self.fits else "does not fit either; running the leanest"
+        return (f"remat {self.policy!r}: the step needs {_size(self.needed[self.policy])} beyond its arguments, "
+                f"{_size(self.free)} free, {verdict} (tried: {tried})")
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+
+
+def fastest_fitting(compile_for: Callable[[str], Any], free: int, policies: Sequence[str] = REMAT_BY_SPEED,
+                    headroom: float = HEADROOM) -> RematChoice:
+    """Compile the step under each of `policies` in order (fastest first) and return the first
+    whose `step_bytes` is at most `headroom × free`; the last one if none is.
+
+    `compile_for(policy)` returns a `jax.stages.Compiled` step. Only policies up to the chosen
+    one are compiled, so a step that fits without remat costs one compilation, as plain jit would.
+    """
+    needed: dict[str, int] = {}
+    compiled = None
+    for policy in policies:
+        compiled = compile_for(policy)
+        needed[policy] = step_bytes(compiled.memory_analysis())
+        if needed[policy] <= headroom * free:
+            return RematChoice(policy, compiled, True, needed, free)
+    return RematChoice(policies[-1], compiled, False, needed, free)
 
 
 def _struct(x: Any, dtype: Any = None) -> jax.ShapeDtypeStruct:

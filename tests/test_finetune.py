@@ -21,6 +21,7 @@ import yaml
 
 from crma_jax.data import BatchIterator, build_dataset
 from crma_jax.pretrained import load_tokenizer
+from crma_jax.train import finetune
 from crma_jax.train.checkpointing import checkpoint_manager, restore_state
 from crma_jax.train.cli import main
 from crma_jax.train.config import TrainConfig, parse_config
@@ -137,6 +138,7 @@ def test_full_run_writes_every_artifact_and_learns(tiny_lm, data_file, tmp_path,
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 24 and summary["skipped_steps"] == 0
+    assert summary["remat"] == "none"  # --remat auto: a tiny step fits without remat
     assert summary["holdout_loss"] == pytest.approx(evals[-1][1])
     assert summary["final_loss"] == pytest.approx(records[-1]["loss"])
 
@@ -291,6 +293,15 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_lm, data_file, tmp_path):
     assert int(state["opt_state"]["zclip"]["count"]) == step
     assert meta["data"] == _data_position(tiny_lm, data_file, step)
     assert not (run / "summary.json").exists()
+
+
+def test_auto_remat_falls_back_to_the_leanest_policy_when_memory_is_short(tiny_lm, data_file, tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setattr(finetune, "free_bytes", lambda devices: 1)
+    assert main(_argv(tiny_lm, data_file, tmp_path / "run", "--steps", "2", "--warmup-steps", "0")) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["remat"] == "full"
+    assert "remat 'full'" in out.err and "does not fit either" in out.err and "tried: none" in out.err
 
 
 @pytest.mark.parametrize("what", ["missing_data", "empty_data", "missing_model"])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import jax
 import pytest
 
 from crma_jax.config import ModelConfig
-from crma_jax.memory_plan import ARCHS, arch_config, plan_step_memory
+from crma_jax.memory_plan import ARCHS, REMAT_BY_SPEED, arch_config, fastest_fitting, free_bytes, plan_step_memory
 from crma_jax.train.cli import main
 
 # Small enough to compile in seconds, big enough that activations dominate the plan.
@@ -29,6 +31,39 @@ def test_remat_and_nf4_shrink_the_plan_and_blockwise_attention_keeps_it_linear()
     # Quadratic (B, heads, T, T) float32 scores at T=1024: 4·4·1024² bytes per layer = 16 MiB.
     assert plan(attention="xla").temp > base.temp + 16 * 2**20
     assert plan(seq_len=2048).temp < 2.5 * base.temp  # linear in T, with headroom
+
+
+class _FakeCompiled:
+    def __init__(self, temp: int):
+        self.temp = temp
+
+    def memory_analysis(self):
+        return SimpleNamespace(temp_size_in_bytes=self.temp, output_size_in_bytes=100, alias_size_in_bytes=60)
+
+
+def test_fastest_fitting_takes_the_first_policy_that_fits_and_compiles_no_further():
+    needs = {"none": 1000, "minimal": 500, "save_dot_except_mlp": 300, "save_qkv_proj": 200, "full": 100}
+    compiled: list[str] = []
+
+    def compile_for(policy):
+        compiled.append(policy)
+        return _FakeCompiled(needs[policy])
+
+    # Needs are temp + 100 − 60: minimal needs 540 bytes, and 0.85 × 640 = 544 leaves room.
+    choice = fastest_fitting(compile_for, free=640)
+    assert (choice.policy, choice.fits, compiled) == ("minimal", True, ["none", "minimal"])
+    assert choice.needed == {"none": 1040, "minimal": 540} and choice.compiled.temp == 500
+    compiled.clear()
+    choice = fastest_fitting(compile_for, free=10)
+    assert (choice.policy, choice.fits, compiled) == ("full", False, list(REMAT_BY_SPEED))
+    assert "does not fit" in choice.describe()
+
+
+def test_free_bytes_of_cpu_devices_is_a_share_of_the_host_memory():
+    devices = jax.devices("cpu")
+    total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+    assert 0 < free_bytes(devices) * len(devices) <= total
+    assert free_bytes(devices[:1]) >= free_bytes(devices) * len(devices) * 0.9  # one device gets it all
 
 
 def test_bf16_base_plan_on_cpu_holds_no_float32_copy_of_the_stacked_kernels():

@@ -31,7 +31,6 @@ from pathlib import Path
 
 from crma_jax.model import REMAT_POLICIES
 from crma_jax.train.bench_util import command_line, run_child
-from crma_jax.train.config import TrainConfig
 
 KINDS = ("nf4", "bf16", "bf16-bits")  # bf16-bits: stored as uint16 bits, as `crma train` does on a CPU
 
@@ -111,8 +110,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="batch size B (default: 1)")
     parser.add_argument("--seq", type=int, default=128, help="sequence length T (default: 128)")
     parser.add_argument("--reps", type=int, default=1, help="fresh processes per base kind (default: 1)")
-    parser.add_argument("--remat", choices=REMAT_POLICIES, default=TrainConfig.remat,
-                        help=f"remat policy of the step (default: crma train's, {TrainConfig.remat})")
+    parser.add_argument("--remat", choices=REMAT_POLICIES, default="full",
+                        help="remat policy of the step (default: full, the leanest, which crma train's "
+                             "--remat auto falls back to when memory is short)")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
 
 

@@ -5,8 +5,9 @@
 Same weights (the fp32 HF directory made from the GGUF), float32, B x T random tokens, LoRA r=8
 alpha=16 on q,k,v,o,gate,up,down, AdamW (lr 2e-4, no weight decay), no dropout. Contenders: our
 jitted train step (`make_train_step` + `jit_train_step`, `make_optimizer`: ZClip + per-label
-AdamW) with CRMA rank 4 on and off (remat none, like PEFT without gradient checkpointing), the
-same with `crma train`'s default remat, and PEFT LoRA + `torch.optim.AdamW` with
+AdamW) with CRMA rank 4 on and off under `crma train`'s default `--remat auto` (the fastest
+policy whose step fits in free memory: here `none`, like PEFT without gradient checkpointing),
+the same with remat `full`, and PEFT LoRA + `torch.optim.AdamW` with
 `torch.set_num_threads(os.cpu_count())`.
 
 Each contender runs in **its own process**, one per round, alternating (A, B, C, D, A, ...):
@@ -43,6 +44,7 @@ import numpy as np
 import crma_jax
 from crma_jax import CRMAConfig, LoraConfig, count_params, param_labels
 from crma_jax.loss import next_token_loss
+from crma_jax.memory_plan import REMAT_BY_SPEED, fastest_fitting, free_bytes
 from crma_jax.optim import make_optimizer
 from crma_jax.sharding import make_mesh
 from crma_jax.train.bench_util import command_line, cpu_env, machine_note, run_child
@@ -69,22 +71,32 @@ def interleave(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[f
     return out
 
 
-def our_step(model: Any, variables: dict[str, Any], batch: dict[str, jax.Array]) -> Callable[[], Any]:
-    """A closure running one jitted train step on fixed data, carrying trainable + optimizer state."""
+def our_step(model: Any, variables: dict[str, Any], batch: dict[str, jax.Array], remat: str = "none") -> Callable[[], Any]:
+    """A closure running one compiled train step on fixed data, carrying trainable + optimizer
+    state. `remat` "auto" picks the policy as `crma train --remat auto` does (`run.remat`)."""
     trainable = {c: jax.tree.map(jnp.copy, variables[c]) for c in ("lora", "crma") if c in variables}
     opt = make_optimizer(param_labels(trainable), LR, total_steps=0)
     mesh = make_mesh((1, 1, 1))
-    fn, sh = jit_train_step(make_train_step(model, opt), mesh, trainable, opt.init(trainable), variables["params"])
-    place = jax.jit(lambda t: t, out_shardings=(sh["trainable"], sh["opt_state"]))
-    state = list(place((trainable, opt.init(trainable))))  # fresh buffers: the step donates them
-    batch = jax.device_put(batch, sh["batch"])
     rng = jax.random.PRNGKey(0)
+    shardings: dict[str, Any] = {}
+
+    def compile_for(policy: str) -> Any:
+        fn, sh = jit_train_step(make_train_step(model.clone(remat=policy), opt), mesh, trainable,
+                                opt.init(trainable), variables["params"])
+        shardings.update(sh)
+        return fn.lower(trainable, opt.init(trainable), variables["params"], batch, rng).compile()
+
+    choice = fastest_fitting(compile_for, free_bytes(mesh.devices.flat), REMAT_BY_SPEED if remat == "auto" else (remat,))
+    place = jax.jit(lambda t: t, out_shardings=(shardings["trainable"], shardings["opt_state"]))
+    state = list(place((trainable, opt.init(trainable))))  # fresh buffers: the step donates them
+    batch = jax.device_put(batch, shardings["batch"])
 
     def run() -> Any:
-        state[0], state[1], metrics = fn(state[0], state[1], variables["params"], batch, rng)
+        state[0], state[1], metrics = choice.compiled(state[0], state[1], variables["params"], batch, rng)
         return metrics["loss"]
 
-    run.hlo = lambda: fn.lower(state[0], state[1], variables["params"], batch, rng).compile().as_text()  # type: ignore[attr-defined]
+    run.hlo = choice.compiled.as_text  # type: ignore[attr-defined]
+    run.remat = choice.policy  # type: ignore[attr-defined]
     return run
 
 
@@ -211,9 +223,9 @@ def breakdown(model: Any, variables: dict[str, Any], batch: dict[str, jax.Array]
 
 
 CONTENDERS = {
-    "ours+crma": "ours, LoRA + CRMA (remat none)",
-    "ours": "ours, LoRA, CRMA off (remat none)",
-    "ours+crma-remat": "ours, LoRA + CRMA (remat full, crma train's default)",
+    "ours+crma": "ours, LoRA + CRMA (remat auto, crma train's default)",
+    "ours": "ours, LoRA, CRMA off (remat auto)",
+    "ours+crma-remat": "ours, LoRA + CRMA (remat full, the leanest)",
     "peft": "PEFT LoRA (torch)",
 }
 # XLA:CPU options tried by --xla-flags-sweep, each against the default in alternating processes.
@@ -247,11 +259,11 @@ def child(name: str, steps: int, batch_size: int, seq: int) -> dict[str, Any]:
     if name == "peft":
         fn = peft_step(path, ids)
     elif name == "ours":
-        fn = our_step(model.clone(crma=None), {k: v for k, v in variables.items() if k != "crma"}, batch)
+        fn = our_step(model.clone(crma=None), {k: v for k, v in variables.items() if k != "crma"}, batch, "auto")
     else:
-        fn = our_step(model.clone(remat="full" if name.endswith("remat") else "none"), variables, batch)
+        fn = our_step(model, variables, batch, "full" if name.endswith("remat") else "auto")
     first = float(jax.device_get(fn()))
-    return {"loss0": first, "times": interleave({name: fn}, steps)[name]}
+    return {"loss0": first, "times": interleave({name: fn}, steps)[name], "remat": getattr(fn, "remat", None)}
 
 
 def _spawn(name: str, args: argparse.Namespace, xla_flags: str = "") -> dict[str, Any]:
@@ -290,12 +302,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"$ {command_line()}")
     print(f"{machine_note()} (before); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     times: dict[str, list[float]] = {k: [] for k in CONTENDERS}
-    loss0 = {}
+    loss0, chosen = {}, {}
     for _ in range(args.rounds):
         for name in CONTENDERS:
             res = _spawn(name, args)
             times[name] += res["times"]
-            loss0[name] = res["loss0"]
+            loss0[name], chosen[name] = res["loss0"], res["remat"]
     rate, rows = (lambda r: (r["rate"], r["rows"]))(_spawn("matmul", args))
     print(f"{machine_note()} (after)")
     b, t = args.batch, args.seq
@@ -310,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|---|")
     for k, v in times.items():
         achieved = flops / med[k] / 1e9
-        print(f"| {CONTENDERS[k]} | {med[k]:.3f} | {min(v):.3f} | {b * t / med[k]:.0f} | {achieved:.1f} | "
+        label = CONTENDERS[k] + (f" → {chosen[k]}" if "auto" in CONTENDERS[k] else "")
+        print(f"| {label} | {med[k]:.3f} | {min(v):.3f} | {b * t / med[k]:.0f} | {achieved:.1f} | "
               f"{achieved / rate:.2f} |")
     print(f"XLA's own fp32 matmul rate on the step's shapes (JAX-only process): {rate:.1f} GFLOP/s "
           f"(FLOP-weighted over {len(rows)} shapes: " + ", ".join(f"{s} {r:.0f}" for s, r in rows) + ")")
@@ -319,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
           f"CRMA on with remat full {peft_s / med['ours+crma-remat']:.2f}x; "
           f"CRMA-on / CRMA-off step time {med['ours+crma'] / med['ours']:.3f}")
     if args.xla_flags_sweep:
-        print("\nXLA:CPU options, ours LoRA + CRMA (remat none), alternating processes with the default")
+        print("\nXLA:CPU options, ours LoRA + CRMA (remat auto), alternating processes with the default")
         print("| XLA_FLAGS | median step s | default's median s | speed-up |\n|---|---|---|---|")
         for flag in XLA_CANDIDATES:
             got, base = [], []

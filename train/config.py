@@ -62,8 +62,9 @@ class TrainConfig:
     max_grad_norm: float = setting(0.0, "hard cap on the gradient norm after ZClip; 0 = none")
     max_skipped_steps: int = setting(20, "stop after this many consecutive non-finite gradients")
     mesh: str = setting("1,1,1", "device mesh D,F,M over the (data, fsdp, model) axes")
-    remat: str = setting("full", "what each layer keeps for the backward pass: none, full (its input only), "
-                         "save_qkv_proj, save_dot_except_mlp, minimal; memory and speed only")
+    remat: str = setting("auto", "what each layer keeps for the backward pass: none, minimal, save_dot_except_mlp, "
+                         "save_qkv_proj, full (its input only), or auto (the fastest of these whose step fits in "
+                         "free memory, by XLA's plan); memory and speed only")
     attention: str = setting("auto", "attention implementation: auto, xla (quadratic reference), blockwise "
                              "(linear memory), cudnn (GPU); memory and speed only")
     seed: int = setting(0, "seed of adapter init, data order, holdout split and dropout")
@@ -96,8 +97,8 @@ class TrainConfig:
             raise ValueError(f"--warmup-steps {self.warmup_steps} must be < --steps {self.steps}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"--batch-size {self.batch_size} is not divisible by --accum-steps {self.accum_steps}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"--remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.remat != "auto" and self.remat not in REMAT_POLICIES:
+            raise ValueError(f"--remat must be auto or one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"--attention must be one of {', '.join(IMPLEMENTATIONS)}, got {self.attention!r}")
         if self.quant not in ("", "nf4", "int8"):

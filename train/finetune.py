@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from crma_jax.convert.adapter_files import Adapters, BaseSpec, save_adapters
 from crma_jax.convert.smollm2 import resolve_model_path
 from crma_jax.data import BatchIterator, DataSpec, PackedData, check_tokenizer
 from crma_jax.evaluate import evaluate
+from crma_jax.memory_plan import REMAT_BY_SPEED, RematChoice, fastest_fitting, free_bytes
 from crma_jax.optim import learning_rates, make_optimizer, zclip_metrics
 from crma_jax.pretrained import load_tokenizer
 from crma_jax.sharding import make_mesh
@@ -34,7 +36,7 @@ from crma_jax.train.checkpointing import checkpoint_manager, restore_state, save
 from crma_jax.train.config import TrainConfig
 from crma_jax.train.metrics import MetricsWriter
 from crma_jax.train.run_dir import check_run_dir, write_config
-from crma_jax.train_step import batch_sharding, jit_train_step, make_train_step
+from crma_jax.train_step import BATCH_KEYS, batch_sharding, jit_train_step, make_train_step
 
 TRAINABLE = ("lora", "crma")
 # Called right after a checkpoint save of `step` has started (Orbax saves asynchronously; call
@@ -100,7 +102,7 @@ def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
         path, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype or None, mesh=mesh,
         lora=lora_config(cfg), crma=crma_config(cfg), quant=cfg.quant or None, seed=cfg.seed,
     )
-    model = model.clone(remat=cfg.remat, attention=cfg.attention)
+    model = model.clone(attention=cfg.attention)  # remat: chosen when the step compiles (`compile_step`)
     if jax.default_backend() == "cpu":  # see `crma_jax.quant.Float16Bits`
         variables["params"] = store_as_bits(variables["params"])
     tokenizer = load_tokenizer(cfg.tokenizer or path)
@@ -122,6 +124,27 @@ def build_optimizer(cfg: TrainConfig, trainable: dict[str, Any]) -> Any:
         param_labels(trainable), lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay, zclip_kwargs=zclip_kwargs, use_zclip=cfg.zclip,
     )
+
+
+def compile_step(cfg: TrainConfig, session: Session, optimizer: Any) -> tuple[Any, dict[str, Any], RematChoice]:
+    """Compile the training step ahead of time, under `cfg.remat` or, for "auto", under the
+    fastest remat policy whose step fits in the devices' free memory (`fastest_fitting`).
+    Returns (compiled step, its shardings, the choice with what each tried policy needs)."""
+    trainable, frozen = session.trainable, session.frozen
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+    batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.int32) for k in BATCH_KEYS}
+    rng = jax.eval_shape(jax.random.PRNGKey, 0)
+    shardings: dict[str, Any] = {}
+
+    def compile_for(policy: str) -> Any:
+        step = make_train_step(session.model.clone(remat=policy), optimizer, cfg.accum_steps)
+        fn, shardings_ = jit_train_step(step, session.mesh, trainable, opt_state, frozen)
+        shardings.update(shardings_)
+        return fn.lower(trainable, opt_state, frozen, batch, rng).compile()
+
+    policies = REMAT_BY_SPEED if cfg.remat == "auto" else (cfg.remat,)
+    choice = fastest_fitting(compile_for, free_bytes(session.mesh.devices.flat), policies)
+    return choice.compiled, shardings, choice
 
 
 def evaluate_holdout(session: Session, variables: dict[str, Any], holdout: PackedData | None = None) -> float:
@@ -190,9 +213,11 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     key = repr(dataclasses.replace(cfg, out="", data="", resume=False, seed=0)) + repr(jax.tree.structure(trainable))
     if key not in session.compiled:
         optimizer = build_optimizer(cfg, trainable)
-        step = make_train_step(session.model, optimizer, cfg.accum_steps)
-        session.compiled[key] = (optimizer, *jit_train_step(step, session.mesh, trainable, optimizer.init(trainable), frozen))
-    optimizer, step_fn, shardings = session.compiled[key]
+        session.compiled[key] = (optimizer, *compile_step(cfg, session, optimizer))
+        choice = session.compiled[key][3]
+        if cfg.remat == "auto" or not choice.fits:
+            tqdm.write(f"{log_prefix}: {choice.describe()}", file=sys.stderr)
+    optimizer, step_fn, shardings, choice = session.compiled[key]
     place = jax.jit(lambda tree: tree, out_shardings=(shardings["trainable"], shardings["opt_state"], shardings["rng"]))
     # Fresh buffers on the step's own shardings (an identity jit types them exactly like the
     # step's outputs, and drops weak types): otherwise the second step compiles again. Fresh
@@ -255,7 +280,8 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
         bar.close()
         writer.close()
     mngr.wait_until_finished()
-    summary = {"steps": step, "final_loss": record["loss"] if step > start else None, **writer.summary()}
+    summary = {"steps": step, "final_loss": record["loss"] if step > start else None, "remat": choice.policy,
+               **writer.summary()}
     if cfg.eval_every:
         summary["initial_holdout_loss"] = json.loads(initial_file.read_text())["holdout_loss"]
         summary["holdout_loss"] = writer.last("eval_loss")
