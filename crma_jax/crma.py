@@ -85,6 +85,14 @@ def mixing_operator(read: jax.Array, log_mix: jax.Array, gate: jax.Array, iters:
     return u, m, alpha, k
 
 
+def mix_displacement(crma: dict[str, Any], iters: int) -> jax.Array:
+    """(L,) float32 ‖α(Mᵀ − I)‖_F per layer of a stacked `crma` collection: how far each
+    layer's map has moved from the identity on its streams (0 for M = I or α = 0)."""
+    p = crma["layers"]["crma"]
+    return jax.vmap(lambda r, lm, g: jnp.linalg.norm(mixing_operator(r, lm, g, iters)[3]))(
+        p["read"], p["log_mix"], p["gate"])
+
+
 class CRMA(nn.Module):
     """h (B, T, d) -> h' (B, T, d) in h's dtype; the identity when `enabled` is False."""
 

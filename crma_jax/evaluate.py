@@ -95,6 +95,29 @@ def evaluate(model: Any, variables: dict[str, Any], data: PackedData, batch_size
     return EvalResult(total, count)
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _relative_change(model: Any, variables: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
+    def hidden(enabled: bool) -> jax.Array:
+        return model.apply(variables, batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                           crma_enabled=enabled, method="hidden")[0].astype(jnp.float32)
+
+    on, off = hidden(True), hidden(False)
+    return jnp.linalg.norm(on - off, axis=-1) / jnp.maximum(jnp.linalg.norm(off, axis=-1), 1e-30)
+
+
+def crma_effect(model: Any, variables: dict[str, Any], data: PackedData, batch_size: int, *,
+                place: Place = to_device) -> float:
+    """Mean over the real tokens of `data` of ‖h_on − h_off‖ / ‖h_off‖, the final hidden states
+    with CRMA on and off on the same weights: how much the substrate changes the function."""
+    total, count = 0.0, 0
+    for batch in eval_batches(data, batch_size):
+        change = np.asarray(_relative_change(model, variables, place(batch)), np.float64)
+        real = batch["segment_ids"] > 0
+        total += float(change[real].sum())
+        count += int(real.sum())
+    return total / count if count else float("nan")
+
+
 @dataclasses.dataclass(frozen=True)
 class RoutingResult:
     """Automatic routing on one split.

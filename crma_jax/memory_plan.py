@@ -187,7 +187,7 @@ def plan_step_memory(config: ModelConfig, *, batch_size: int = 1, seq_len: int =
     compiled_step, shardings = jit_train_step(step, mesh, trainable, opt_state, frozen)
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32) for k in BATCH_KEYS}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    analysis = compiled_step.lower(trainable, opt_state, frozen, batch, rng).compile().memory_analysis()
+    analysis = compiled_step.lower(trainable, opt_state, frozen, batch, rng, {}).compile().memory_analysis()
     weights = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(frozen))
     return MemoryPlan(argument=analysis.argument_size_in_bytes, output=analysis.output_size_in_bytes,
                       alias=analysis.alias_size_in_bytes, temp=analysis.temp_size_in_bytes, weights=weights)

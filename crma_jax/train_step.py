@@ -1,7 +1,9 @@
-"""The pure training step: `train_step(trainable, opt_state, frozen, batch, rng)`.
+"""The pure training step: `train_step(trainable, opt_state, frozen, batch, rng, memory)`.
 
 Only the trainable collections (`lora`, `crma`) are differentiated; the frozen base (`params`)
-is an argument like the batch. Gradient accumulation runs as a `lax.scan` over micro-batches,
+is an argument like the batch. A continual-learning `method` (`crma_jax.cl`) may change the LoRA
+the forward pass uses and add a regulariser; what it remembers of earlier tasks is `memory`
+(plain arrays, `{}` without a method), an argument too, so a new task needs no recompilation. Gradient accumulation runs as a `lax.scan` over micro-batches,
 summing token-weighted gradients, so the update equals one big batch. `jit_train_step` compiles
 it with explicit in/out `NamedSharding`s over a (data, fsdp, model) mesh.
 """
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from crma_jax.cl import Method
 from crma_jax.crma import DIAGNOSTICS, crma_diagnostics
 from crma_jax.sharding import DEFAULT_RULES, param_shardings
 
@@ -41,24 +44,31 @@ def forward_loss(model: Any, variables: dict[str, Any], batch: Batch, rng: jax.A
     return total, (count, state)
 
 
-def make_train_step(model: Any, optimizer: optax.GradientTransformation, accum_steps: int = 1) -> Callable[..., Any]:
-    """Build `train_step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)`.
+def make_train_step(model: Any, optimizer: optax.GradientTransformation, accum_steps: int = 1,
+                    method: Method | None = None) -> Callable[..., Any]:
+    """Build `train_step(trainable, opt_state, frozen, batch, rng, memory) -> (trainable, opt_state, metrics)`.
 
-    `batch` arrays are (B, T) with B divisible by `accum_steps`. `metrics` holds float32 scalars
-    `loss`, `tokens`, `grad_norm` (before clipping) and, with CRMA, per-layer diagnostics.
+    `batch` arrays are (B, T) with B divisible by `accum_steps`. The gradient is that of the
+    mean token loss plus, with a `method`, its `penalty(lora, memory)`; the forward pass uses
+    `method.forward_lora(lora, memory)`. `metrics` holds float32 scalars `loss` (the mean token
+    loss), `tokens`, `grad_norm` (before clipping), `penalty` with a method and, with CRMA,
+    per-layer diagnostics.
     """
     use_dropout = model.lora is not None and model.lora.dropout > 0
 
-    def grads_of(trainable: Any, frozen: Any, batch: Batch, rng: jax.Array) -> tuple[Any, jax.Array, jax.Array, Any]:
+    def grads_of(trainable: Any, frozen: Any, batch: Batch, rng: jax.Array, memory: Any) -> tuple[Any, jax.Array, jax.Array, Any]:
         def loss(t: Any) -> tuple[jax.Array, Any]:
+            if method is not None:
+                t = {**t, "lora": method.forward_lora(t["lora"], memory)}
             return forward_loss(model, {"params": frozen, **t}, batch, rng if use_dropout else None)
 
         (total, (count, state)), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
         return grads, total, count, state
 
-    def train_step(trainable: Any, opt_state: Any, frozen: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Any, dict]:
+    def train_step(trainable: Any, opt_state: Any, frozen: Any, batch: Batch, rng: jax.Array,
+                   memory: Any) -> tuple[Any, Any, dict]:
         if accum_steps == 1:
-            grads, total, count, state = grads_of(trainable, frozen, batch, rng)
+            grads, total, count, state = grads_of(trainable, frozen, batch, rng, memory)
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
             rngs = jax.random.split(rng, accum_steps)
@@ -66,16 +76,21 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, accum_s
 
             def body(carry: Any, xs: Any) -> tuple[Any, Any]:
                 g_sum, t_sum, c_sum = carry
-                g, t, c, st = grads_of(trainable, frozen, xs[0], xs[1])
+                g, t, c, st = grads_of(trainable, frozen, xs[0], xs[1], memory)
                 return (jax.tree.map(jnp.add, g_sum, g), t_sum + t, c_sum + c), st
 
             (grads, total, count), states = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, rngs))
             state = jax.tree.map(lambda x: x[-1], states)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
+        penalty = {}
+        if method is not None:
+            value, pgrads = jax.value_and_grad(lambda t: method.penalty(t["lora"], memory))(trainable)
+            grads = jax.tree.map(jnp.add, grads, pgrads)
+            penalty = {"penalty": value}
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads), **penalty}
         if model.crma is not None:
             diag = crma_diagnostics(state)
             metrics["crma_spectral_dev"] = jnp.max(jnp.abs(diag["spectral_norm"] - 1.0))
@@ -93,7 +108,7 @@ def batch_sharding(mesh: Mesh, rules: Any = DEFAULT_RULES) -> NamedSharding:
 
 
 def jit_train_step(
-    step: Callable[..., Any], mesh: Mesh, trainable: Any, opt_state: Any, frozen: Any
+    step: Callable[..., Any], mesh: Mesh, trainable: Any, opt_state: Any, frozen: Any, memory: Any = None
 ) -> tuple[Callable[..., Any], dict[str, Any]]:
     """jit `step` with explicit shardings; returns (compiled step, the shardings used).
 
@@ -108,10 +123,12 @@ def jit_train_step(
         "frozen": param_shardings(frozen, mesh),
         "batch": batch_sharding(mesh),
         "rng": replicated,
+        "memory": jax.tree.map(lambda _: replicated, memory if memory is not None else {}),
     }
     compiled = jax.jit(
         step,
-        in_shardings=(shardings["trainable"], shardings["opt_state"], shardings["frozen"], shardings["batch"], replicated),
+        in_shardings=(shardings["trainable"], shardings["opt_state"], shardings["frozen"], shardings["batch"], replicated,
+                      shardings["memory"]),
         out_shardings=(shardings["trainable"], shardings["opt_state"], replicated),
         donate_argnums=(0, 1),
     )

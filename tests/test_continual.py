@@ -12,8 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+from crma_jax.cl import transfer_metrics
+from crma_jax.data import PackedData
 from crma_jax.train.cli import main
-from crma_jax.train.continual import drift
+from crma_jax.train.continual import drift, mix_replay
+from crma_jax.train.metrics import read_metrics
 
 WORDS = {
     "greek": "alpha beta gamma delta epsilon zeta",
@@ -45,78 +48,117 @@ def _args(tiny_lm, domains, out, seeds="0", extra=()):
     return args
 
 
+METHODS = ("naive", "frozen", "modular", "replay", "ewc", "olora")
+
+
 @pytest.fixture(scope="module")
 def finished(tiny_lm, domains, tmp_path_factory):
     out = tmp_path_factory.mktemp("cl") / "run"
-    assert main(_args(tiny_lm, domains, out, seeds="0,1", extra=("--routing", "--routing-tokens", "8"))) == 0
+    extra = ("--conditions", ",".join(METHODS), "--routing-tokens", "8", "--replay-fraction", "0.25")
+    assert main(_args(tiny_lm, domains, out, seeds="0,1", extra=extra)) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
-def test_matrix_shape_and_drift_formula(finished):
+def test_matrix_metrics_and_files(finished):
     out, payload = finished
     assert payload["domains"] == list(WORDS) and payload["seeds"] == [0, 1]
-    for cond in ("naive", "frozen", "modular"):
+    for cond in METHODS:
         for seed in ("0", "1"):
             r = payload["results"][cond][seed]
-            L = r["L"]
-            assert len(L) == 3 and all(len(row) == 3 for row in L)
-            assert all(L[i][j] is None for i in range(3) for j in range(3) if j > i)
-            assert all(L[i][j] > 0 for i in range(3) for j in range(3) if j <= i)
-            expected = [(L[2][j] - L[j][j]) / L[j][j] for j in range(2)]
-            np.testing.assert_allclose(r["drift"], expected, rtol=1e-12)
+            L = np.asarray(r["L"], float)
+            assert L.shape == (3, 3) and (L > 0).all() and len(r["base"]) == 3
+            expected = transfer_metrics(L, np.asarray(r["base"]))
+            np.testing.assert_allclose(r["drift"], [(L[2, j] - L[j, j]) / L[j, j] for j in range(2)], rtol=1e-12)
+            for key in ("acc", "bwt", "fwt"):
+                assert r[key] == pytest.approx(expected[key], rel=1e-12)
+            assert r["wall_s"] > 0
         drifts = np.asarray([payload["results"][cond][s]["drift"] for s in ("0", "1")])
         np.testing.assert_allclose(payload["summary"][cond]["drift_mean"], drifts.mean(0))
-    for (out_file) in ("results.md", "heatmap.png", "drift.png"):
+        accs = [payload["results"][cond][s]["acc"] for s in ("0", "1")]
+        assert payload["summary"][cond]["acc"]["mean"] == pytest.approx(np.mean(accs))
+        assert payload["summary"][cond]["acc"]["min"] == pytest.approx(min(accs))
+    for out_file in ("results.md", "heatmap.png", "drift.png", "transfer.png", "substrate.png"):
         assert (out / out_file).stat().st_size > 0
-    assert "| FROZEN |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert all(f"| {m.upper()} |" in table for m in METHODS) and "BWT" in table
 
 
-def test_frozen_drift_is_exactly_zero_and_naive_forgets_or_transfers(finished):
-    _, payload = finished
+def test_each_method_shows_its_defining_behaviour(finished):
+    out, payload = finished
     for seed in ("0", "1"):
         frozen = payload["results"]["frozen"][seed]
-        assert frozen["drift"] == [0.0, 0.0]
+        assert frozen["drift"] == [0.0, 0.0] and frozen["bwt"] == 0.0
+        assert frozen["fwt"] == 0.0  # an untrained domain gets a fresh LoRA: exactly the starting model
         naive = payload["results"]["naive"][seed]
         assert any(abs(d) > 1e-3 for d in naive["drift"])  # one shared LoRA: earlier losses move
         modular = payload["results"]["modular"][seed]
         assert modular["L"][0][0] != modular["L"][2][0]  # the shared substrate kept training
+        assert len(modular["substrate"]) == 3
+        assert all(max(e["mix_displacement"]) > 0 and e["hidden_change"] > 0 for e in modular["substrate"])
+        assert not naive["substrate"]
+    # EWC: no penalty on the first domain, a positive one on the next (the Fisher of the first).
+    first = read_metrics(out / "ewc" / "seed0" / "greek")
+    second = read_metrics(out / "ewc" / "seed0" / "counts")
+    assert all(r["penalty"] == 0.0 for r in first) and all(r["penalty"] > 0.0 for r in second)
+    # O-LoRA: the penalty is 0 until an earlier LoRA exists, then positive (random new A's overlap).
+    olora = read_metrics(out / "olora" / "seed0" / "counts")
+    assert all(r["penalty"] > 0.0 for r in olora)
+    assert (out / "olora" / "seed0" / "memory.safetensors").stat().st_size > 0
 
 
-def test_routing_is_reported_separately(finished):
+def test_task_agnostic_evaluation(finished):
     _, payload = finished
-    routing = payload["results"]["modular"]["0"]["routing"]
-    assert set(routing["accuracy"]) == set(WORDS)
-    assert all(0.0 <= a <= 1.0 for a in routing["accuracy"].values())
-    assert len(routing["routed_loss"]) == len(routing["oracle_loss"]) == 3
-    assert routing["prefix_tokens"] == 8
-    # Routed and oracle losses are scored on the same tokens after the routing prefix; where
-    # routing picks the true set every time, the two agree exactly.
-    for i, name in enumerate(WORDS):
-        assert routing["scored_tokens"][i] > 0
-        if routing["accuracy"][name] == 1.0:
-            assert routing["routed_loss"][i] == routing["oracle_loss"][i]
-    assert "routing" not in payload["results"]["naive"]["0"]
+    for cond in METHODS:
+        agnostic = payload["results"][cond]["0"]["agnostic"]
+        assert agnostic["prefix_tokens"] == 8 and len(agnostic["loss"]) == 3
+        assert all(t > 0 for t in agnostic["scored_tokens"])
+        routed = cond in ("frozen", "modular")
+        assert agnostic["routed"] == routed
+        if not routed:  # one model: without the task id it is the same model
+            assert agnostic["loss"] == agnostic["oracle_loss"] and agnostic["accuracy"] == {}
+            continue
+        assert set(agnostic["accuracy"]) == set(WORDS)
+        for i, name in enumerate(WORDS):
+            assert 0.0 <= agnostic["accuracy"][name] <= 1.0
+            # Routed and oracle losses are scored on the same tokens after the routing prefix;
+            # where routing picks the true set every time, the two agree exactly.
+            if agnostic["accuracy"][name] == 1.0:
+                assert agnostic["loss"][i] == agnostic["oracle_loss"][i]
 
 
-def test_interrupted_run_resumes_at_the_domain_and_reaches_the_same_numbers(tiny_lm, domains, tmp_path, finished):
+def test_replay_mixes_the_asked_share_of_earlier_rows():
+    def rows(n, value):
+        return PackedData(*(np.full((n, 4), value, np.int32) for _ in range(4)))
+
+    mixed = mix_replay(rows(30, 1), [rows(5, 2), rows(5, 3)], 0.25, seed=0)
+    assert mixed.num_rows == 40 and (mixed.input_ids[:30] == 1).all()
+    assert set(np.unique(mixed.input_ids[30:])) <= {2, 3}
+    assert mix_replay(rows(30, 1), [], 0.25, seed=0).num_rows == 30
+
+
+@pytest.mark.parametrize("method", ["modular", "ewc"])
+def test_interrupted_run_resumes_at_the_domain_and_reaches_the_same_numbers(method, tiny_lm, domains, tmp_path,
+                                                                            finished):
     out = tmp_path / "killed"
-    args = _args(tiny_lm, domains, out, extra=("--conditions", "modular", "--no-plots"))
+    args = _args(tiny_lm, domains, out, extra=("--conditions", method, "--no-plots", "--routing-tokens", "8",
+                                               "--replay-fraction", "0.25"))
     driver = Path(__file__).with_name("fault_injection.py")
     proc = subprocess.run([sys.executable, str(driver), "after_checkpoint", "4", "counts", "--", *args],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    progress = json.loads((out / "modular" / "seed0" / "progress.json").read_text())
+    progress = json.loads((out / method / "seed0" / "progress.json").read_text())
     assert progress["finished"] == ["greek"]  # killed inside the second domain
     assert main(args + ["--resume"]) == 0
-    resumed = json.loads((out / "results.json").read_text())["results"]["modular"]["0"]
-    reference = finished[1]["results"]["modular"]["0"]
-    np.testing.assert_allclose(np.asarray(resumed["L"][2], float), np.asarray(reference["L"][2], float), rtol=1e-6)
+    resumed = json.loads((out / "results.json").read_text())["results"][method]["0"]
+    reference = finished[1]["results"][method]["0"]
+    np.testing.assert_allclose(np.asarray(resumed["L"], float), np.asarray(reference["L"], float), rtol=1e-6)
 
 
 def test_a_second_run_into_the_same_out_is_refused_not_mixed(tiny_lm, domains, finished, capsys):
     out, payload = finished
     before = (out / "results.json").read_text()
-    args = _args(tiny_lm, domains, out, seeds="0,1", extra=("--routing", "--routing-tokens", "8"))
+    args = _args(tiny_lm, domains, out, seeds="0,1", extra=("--conditions", ",".join(METHODS), "--routing-tokens", "8",
+                                                          "--replay-fraction", "0.25"))
     capsys.readouterr()
     assert main([*args, "--lr-lora", "1e-2"]) == 2
     assert f"{out}: already holds a run; pass --resume" in capsys.readouterr().err
@@ -156,8 +198,8 @@ def test_drift_helper_and_bad_arguments(tiny_lm, capsys):
     assert drift([[2.0, None], [3.0, 1.0]]) == [0.5]
     assert main(["cl", "--model", str(tiny_lm), "--domain", "only"]) == 2
     assert ">= 2 domains" in capsys.readouterr().err
-    assert main(["cl", "--model", str(tiny_lm), "--conditions", "naive,replay"]) == 2
-    assert "replay" in capsys.readouterr().err
+    assert main(["cl", "--model", str(tiny_lm), "--conditions", "naive,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # `--data` means nothing to `crma cl`: refused, not ignored
         main(["cl", "--model", str(tiny_lm), "--data", "legal"])
     assert "unrecognized arguments: --data" in capsys.readouterr().err

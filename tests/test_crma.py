@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import crma_jax
 from crma_jax import CRMAConfig, LoraConfig
-from crma_jax.crma import CRMA, mixing_operator, orthonormal_columns, orthonormal_init
+from crma_jax.sinkhorn import sinkhorn
+from crma_jax.crma import CRMA, mix_displacement, mixing_operator, orthonormal_columns, orthonormal_init
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +147,20 @@ def test_bf16_activations_keep_their_dtype():
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="rank"):
         CRMAConfig(rank=0)
+
+
+def test_mix_displacement_is_the_norm_of_alpha_times_m_transpose_minus_identity():
+    key = jax.random.PRNGKey(0)
+    layers, d, n = 3, 8, 4
+    read = jax.random.normal(key, (layers, d, n))
+    log_mix = jax.random.normal(jax.random.fold_in(key, 1), (layers, n, n))
+    gate = jnp.array([-1.0, 0.0, 2.0])
+    got = mix_displacement({"layers": {"crma": {"read": read, "log_mix": log_mix, "gate": gate}}}, iters=20)
+    for i in range(layers):
+        m = sinkhorn(log_mix[i], 20)
+        want = jax.nn.sigmoid(gate[i]) * jnp.linalg.norm(m.T - jnp.eye(n))
+        assert float(got[i]) == pytest.approx(float(want), rel=1e-5)
+    # The identity mixing (a huge diagonal logit) has not moved, whatever the gate.
+    still = mix_displacement({"layers": {"crma": {"read": read, "log_mix": 1e4 * jnp.eye(n)[None].repeat(layers, 0),
+                                                  "gate": gate}}}, iters=20)
+    assert float(jnp.max(still)) < 1e-6

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crma_jax
-from crma_jax import LoraConfig
+from crma_jax import CRMAConfig, LoraConfig
 from crma_jax.data import PackedData, pack_documents
-from crma_jax.evaluate import eval_batches, evaluate, route
+from crma_jax.evaluate import crma_effect, eval_batches, evaluate, route
 from crma_jax.loss import next_token_loss
 
 
@@ -106,3 +106,19 @@ def test_routing_refuses_bad_arguments(lora_model):
         route(model, variables["params"], {"a": trained}, _packed(2), "b", 2, 4)
     with pytest.raises(ValueError, match="prefix_tokens"):
         route(model, variables["params"], {"a": trained}, _packed(2), "a", 2, 0)
+
+
+def test_crma_effect_is_the_mean_relative_change_of_the_final_hidden_states(tiny_models):
+    model, variables = crma_jax.load_pretrained(tiny_models["llama"], crma=CRMAConfig(rank=2, init_mix_logit=0.0))
+    data = _packed(5)
+    moved = crma_effect(model, variables, data, batch_size=2)
+    # By hand over all rows at once: per real token ‖h_on − h_off‖ / ‖h_off‖, then the mean.
+    rows = {k: jnp.asarray(getattr(data, k)) for k in ("input_ids", "positions", "segment_ids")}
+    on, off = (model.apply(variables, rows["input_ids"], positions=rows["positions"], segment_ids=rows["segment_ids"],
+                           crma_enabled=e, method="hidden")[0] for e in (True, False))
+    ratio = np.asarray(jnp.linalg.norm(on - off, axis=-1) / jnp.linalg.norm(off, axis=-1))
+    assert moved == pytest.approx(float(ratio[data.segment_ids > 0].mean()), rel=1e-4)
+    assert moved > 1e-3  # uniform mixing with α = 1/2 changes the function
+    shut = {**variables, "crma": jax.tree.map(lambda x: x, variables["crma"])}
+    shut["crma"]["layers"]["crma"]["gate"] = jnp.full_like(variables["crma"]["layers"]["crma"]["gate"], -1e4)
+    assert crma_effect(model, shut, data, batch_size=2) < 1e-6  # α = 0: the identity, up to rounding

@@ -10,17 +10,19 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import crma_jax
 from crma_jax import CRMAConfig, LoraConfig
+from crma_jax.cl import OLoRA, concat_lora, olora_penalty
 from crma_jax.data import BatchIterator, build_dataset
 from crma_jax.optim import make_optimizer, zclip_metrics
 from crma_jax.pretrained import load_tokenizer
 from crma_jax.sharding import make_mesh, param_shardings
-from crma_jax.train_step import make_train_step, jit_train_step
+from crma_jax.train_step import forward_loss, jit_train_step, make_train_step
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 CRMA = CRMAConfig(rank=4, init_mix_logit=8.0)
@@ -94,7 +96,7 @@ def _run(model, frozen, trainable, batches, mesh, accum_steps=1, steps=None, fro
     for i, batch in enumerate(batches[: steps or len(batches)]):
         rng, sub = jax.random.split(rng)
         f = frozen if frozen_per_step is None else jax.device_put(frozen_per_step[i], shardings["frozen"])
-        trainable, opt_state, metrics = compiled(trainable, opt_state, f, jax.device_put(batch, shardings["batch"]), sub)
+        trainable, opt_state, metrics = compiled(trainable, opt_state, f, jax.device_put(batch, shardings["batch"]), sub, {})
         history.append(jax.device_get(metrics))
     return history, trainable, opt_state
 
@@ -227,3 +229,31 @@ def test_skip_then_recover(reference, batches):
     _, clean, _ = _run(model, frozen, trainable, [batches[0], batches[2]], mesh)
     for a, b in zip(jax.tree.leaves(_host(final)), jax.tree.leaves(_host(clean))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_method_changes_the_forward_lora_and_adds_its_penalty_gradient(reference, batches):
+    """With O-LoRA memory holding an earlier LoRA, the step's loss is that of the model with both
+    LoRAs, its `penalty` metric is the method's, and the update is that of loss + penalty."""
+    model, frozen, trainable = reference
+    trainable = {"lora": trainable["lora"]}
+    model = model.clone(crma=None)
+    method = OLoRA(lam=0.5)
+    earlier = jax.tree.map(lambda x: x + 0.05, trainable["lora"])
+    memory = method.remember(method.init_memory(trainable["lora"], 2), earlier, 0)
+    optimizer = optax.sgd(0.1)
+    step = make_train_step(model, optimizer, method=method)
+    batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
+    new, _, metrics = jax.jit(step)(trainable, optimizer.init(trainable), frozen, batch, jax.random.PRNGKey(0), memory)
+
+    def objective(t):
+        both = {"params": frozen, "lora": concat_lora([memory["old"], t["lora"]])}
+        total, (count, _) = forward_loss(model, both, batch, None)
+        return total / count + 0.5 * olora_penalty(t["lora"], memory["old"])
+
+    loss, grads = jax.value_and_grad(objective)(trainable)
+    assert float(metrics["penalty"]) == pytest.approx(float(0.5 * olora_penalty(trainable["lora"], memory["old"])), rel=1e-5)
+    assert float(metrics["loss"] + metrics["penalty"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(metrics["penalty"]) > 0
+    want = jax.tree.map(lambda p, g: p - 0.1 * g, trainable, grads)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(new)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)

@@ -91,13 +91,13 @@ def child(kind: str, batch: int, seq: int, remat: str) -> dict[str, float]:
             "loss_mask": jnp.ones((batch, seq), jnp.int32)}
     rng = jax.random.PRNGKey(3)
     t0 = time.perf_counter()
-    compiled = step.lower(trainable, opt_state, params, data, rng).compile()
+    compiled = step.lower(trainable, opt_state, params, data, rng, {}).compile()
     compile_s = time.perf_counter() - t0
     temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20  # XLA's own buffer plan
     setup = status()
     Path("/proc/self/clear_refs").write_text("5")
     t0 = time.perf_counter()
-    trainable, opt_state, metrics = compiled(trainable, opt_state, params, data, rng)
+    trainable, opt_state, metrics = compiled(trainable, opt_state, params, data, rng, {})
     loss = float(jax.block_until_ready(metrics["loss"]))
     step_s = time.perf_counter() - t0
     after = status()

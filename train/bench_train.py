@@ -84,7 +84,7 @@ def our_step(model: Any, variables: dict[str, Any], batch: dict[str, jax.Array],
         fn, sh = jit_train_step(make_train_step(model.clone(remat=policy), opt), mesh, trainable,
                                 opt.init(trainable), variables["params"])
         shardings.update(sh)
-        return fn.lower(trainable, opt.init(trainable), variables["params"], batch, rng).compile()
+        return fn.lower(trainable, opt.init(trainable), variables["params"], batch, rng, {}).compile()
 
     choice = fastest_fitting(compile_for, free_bytes(mesh.devices.flat), REMAT_BY_SPEED if remat == "auto" else (remat,))
     place = jax.jit(lambda t: t, out_shardings=(shardings["trainable"], shardings["opt_state"]))
@@ -92,7 +92,7 @@ def our_step(model: Any, variables: dict[str, Any], batch: dict[str, jax.Array],
     batch = jax.device_put(batch, shardings["batch"])
 
     def run() -> Any:
-        state[0], state[1], metrics = choice.compiled(state[0], state[1], variables["params"], batch, rng)
+        state[0], state[1], metrics = choice.compiled(state[0], state[1], variables["params"], batch, rng, {})
         return metrics["loss"]
 
     run.hlo = choice.compiled.as_text  # type: ignore[attr-defined]

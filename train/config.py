@@ -51,6 +51,8 @@ class TrainConfig:
     crma: bool = setting(True, "add the CRMA adapter after every decoder layer")
     crma_rank: int = setting(4, "CRMA streams n (rank of the mixed residual slice)")
     crma_iters: int = setting(20, "Sinkhorn iterations")
+    crma_init_mix_logit: float = setting(8.0, "CRMA's log_mix starts at this times I (large: M ≈ I, the identity map)")
+    crma_init_gate: float = setting(0.0, "CRMA's gate logit at init (α = sigmoid(gate))")
     lr_lora: float = setting(2e-4, "peak learning rate of the LoRA factors")
     lr_crma_mix: float = setting(1e-3, "peak learning rate of CRMA's read and log_mix")
     lr_crma_gate: float = setting(1e-2, "peak learning rate of CRMA's gate")

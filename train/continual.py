@@ -1,48 +1,62 @@
 """`crma cl`: the continual-learning protocol over an ordered list of domains.
 
-Conditions (identical data, seeds and hyper-parameters):
+Every condition is a method object from `crma_jax.cl` (identical data order, seeds, budget and
+hyper-parameters for all):
 
-- NAIVE:   one shared LoRA trained on every domain in turn, no CRMA;
-- FROZEN:  a fresh LoRA per domain, no CRMA (no shared state: drift is 0 by construction);
-- MODULAR: a fresh LoRA per domain on a shared CRMA substrate that keeps training.
+- NAIVE:   one shared LoRA trained on every domain in turn;
+- FROZEN:  a fresh LoRA per domain, no shared state (forgets nothing by construction);
+- MODULAR: a fresh LoRA per domain on a shared CRMA substrate that keeps training;
+- REPLAY:  NAIVE with a fraction of earlier domains' training rows mixed into each later domain;
+- EWC:     NAIVE with the diagonal-Fisher penalty λ/2·Σ F(θ − θ*)² of every earlier domain;
+- OLORA:   a fresh LoRA per domain beside the earlier ones (frozen, in the forward pass), with
+           the orthogonality penalty λ₁·Σ|A_oldᵀ·A_new|; one model, no task id.
 
-After training domain i, the holdout loss L[i][j] of every domain j <= i is measured, domain j
-with its own LoRA_j (oracle routing) on the substrate as it is now, over every token of its
-holdout (`crma_jax.evaluate`). Drift of domain j < K is (L[K][j] − L[j][j]) / L[j][j]: positive
-is forgetting. Optional automatic routing picks, per packed row, the LoRA with the lowest loss
-on the first k target tokens, and is scored on the row's later tokens only.
+After training domain i, the holdout loss L[i][j] of every domain j is measured over every
+token of its holdout (`crma_jax.evaluate`), with the task id (oracle): the method's
+`eval_lora` (domain j's own LoRA for FROZEN/MODULAR, a fresh one for a domain not trained yet;
+the one model for the others), on the substrate as it is now. From L and the starting model's
+losses come ACC, BWT, FWT and drift (`crma_jax.cl.transfer_metrics`). At the end every domain is
+also scored without the task id: FROZEN and MODULAR pick, per packed row, the LoRA with the
+lowest loss on the first k target tokens (automatic routing); the others are one model anyway.
+Both are scored on each row's later tokens only.
 
 With `--lora-init pissa` the frozen base is PiSSA's residual W − s·A0·B0, and every fresh LoRA
-(each domain's for FROZEN/MODULAR, the shared one for NAIVE) starts from the same factors
-(A0, B0), so each domain starts from exactly the base model.
+starts from the same factors (A0, B0), so each domain starts from exactly the base model.
 
 Layout: RUN/<condition>/seed<s>/<domain>/ is an ordinary `crma train` run dir (resumable);
-RUN/<condition>/seed<s>/progress.json records finished domains and their L rows, and
-RUN/<condition>/seed<s>/adapters/ the LoRA sets and substrate after the last finished domain,
-so an interrupted `crma cl --resume` restarts at the domain it stopped in.
+RUN/<condition>/seed<s>/progress.json records finished domains and their L rows,
+RUN/<condition>/seed<s>/adapters/ the LoRA sets and substrate, and memory.safetensors what the
+method keeps (EWC's Fisher, O-LoRA's earlier LoRAs), after the last finished domain, so an
+interrupted `crma cl --resume` restarts at the domain it stopped in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
 
 from crma_jax.adapters import init_adapters
+from crma_jax.cl import METHODS, EWC, Memory, Method, OLoRA, diagonal_fisher, replay, transfer_metrics
 from crma_jax.convert.adapter_files import load_adapters
+from crma_jax.crma import mix_displacement
 from crma_jax.data import DataSpec, PackedData
-from crma_jax.evaluate import route
+from crma_jax.evaluate import crma_effect, eval_batches, route
 from crma_jax.train.config import TrainConfig, setting
 from crma_jax.train.finetune import OnCheckpoint, Session, data_spec, evaluate_holdout, open_session, \
     save_run_adapters, train
 from crma_jax.train.run_dir import check_run_dir, write_config
-from crma_jax.train_step import batch_sharding
+from crma_jax.train_step import batch_sharding, forward_loss
 
-CONDITIONS = ("naive", "frozen", "modular")
+CONDITIONS = tuple(METHODS)
 Domain = tuple[PackedData, PackedData, DataSpec]  # (train, holdout, spec)
 
 
@@ -53,10 +67,15 @@ class CLConfig(TrainConfig):
     out: str = setting("runs/cl", "output directory; must be new or empty unless --resume")
     domains: str = setting("legal,code,docs", "NAME or NAME=PATH, comma-separated, in training order "
                                               "(--domain flags take precedence)")
-    conditions: str = setting("naive,frozen,modular", "comma-separated conditions to run")
+    conditions: str = setting("naive,frozen,modular", "comma-separated methods to run: " + ", ".join(CONDITIONS))
     seeds: str = setting("0", "comma-separated seeds; every condition runs every seed")
-    routing: bool = setting(False, "also report automatic routing (the LoRA picked from the input)")
-    routing_tokens: int = setting(32, "target tokens per row used to pick the LoRA; scored on the rest")
+    routing_tokens: int = setting(32, "target tokens per row used to pick the LoRA when evaluating without the task "
+                                      "id; every method is scored on the rest")
+    replay_fraction: float = setting(0.1, "REPLAY: share of each later domain's training rows drawn from earlier "
+                                          "domains (TRACE: 0.1)")
+    ewc_lambda: float = setting(400.0, "EWC: λ of the penalty λ/2·Σ F(θ − θ*)² (TRACE: 400)")
+    fisher_batches: int = setting(16, "EWC: training batches per domain for its diagonal Fisher")
+    olora_lambda: float = setting(0.5, "O-LoRA: λ₁ of the orthogonality penalty λ₁·Σ|A_oldᵀ·A_new| (official: 0.5)")
 
     def domain_sources(self) -> dict[str, str]:
         out = {}
@@ -71,8 +90,18 @@ class CLConfig(TrainConfig):
         conds = [c.strip().lower() for c in self.conditions.split(",") if c.strip()]
         bad = set(conds) - set(CONDITIONS)
         if bad:
-            raise ValueError(f"unknown conditions {sorted(bad)}; choose from {CONDITIONS}")
+            raise ValueError(f"unknown conditions {sorted(bad)}; choose from {', '.join(CONDITIONS)}")
         return conds
+
+    def method(self, name: str) -> Method:
+        """The method object of condition `name`, with this config's hyper-parameters."""
+        if name == "replay":
+            return replay(self.replay_fraction)
+        if name == "ewc":
+            return EWC(lam=self.ewc_lambda)
+        if name == "olora":
+            return OLoRA(lam=self.olora_lambda)
+        return METHODS[name]()
 
 
 def drift(matrix: list[list[float | None]]) -> list[float]:
@@ -81,60 +110,142 @@ def drift(matrix: list[list[float | None]]) -> list[float]:
     return [(matrix[last][j] - matrix[j][j]) / matrix[j][j] for j in range(last)]
 
 
-def run_sequence(cfg: CLConfig, condition: str, seed: int, domains: dict[str, Domain], session: Session,
+def mix_replay(current: PackedData, earlier: list[PackedData], fraction: float, seed: int) -> PackedData:
+    """`current`'s rows plus rows drawn (without replacement where possible) from `earlier`, so
+    that they make up `fraction` of the result; the mix is shuffled by the training iterator."""
+    if not earlier or fraction <= 0:
+        return current
+    pool = {k: np.concatenate([getattr(d, k) for d in earlier]) for k in ("input_ids", "segment_ids", "positions",
+                                                                          "loss_mask")}
+    n_pool, n_extra = pool["input_ids"].shape[0], round(fraction / (1 - fraction) * current.num_rows)
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(n_pool, n_extra, replace=n_extra > n_pool)
+    return PackedData(**{k: np.concatenate([getattr(current, k), v[picked]]) for k, v in pool.items()})
+
+
+def task_fisher(session: Session, lora: Any, data: PackedData, batches: int) -> Any:
+    """EWC's diagonal Fisher of `lora` on up to `batches` training batches of one domain."""
+    sharding = batch_sharding(session.mesh)
+
+    @jax.jit
+    def grad(l: Any, batch: Any) -> Any:
+        def mean_loss(x: Any) -> jax.Array:
+            total, (count, _) = forward_loss(session.model, {"params": session.frozen, "lora": x}, batch, None)
+            return total / jnp.maximum(count, 1.0)
+        return jax.grad(mean_loss)(l)
+
+    chosen = itertools.islice(eval_batches(data, session.cfg.batch_size), batches)
+    return diagonal_fisher(lambda p, b: grad(p, jax.device_put(b, sharding)), lora, chosen)
+
+
+def _save_memory(path: Path, memory: Memory) -> None:
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(memory, sep="/").items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(flat, str(tmp))
+    tmp.replace(path)
+
+
+def _load_memory(path: Path) -> Memory:
+    return traverse_util.unflatten_dict(dict(load_file(str(path))), sep="/")
+
+
+def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[str, Domain], session: Session,
                  on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
-    """Train `condition` over `domains` in order for one seed; returns {"L": ..., "drift": ...}."""
-    root = Path(cfg.out) / condition / f"seed{seed}"
+    """Train one method over `domains` in order for one seed.
+
+    Returns {"L", "base", "acc", "bwt", "fwt", "drift", "substrate", "agnostic"}: the full loss
+    matrix, the starting model's losses, the transfer metrics, how far the substrate moved after
+    each domain (MODULAR) and the final task-agnostic evaluation.
+    """
+    method = cfg.method(name_of_method)
+    root = Path(cfg.out) / name_of_method / f"seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
-    progress_file = root / "progress.json"
-    progress = json.loads(progress_file.read_text()) if cfg.resume and progress_file.exists() else {"finished": [], "L": []}
+    progress_file, memory_file = root / "progress.json", root / "memory.safetensors"
     names = list(domains)
-    modular = condition == "modular"
-    sets: dict[str, Any] = {}
-    crma = session.trainable.get("crma")
-    shared_lora = session.trainable["lora"]
+    key = jax.random.PRNGKey(seed)
+    fresh = [init_lora(session, jax.random.fold_in(key, i)) for i in range(len(names))]
+    crma = session.trainable.get("crma") if method.crma else None
+    memory = method.init_memory(fresh[0], len(names))
+    progress: dict[str, Any] = {"finished": [], "L": [], "substrate": []}
+    trained: list[Any] = []
+    if cfg.resume and progress_file.exists():
+        progress = json.loads(progress_file.read_text())
     if progress["finished"]:
         saved = load_adapters(root)
-        sets, crma = saved.lora_sets, saved.crma_params if modular else None
-        shared_lora = sets[progress["finished"][-1]]
+        trained = [saved.lora_sets[n] for n in progress["finished"]]
+        crma = saved.crma_params if method.crma else None
+        if memory_file.exists():
+            memory = _load_memory(memory_file)
+
+    def variables(lora: Any) -> dict[str, Any]:
+        return {"params": session.frozen, "lora": lora, **({"crma": crma} if method.crma else {})}
+
+    def loss_row() -> list[float]:
+        return [evaluate_holdout(session, variables(method.eval_lora(trained, memory, j, fresh[j])), domains[n][1])
+                for j, n in enumerate(names)]
+
+    if "base" not in progress:  # the starting model: every domain's loss before any training
+        progress["base"] = [evaluate_holdout(session, variables(fresh[j]), domains[n][1]) for j, n in enumerate(names)]
     for i, name in enumerate(names):
         if name in progress["finished"]:
             continue
-        fresh = init_lora(session, jax.random.fold_in(jax.random.PRNGKey(seed), i))
-        lora = shared_lora if condition == "naive" and i > 0 else fresh
-        session.trainable = {"lora": lora, **({"crma": crma} if modular else {})}
-        session.train_data, session.holdout, session.data_spec = domains[name]
-        step_cfg = dataclasses.replace(cfg, out=str(root / name), data=domains[name][2].source, seed=seed, crma=modular)
-        train(step_cfg, session, log_prefix=f"{condition} s{seed} {name}", on_checkpoint=on_checkpoint, data_name=name)
-        shared_lora = session.trainable["lora"]
+        start = fresh[i] if method.fresh_lora or not trained else trained[-1]
+        session.trainable = {"lora": start, **({"crma": crma} if method.crma else {})}
+        train_rows, holdout, spec = domains[name]
+        earlier = [domains[n][0] for n in names[:i]]
+        session.train_data = mix_replay(train_rows, earlier, method.replay, seed * 1000 + i)
+        session.holdout, session.data_spec = holdout, spec
+        step_cfg = dataclasses.replace(cfg, out=str(root / name), data=spec.source, seed=seed, crma=method.crma)
+        train(step_cfg, session, log_prefix=f"{name_of_method} s{seed} {name}", on_checkpoint=on_checkpoint,
+              data_name=name, method=method, memory=memory)
+        lora = session.trainable["lora"]
         crma = session.trainable.get("crma")
-        sets[name] = shared_lora
-        row: list[float | None] = []
-        for j, other in enumerate(names):
-            if j > i:
-                row.append(None)
-                continue
-            lora_j = shared_lora if condition == "naive" else sets[other]
-            variables = {"params": session.frozen, "lora": lora_j, **({"crma": crma} if modular else {})}
-            row.append(evaluate_holdout(session, variables, holdout=domains[other][1]))
+        fisher = task_fisher(session, lora, train_rows, cfg.fisher_batches) if method.needs_fisher else None
+        memory = method.remember(memory, lora, i, fisher)
+        trained.append(lora)
         progress["finished"].append(name)
-        progress["L"].append(row)
-        save_run_adapters(root, session, sets, crma, {n: domains[n][2] for n in sets})
+        progress["L"].append(loss_row())
+        if method.crma:
+            sharding = batch_sharding(session.mesh)
+            progress["substrate"].append({
+                "mix_displacement": np.asarray(mix_displacement(crma, session.model.crma.sinkhorn_iters)).tolist(),
+                "hidden_change": crma_effect(session.model, variables(lora), holdout, cfg.batch_size,
+                                             place=lambda b: jax.device_put(b, sharding)),
+            })
+        save_run_adapters(root, session, dict(zip(progress["finished"], trained)), crma,
+                          {n: domains[n][2] for n in progress["finished"]})
+        if memory:
+            _save_memory(memory_file, memory)
         progress_file.write_text(json.dumps(progress, indent=2))
-    result: dict[str, Any] = {"L": progress["L"], "drift": drift(progress["L"])}
-    if cfg.routing and condition != "naive":
-        sharding = batch_sharding(session.mesh)
-        routing = {n: route(session.model, session.frozen, sets, domains[n][1], n, cfg.batch_size, cfg.routing_tokens,
-                            shared={"crma": crma} if modular else None,
-                            place=lambda b: jax.device_put(b, sharding)) for n in names}
-        result["routing"] = {
-            "prefix_tokens": cfg.routing_tokens,
-            "accuracy": {n: r.accuracy for n, r in routing.items()},
-            "routed_loss": [routing[n].routed.loss for n in names],
-            "oracle_loss": [routing[n].oracle.loss for n in names],
-            "scored_tokens": [routing[n].routed.tokens for n in names],
-        }
+    result: dict[str, Any] = {"L": progress["L"], "base": progress["base"], "substrate": progress["substrate"],
+                              **transfer_metrics(np.asarray(progress["L"]), np.asarray(progress["base"]))}
+    result["agnostic"] = agnostic_eval(cfg, method, session, names, domains, trained, memory, fresh, crma)
     return result
+
+
+def agnostic_eval(cfg: CLConfig, method: Method, session: Session, names: list[str], domains: dict[str, Domain],
+                  trained: list[Any], memory: Memory, fresh: list[Any], crma: Any) -> dict[str, Any]:
+    """Every domain scored without its task id, on each row's tokens after the first
+    `routing_tokens` targets: routed methods pick a LoRA per row by the loss on those first
+    tokens, the others are one model. `oracle_loss` is the task-id model on the same tokens."""
+    sharding = batch_sharding(session.mesh)
+    shared = {"crma": crma} if method.crma else None
+    if method.routed:
+        sets = dict(zip(names, trained))
+    else:
+        sets = {"model": method.eval_lora(trained, memory, None, fresh[0])}
+    out: dict[str, Any] = {"prefix_tokens": cfg.routing_tokens, "routed": method.routed, "loss": [], "oracle_loss": [],
+                           "scored_tokens": [], "accuracy": {}}
+    for n in names:
+        r = route(session.model, session.frozen, sets, domains[n][1], n if method.routed else "model", cfg.batch_size,
+                  cfg.routing_tokens, shared=shared, place=lambda b: jax.device_put(b, sharding))
+        out["loss"].append(r.routed.loss)
+        out["oracle_loss"].append(r.oracle.loss)
+        out["scored_tokens"].append(r.routed.tokens)
+        if method.routed:
+            out["accuracy"][n] = r.accuracy
+    out["acc"] = float(np.mean(out["loss"]))
+    return out
 
 
 def init_lora(session: Session, rng: jax.Array) -> Any:
@@ -144,34 +255,53 @@ def init_lora(session: Session, rng: jax.Array) -> Any:
     return init_adapters(session.model.clone(crma=None), session.frozen, rng)["lora"]
 
 
+def _mean_std(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+
+
 def summarize(results: dict[str, dict[int, dict[str, Any]]], names: list[str]) -> dict[str, Any]:
-    """Mean ± std over seeds of every domain's drift and of L, per condition."""
+    """Per condition, over seeds: each metric's mean, std and range, per-domain drift, final losses."""
     out = {}
     for cond, by_seed in results.items():
-        drifts = np.asarray([r["drift"] for r in by_seed.values()], np.float64)
-        last = np.asarray([[x for x in r["L"][-1]] for r in by_seed.values()], np.float64)
+        runs = list(by_seed.values())
+        drifts = np.asarray([r["drift"] for r in runs], np.float64)
         out[cond] = {
+            "acc": _mean_std([r["acc"] for r in runs]),
+            "bwt": _mean_std([r["bwt"] for r in runs]),
+            "fwt": _mean_std([r["fwt"] for r in runs]),
+            "mean_drift": _mean_std(drifts.mean(1).tolist()),
+            "agnostic_acc": _mean_std([r["agnostic"]["acc"] for r in runs]),
             "drift_mean": drifts.mean(0).tolist(),
             "drift_std": drifts.std(0).tolist(),
-            "mean_drift": float(drifts.mean()),
-            "mean_drift_std_over_seeds": float(drifts.mean(1).std()),
-            "final_loss_mean": last.mean(0).tolist(),
+            "final_loss_mean": np.asarray([r["L"][-1] for r in runs], np.float64).mean(0).tolist(),
+            "wall_s": _mean_std([r["wall_s"] for r in runs]),
         }
     return out
 
 
 def markdown_table(summary: dict[str, Any], names: list[str], seeds: list[int]) -> str:
-    """Drift per earlier domain (mean ± std over seeds), conditions side by side."""
+    """Per-domain drift and the transfer metrics per condition, mean ± std over seeds."""
     earlier = names[:-1]
     lines = [
-        f"Drift (L[K][j] − L[j][j]) / L[j][j], mean ± std over seeds {seeds}; positive = forgetting.",
+        f"Holdout loss after the last domain, mean ± std over seeds {seeds}. Drift (L[K][j] − L[j][j]) / L[j][j]: "
+        "positive = forgetting. ACC: mean final loss (lower is better). BWT = mean (L[j][j] − L[K][j]) and "
+        "FWT = mean (base[j] − L[j−1][j]): positive = transfer, negative BWT = forgetting. Task-agnostic ACC: "
+        "no task id (routing for FROZEN/MODULAR), on the tokens after each row's routing prefix.",
         "",
-        "| condition | " + " | ".join(earlier) + " | mean |",
-        "|---|" + "---|" * (len(earlier) + 1),
+        "| condition | " + " | ".join(f"drift {n}" for n in earlier) + " | mean drift | ACC | BWT | FWT | "
+        "task-agnostic ACC | wall s |",
+        "|---|" + "---|" * (len(earlier) + 6),
     ]
+
+    def pm(s: dict[str, float], scale: float = 1.0, fmt: str = ".4f") -> str:
+        return f"{scale * s['mean']:{fmt}} ± {scale * s['std']:{fmt}}"
+
     for cond, s in summary.items():
         cells = [f"{100 * m:+.2f}% ± {100 * sd:.2f}" for m, sd in zip(s["drift_mean"], s["drift_std"])]
-        lines.append(f"| {cond.upper()} | " + " | ".join(cells) + f" | {100 * s['mean_drift']:+.2f}% ± {100 * s['mean_drift_std_over_seeds']:.2f} |")
+        lines.append(f"| {cond.upper()} | " + " | ".join(cells) + f" | {pm(s['mean_drift'], 100, '+.2f')}% | "
+                     f"{pm(s['acc'])} | {pm(s['bwt'], fmt='+.4f')} | {pm(s['fwt'], fmt='+.4f')} | "
+                     f"{pm(s['agnostic_acc'])} | {s['wall_s']['mean']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,6 +310,8 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
 
     `on_checkpoint` is passed to every domain's `train` (tests inject faults there).
     """
+    import time
+
     from crma_jax.train.plots import plot_continual
 
     sources = cfg.domain_sources()
@@ -191,12 +323,12 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
     domains: dict[str, Domain] | None = None
     sessions: dict[bool, Session] = {}
     for cond in conditions:
-        # NAIVE and FROZEN (no CRMA) share one session, MODULAR has its own: all seeds and
+        # The methods without CRMA share one session, those with it another: all seeds and
         # domains reuse the loaded base and the compiled steps.
-        modular = cond == "modular"
-        if modular not in sessions:
-            sessions[modular] = open_session(dataclasses.replace(cfg, crma=modular), load_data=False)
-        session = sessions[modular]
+        with_crma = cfg.method(cond).crma
+        if with_crma not in sessions:
+            sessions[with_crma] = open_session(dataclasses.replace(cfg, crma=with_crma), load_data=False)
+        session = sessions[with_crma]
         if domains is None:
             # One split for every condition and seed: the holdout never depends on the seed.
             domains = {}
@@ -206,7 +338,9 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
             write_config(out, cfg)  # model and data loaded: the run directory is claimed
         for seed in seeds:
             session.trainable = init_adapters(session.model, session.frozen, jax.random.PRNGKey(seed))
-            results.setdefault(cond, {})[seed] = run_sequence(cfg, cond, seed, domains, session, on_checkpoint)
+            t0 = time.perf_counter()
+            result = run_sequence(cfg, cond, seed, domains, session, on_checkpoint)
+            results.setdefault(cond, {})[seed] = {**result, "wall_s": time.perf_counter() - t0}
     names = list(sources)
     summary = summarize(results, names)
     payload = {"domains": names, "conditions": conditions, "seeds": seeds, "results": results, "summary": summary}

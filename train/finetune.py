@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from crma_jax import CRMAConfig, LoraConfig, load_pretrained, param_labels
 from crma_jax.adapters import store_as_bits
+from crma_jax.cl import Memory, Method
 from crma_jax.convert.adapter_files import Adapters, BaseSpec, save_adapters
 from crma_jax.convert.smollm2 import resolve_model_path
 from crma_jax.data import BatchIterator, DataSpec, PackedData, check_tokenizer
@@ -77,7 +79,10 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
 
 
 def crma_config(cfg: TrainConfig) -> CRMAConfig | None:
-    return CRMAConfig(rank=cfg.crma_rank, sinkhorn_iters=cfg.crma_iters) if cfg.crma else None
+    if not cfg.crma:
+        return None
+    return CRMAConfig(rank=cfg.crma_rank, sinkhorn_iters=cfg.crma_iters, init_mix_logit=cfg.crma_init_mix_logit,
+                      init_gate=cfg.crma_init_gate)
 
 
 def base_spec(cfg: TrainConfig) -> BaseSpec:
@@ -126,21 +131,22 @@ def build_optimizer(cfg: TrainConfig, trainable: dict[str, Any]) -> Any:
     )
 
 
-def compile_step(cfg: TrainConfig, session: Session, optimizer: Any) -> tuple[Any, dict[str, Any], RematChoice]:
+def compile_step(cfg: TrainConfig, session: Session, optimizer: Any, method: Method | None = None,
+                 memory: Memory | None = None) -> tuple[Any, dict[str, Any], RematChoice]:
     """Compile the training step ahead of time, under `cfg.remat` or, for "auto", under the
     fastest remat policy whose step fits in the devices' free memory (`fastest_fitting`).
     Returns (compiled step, its shardings, the choice with what each tried policy needs)."""
-    trainable, frozen = session.trainable, session.frozen
+    trainable, frozen, memory = session.trainable, session.frozen, memory or {}
     opt_state = jax.eval_shape(optimizer.init, trainable)
     batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.int32) for k in BATCH_KEYS}
     rng = jax.eval_shape(jax.random.PRNGKey, 0)
     shardings: dict[str, Any] = {}
 
     def compile_for(policy: str) -> Any:
-        step = make_train_step(session.model.clone(remat=policy), optimizer, cfg.accum_steps)
-        fn, shardings_ = jit_train_step(step, session.mesh, trainable, opt_state, frozen)
+        step = make_train_step(session.model.clone(remat=policy), optimizer, cfg.accum_steps, method)
+        fn, shardings_ = jit_train_step(step, session.mesh, trainable, opt_state, frozen, memory)
         shardings.update(shardings_)
-        return fn.lower(trainable, opt_state, frozen, batch, rng).compile()
+        return fn.lower(trainable, opt_state, frozen, batch, rng, memory).compile()
 
     policies = REMAT_BY_SPEED if cfg.remat == "auto" else (cfg.remat,)
     choice = fastest_fitting(compile_for, free_bytes(session.mesh.devices.flat), policies)
@@ -199,25 +205,30 @@ def defer_sigint() -> tuple[list[int], Any]:
 
 
 def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "train",
-          on_checkpoint: OnCheckpoint | None = None, data_name: str = "default") -> dict[str, Any]:
+          on_checkpoint: OnCheckpoint | None = None, data_name: str = "default", method: Method | None = None,
+          memory: Memory | None = None) -> dict[str, Any]:
     """Run (or resume) one fine-tuning job; returns the summary (also written to summary.json).
 
     `session` reuses a loaded model and data (its `trainable` is the starting point);
-    `data_name` names the LoRA set in RUN/adapters.
+    `data_name` names the LoRA set in RUN/adapters. `method` and `memory` are a continual-learning
+    method and what it keeps of earlier tasks (`crma_jax.cl`; `crma cl` passes them).
     """
     run = Path(cfg.out)
     check_run_dir(run, cfg, cfg.resume)
     session = session or open_session(cfg)  # bad model/data fail here, before RUN exists
     write_config(run, cfg)
     trainable, frozen = session.trainable, session.frozen
-    key = repr(dataclasses.replace(cfg, out="", data="", resume=False, seed=0)) + repr(jax.tree.structure(trainable))
+    memory = memory or {}
+    key = repr((dataclasses.replace(cfg, out="", data="", resume=False, seed=0), method, jax.tree.structure(trainable),
+                jax.tree.map(jnp.shape, memory)))
     if key not in session.compiled:
         optimizer = build_optimizer(cfg, trainable)
-        session.compiled[key] = (optimizer, *compile_step(cfg, session, optimizer))
+        session.compiled[key] = (optimizer, *compile_step(cfg, session, optimizer, method, memory))
         choice = session.compiled[key][3]
         if cfg.remat == "auto" or not choice.fits:
             tqdm.write(f"{log_prefix}: {choice.describe()}", file=sys.stderr)
     optimizer, step_fn, shardings, choice = session.compiled[key]
+    memory = jax.device_put(memory, shardings["memory"])
     place = jax.jit(lambda tree: tree, out_shardings=(shardings["trainable"], shardings["opt_state"], shardings["rng"]))
     # Fresh buffers on the step's own shardings (an identity jit types them exactly like the
     # step's outputs, and drops weak types): otherwise the second step compiles again. Fresh
@@ -251,7 +262,7 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
             batch = jax.device_put(next(data), shardings["batch"])
             rng, sub = jax.random.split(rng)
             t0 = time.perf_counter()
-            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, sub)
+            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, sub, memory)
             metrics = jax.device_get(metrics)
             step += 1
             record = {"step": step, **step_metrics(metrics, opt_state, time.perf_counter() - t0)}

@@ -70,7 +70,9 @@ __all__: Sequence[str] = ("plot_run", "plot_overlay", "plot_continual")
 
 
 def plot_continual(payload: dict, out: Path) -> list[Path]:
-    """heatmap.png (seed-mean L[i][j] per condition) and drift.png (drift per domain, ± std)."""
+    """heatmap.png (seed-mean L[i][j] per condition), drift.png (drift per domain, ± std),
+    transfer.png (ACC with and without the task id, BWT per condition) and, when a condition
+    trains the CRMA substrate, substrate.png (its per-layer displacement after each domain)."""
     import numpy as np
 
     names, summary = payload["domains"], payload["summary"]
@@ -78,7 +80,7 @@ def plot_continual(payload: dict, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(conds), figsize=(4.2 * len(conds), 3.8), squeeze=False)
     for ax, cond in zip(axes[0], conds):
         mats = [[[np.nan if x is None else x for x in row] for row in r["L"]] for r in payload["results"][cond].values()]
-        mat = np.mean(np.asarray(mats, float), axis=0)  # NaN above the diagonal (not yet trained)
+        mat = np.mean(np.asarray(mats, float), axis=0)
         im = ax.imshow(mat, cmap="viridis")
         for (i, j), v in np.ndenumerate(mat):
             if np.isfinite(v):
@@ -99,4 +101,31 @@ def plot_continual(payload: dict, out: Path) -> list[Path]:
     ax.set(xticks=np.arange(len(earlier)) + width * (len(conds) - 1) / 2, xticklabels=earlier,
            ylabel="drift (%)", title="Forgetting of earlier domains (positive = forgot)")
     ax.legend()
-    return [heat, _save(fig, Path(out) / "drift.png")]
+    paths = [heat, _save(fig, Path(out) / "drift.png")]
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    x = np.arange(len(conds))
+    for ax, (key, label) in zip(axes, [("acc", "ACC: mean final loss (task id)"),
+                                       ("agnostic_acc", "ACC without task id"),
+                                       ("bwt", "BWT (negative = forgetting)")]):
+        ax.bar(x, [summary[c][key]["mean"] for c in conds], yerr=[summary[c][key]["std"] for c in conds], capsize=3)
+        ax.set(xticks=x, xticklabels=[c.upper() for c in conds], title=label)
+        ax.tick_params(axis="x", rotation=30)
+    axes[2].axhline(0, color="k", lw=0.8)
+    paths.append(_save(fig, Path(out) / "transfer.png"))
+
+    moved = {}
+    for c in conds:
+        runs = [r for r in payload["results"][c].values() if r.get("substrate")]
+        if runs:
+            moved[c] = runs[0]
+    if moved:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for cond, r in moved.items():
+            for i, entry in enumerate(r["substrate"]):
+                ax.plot(entry["mix_displacement"], marker=".", label=f"{cond.upper()} after {names[i]} "
+                        f"(‖h′−h‖/‖h‖ = {entry['hidden_change']:.2e})")
+        ax.set(xlabel="layer", ylabel="‖α(Mᵀ − I)‖_F", title="How far the CRMA substrate moved (first seed)")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, Path(out) / "substrate.png"))
+    return paths

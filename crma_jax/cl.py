@@ -1,0 +1,273 @@
+"""Continual learning: the methods `crma cl` compares, as plug-in objects, and the metrics.
+
+A *method* says, for a sequence of tasks (domains) trained one after another:
+
+- which LoRA each task starts from (`start`): the previous task's (one shared model) or a fresh
+  one (one LoRA per task);
+- what the forward pass uses while training (`forward_lora`): the trainable LoRA alone, or, for
+  O-LoRA, the earlier tasks' frozen LoRAs beside it (concatenated along the rank);
+- its loss regulariser (`penalty`), added to the mean token loss;
+- what it keeps after each task (`remember`): the task's LoRA, EWC's anchor and Fisher, ...;
+- which LoRA evaluation uses (`eval_lora`): with the task id (oracle) or without it;
+- whether it trains the shared CRMA substrate and how much earlier data it replays.
+
+Everything a method keeps is a `Memory` of plain arrays, so the training step takes it as an
+argument (no recompilation per task) and a run can be resumed from it.
+
+Metrics on the holdout-loss matrix L (K × K; L[i, j] = loss on task j after training tasks
+0..i; lower is better), in GEM's form (Lopez-Paz & Ranzato, 2017) with the sign chosen so that
+**positive is good**, as for GEM's accuracies:
+
+    ACC = mean_j L[K−1, j]                                (final mean loss; lower is better)
+    BWT = mean_{j<K−1} (L[j, j] − L[K−1, j])             (> 0: later tasks helped; < 0: forgetting)
+    FWT = mean_{j≥1}   (b[j] − L[j−1, j])                (> 0: earlier tasks helped before training j)
+    drift_j = (L[K−1, j] − L[j, j]) / L[j, j]            (relative; > 0: forgetting)
+
+with b[j] the starting model's loss on task j.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Lora = Any  # a LoRA set: {"layers": {module: {proj: {"a": (L, in, r), "b": (L, r, out)}}}}
+Memory = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def transfer_metrics(losses: np.ndarray, base: np.ndarray) -> dict[str, Any]:
+    """ACC, BWT, FWT and per-task drift (module docstring) of a full K × K loss matrix.
+
+    `losses[i, j]` for every i, j (j > i too: the model as it stood before training task j);
+    `base[j]` the starting model's loss on task j. Needs K >= 2.
+    """
+    losses, base = np.asarray(losses, np.float64), np.asarray(base, np.float64)
+    k = losses.shape[0]
+    if losses.shape != (k, k) or base.shape != (k,) or k < 2:
+        raise ValueError(f"need a K x K loss matrix and K base losses with K >= 2, got {losses.shape} and {base.shape}")
+    diag, last = np.diag(losses), losses[-1]
+    return {
+        "acc": float(last.mean()),
+        "bwt": float(np.mean(diag[:-1] - last[:-1])),
+        "fwt": float(np.mean(base[1:] - losses[np.arange(k - 1), np.arange(1, k)])),
+        "drift": ((last[:-1] - diag[:-1]) / diag[:-1]).tolist(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA set arithmetic.
+
+
+def _is_pair(node: Any) -> bool:
+    return isinstance(node, dict) and "a" in node and "b" in node
+
+
+def _map_pairs(fn: Callable[[list[dict[str, jax.Array]]], Any], sets: Sequence[Lora]) -> Any:
+    """The first set's tree with fn(the matching {"a", "b"} pairs of every set) at each pair."""
+    leaves = [jax.tree.leaves(s, is_leaf=_is_pair) for s in sets]
+    treedef = jax.tree.structure(sets[0], is_leaf=_is_pair)
+    return jax.tree.unflatten(treedef, [fn(list(pairs)) for pairs in zip(*leaves)])
+
+
+def concat_lora(sets: Sequence[Lora]) -> Lora:
+    """One LoRA set equal to the sum of `sets`: A's joined along the rank (last) axis, B's along
+    their rank axis, so x·[A₁|A₂]·[B₁;B₂]·s = Σᵢ x·Aᵢ·Bᵢ·s with the same scale s (LoRA's scale
+    comes from its config, not from the arrays' rank)."""
+    if not sets:
+        raise ValueError("concat_lora needs at least one set")
+    return _map_pairs(lambda pairs: {"a": jnp.concatenate([p["a"] for p in pairs], axis=-1),
+                                     "b": jnp.concatenate([p["b"] for p in pairs], axis=-2)}, sets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Regularisers.
+
+
+def ewc_penalty(params: Any, fisher: Any, anchor: Any) -> jax.Array:
+    """Σ F·(θ − θ*)² over every leaf (float32 scalar); 0 at θ = θ*. EWC's λ/2 is the caller's."""
+    terms = jax.tree.map(lambda p, f, a: jnp.sum(f * jnp.square(p.astype(jnp.float32) - a)), params, fisher, anchor)
+    return sum(jax.tree.leaves(terms), jnp.float32(0.0))
+
+
+def ewc_accumulate(fisher_sum: Any, anchor: Any, fisher: Any, theta: Any) -> tuple[Any, Any]:
+    """Fold one more task's (Fisher F, optimum θ*) into (ΣF, μ), with μ the F-weighted mean of
+    the optima, so that Σₜ Fₜ(θ − θ*ₜ)² = ΣF·(θ − μ)² + a constant: the same gradient as one
+    penalty per earlier task, in memory that does not grow with the number of tasks."""
+    total = jax.tree.map(jnp.add, fisher_sum, fisher)
+    mean = jax.tree.map(lambda t, fs, a, f, th: jnp.where(t > 0, (fs * a + f * th) / jnp.where(t > 0, t, 1.0), 0.0),
+                        total, fisher_sum, anchor, fisher, theta)
+    return total, mean
+
+
+def diagonal_fisher(grad_fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]) -> Any:
+    """The empirical diagonal Fisher: the mean over `batches` of grad_fn(params, batch)², per leaf.
+
+    `grad_fn` returns the gradient of the batch's mean token loss (a tree like `params`). This is
+    the batch-level estimate (squared mean gradients), the usual cheap stand-in for per-example
+    squares.
+    """
+    total, n = None, 0
+    for batch in batches:
+        sq = jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), grad_fn(params, batch))
+        total = sq if total is None else jax.tree.map(jnp.add, total, sq)
+        n += 1
+    if total is None:
+        raise ValueError("diagonal_fisher needs at least one batch")
+    return jax.tree.map(lambda t: t / n, total)
+
+
+def olora_penalty(new: Lora, old: Lora) -> jax.Array:
+    """O-LoRA's orthogonality loss Σ |A_oldᵀ·A_new| (elementwise L1, every layer and target).
+
+    `old` holds the earlier tasks' LoRAs concatenated along the rank (`concat_lora`; zero
+    columns for tasks not yet trained add nothing). 0 exactly when every new A column is
+    orthogonal to every old one.
+    """
+    terms = _map_pairs(lambda pairs: jnp.sum(jnp.abs(jnp.einsum("lir,lis->lrs", pairs[1]["a"], pairs[0]["a"]))),
+                       [new, old])
+    return sum(jax.tree.leaves(terms), jnp.float32(0.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods.
+
+
+def _zeros_like(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """NAIVE: one LoRA trained on every task in turn; the base class of the other methods.
+
+    Attributes: `crma` trains a CRMA substrate shared by every task; `fresh_lora` starts each
+    task from a new LoRA (else from the previous task's); `replay` is the fraction of each
+    later task's training rows drawn from earlier tasks' training data; `routed` means the
+    method keeps one LoRA per task and needs the task id, or automatic routing, to evaluate.
+    """
+
+    name: str = "naive"
+    crma: bool = False
+    fresh_lora: bool = False
+    replay: float = 0.0
+    routed: bool = False
+    needs_fisher: bool = False
+
+    def init_memory(self, lora: Lora, tasks: int) -> Memory:
+        """What the method keeps across tasks, before the first: plain arrays (a `Memory`)."""
+        return {}
+
+    def forward_lora(self, lora: Lora, memory: Memory) -> Lora:
+        """The LoRA the forward pass uses while `lora` trains."""
+        return lora
+
+    def penalty(self, lora: Lora, memory: Memory) -> jax.Array:
+        """The regulariser added to the mean token loss (float32 scalar)."""
+        return jnp.float32(0.0)
+
+    def remember(self, memory: Memory, lora: Lora, task: int, fisher: Any = None) -> Memory:
+        """Memory after task `task` ended with `lora` (and, if `needs_fisher`, its Fisher)."""
+        return memory
+
+    def eval_lora(self, trained: Sequence[Lora], memory: Memory, task: int | None, fresh: Lora) -> Lora:
+        """The LoRA to evaluate task `task` with (None: no task id), after `remember` of the
+        last trained task. `trained[t]` is task t's trained LoRA for every task so far; `fresh`
+        the LoRA a new task starts from. A routed method evaluates a task it has not trained yet
+        with `fresh`, and has no single model: without a task id, routing picks among `trained`."""
+        if not self.routed:
+            return trained[-1]
+        if task is None:
+            raise ValueError(f"{self.name} keeps one LoRA per task: evaluate it with a task id or routing")
+        return trained[task] if task < len(trained) else fresh
+
+
+def naive() -> Method:
+    return Method()
+
+
+def frozen() -> Method:
+    """FROZEN: a fresh LoRA per task, no shared state; forgets nothing by construction."""
+    return Method("frozen", fresh_lora=True, routed=True)
+
+
+def modular() -> Method:
+    """MODULAR (CRMA's proposal): a fresh LoRA per task on a CRMA substrate trained throughout."""
+    return Method("modular", crma=True, fresh_lora=True, routed=True)
+
+
+def replay(fraction: float = 0.1) -> Method:
+    """REPLAY: NAIVE with `fraction` of each later task's rows drawn from earlier tasks (TRACE: 10%)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"replay fraction must be in (0, 1), got {fraction}")
+    return Method("replay", replay=fraction)
+
+
+@dataclasses.dataclass(frozen=True)
+class EWC(Method):
+    """EWC: NAIVE plus λ/2·Σₜ Fₜ(θ − θ*ₜ)² over the earlier tasks' diagonal Fishers and optima
+    (Kirkpatrick et al., 2017), kept as (ΣF, μ) by `ewc_accumulate`. TRACE uses λ = 400."""
+
+    name: str = "ewc"
+    needs_fisher: bool = True
+    lam: float = 400.0
+
+    def init_memory(self, lora: Lora, tasks: int) -> Memory:
+        return {"fisher": _zeros_like(lora), "anchor": _zeros_like(lora)}
+
+    def penalty(self, lora: Lora, memory: Memory) -> jax.Array:
+        return 0.5 * self.lam * ewc_penalty(lora, memory["fisher"], memory["anchor"])
+
+    def remember(self, memory: Memory, lora: Lora, task: int, fisher: Any = None) -> Memory:
+        if fisher is None:
+            raise ValueError("EWC needs the Fisher of the task it just trained")
+        total, mean = ewc_accumulate(memory["fisher"], memory["anchor"], fisher, lora)
+        return {"fisher": total, "anchor": mean}
+
+
+@dataclasses.dataclass(frozen=True)
+class OLoRA(Method):
+    """O-LoRA (Wang et al., 2023): each task trains a fresh LoRA while the earlier tasks' LoRAs
+    stay in the forward pass, frozen; the loss adds λ₁·Σ|A_oldᵀ·A_new| (official code: 0.5).
+    One model, no task id at test time: the sum of every trained task's LoRA. The trained LoRAs
+    sit in a rank-tasks·r buffer of zeros that fills task by task, so its shape never changes."""
+
+    name: str = "olora"
+    fresh_lora: bool = True
+    lam: float = 0.5
+
+    def init_memory(self, lora: Lora, tasks: int) -> Memory:
+        return {"old": concat_lora([_zeros_like(lora)] * tasks)}
+
+    def forward_lora(self, lora: Lora, memory: Memory) -> Lora:
+        return concat_lora([jax.lax.stop_gradient(memory["old"]), lora])
+
+    def penalty(self, lora: Lora, memory: Memory) -> jax.Array:
+        return self.lam * olora_penalty(lora, jax.lax.stop_gradient(memory["old"]))
+
+    def remember(self, memory: Memory, lora: Lora, task: int, fisher: Any = None) -> Memory:
+        def put(old: dict[str, jax.Array], new: dict[str, jax.Array]) -> dict[str, jax.Array]:
+            r = new["a"].shape[-1]
+            if (task + 1) * r > old["a"].shape[-1]:
+                raise ValueError(f"task {task} is past the {old['a'].shape[-1] // r} tasks O-LoRA's memory was made for")
+            a = jax.lax.dynamic_update_slice_in_dim(old["a"], new["a"].astype(jnp.float32), task * r, axis=-1)
+            b = jax.lax.dynamic_update_slice_in_dim(old["b"], new["b"].astype(jnp.float32), task * r, axis=-2)
+            return {"a": a, "b": b}
+
+        return {"old": _map_pairs(lambda pairs: put(*pairs), [memory["old"], lora])}
+
+    def eval_lora(self, trained: Sequence[Lora], memory: Memory, task: int | None, fresh: Lora) -> Lora:
+        return memory["old"]
+
+
+METHODS: dict[str, Callable[[], Method]] = {
+    "naive": naive, "frozen": frozen, "modular": modular, "replay": replay, "ewc": EWC, "olora": OLoRA,
+}

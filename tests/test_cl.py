@@ -1,0 +1,141 @@
+"""`crma_jax.cl`: continual-learning methods' defining properties and the transfer metrics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crma_jax.cl import (METHODS, EWC, OLoRA, concat_lora, diagonal_fisher, ewc_accumulate, ewc_penalty, frozen,
+                         naive, olora_penalty, transfer_metrics)
+
+LAYERS, D_IN, D_OUT = 2, 6, 5
+
+
+def _lora(key, rank: int = 2) -> dict:
+    """A two-target LoRA set shaped like the model's: layers/<module>/<proj>/{a, b}, stacked."""
+    k = jax.random.split(key, 4)
+    pair = lambda ka, kb: {"a": jax.random.normal(ka, (LAYERS, D_IN, rank)),  # noqa: E731
+                           "b": jax.random.normal(kb, (LAYERS, rank, D_OUT))}
+    return {"layers": {"self_attn": {"q_proj": pair(k[0], k[1])}, "mlp": {"up_proj": pair(k[2], k[3])}}}
+
+
+def _delta(lora, x):
+    """Σ over targets of x·A·B per layer: what a LoRA set adds to the projections' outputs."""
+    pairs = [lora["layers"]["self_attn"]["q_proj"], lora["layers"]["mlp"]["up_proj"]]
+    return sum(jnp.einsum("ni,lir,lro->lno", x, p["a"], p["b"]) for p in pairs)
+
+
+def test_transfer_metrics_match_a_hand_computed_matrix():
+    losses = np.array([[2.0, 3.0, 4.0],
+                       [2.2, 1.5, 3.5],
+                       [2.4, 1.8, 1.0]])
+    base = np.array([3.0, 3.2, 4.2])
+    m = transfer_metrics(losses, base)
+    assert m["acc"] == pytest.approx((2.4 + 1.8 + 1.0) / 3)
+    assert m["bwt"] == pytest.approx(((2.0 - 2.4) + (1.5 - 1.8)) / 2)  # forgetting: negative
+    assert m["fwt"] == pytest.approx(((3.2 - 3.0) + (4.2 - 3.5)) / 2)  # earlier tasks helped: positive
+    assert m["drift"] == pytest.approx([0.4 / 2.0, 0.3 / 1.5])
+    with pytest.raises(ValueError, match="K x K"):
+        transfer_metrics(losses[:2], base)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n_sets=st.integers(1, 4), rank=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_concatenated_lora_adds_up_its_sets(n_sets, rank, seed):
+    keys = jax.random.split(jax.random.PRNGKey(seed), n_sets + 1)
+    sets = [_lora(k, rank) for k in keys[:-1]]
+    x = jax.random.normal(keys[-1], (3, D_IN))
+    joined = concat_lora(sets)
+    assert joined["layers"]["mlp"]["up_proj"]["a"].shape == (LAYERS, D_IN, n_sets * rank)
+    np.testing.assert_allclose(_delta(joined, x), sum(_delta(s, x) for s in sets), rtol=1e-5, atol=1e-5)
+
+
+def test_olora_penalty_is_zero_for_orthogonal_a_and_its_gradient_moves_toward_orthogonality():
+    q = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (LAYERS, D_IN, D_IN)))[0]  # orthonormal columns
+    old, new = _lora(jax.random.PRNGKey(1)), _lora(jax.random.PRNGKey(2))
+    for module, proj in (("self_attn", "q_proj"), ("mlp", "up_proj")):
+        old["layers"][module][proj]["a"] = q[..., :2]
+        new["layers"][module][proj]["a"] = q[..., 2:4]
+    assert float(olora_penalty(new, old)) == pytest.approx(0.0, abs=1e-5)
+    overlapping = _lora(jax.random.PRNGKey(3))
+    before = olora_penalty(overlapping, old)
+    assert float(before) > 0.1
+    grad = jax.grad(olora_penalty)(overlapping, old)
+    stepped = jax.tree.map(lambda p, g: p - 0.01 * g, overlapping, grad)
+    assert float(olora_penalty(stepped, old)) < float(before)
+    assert float(jnp.abs(grad["layers"]["mlp"]["up_proj"]["b"]).max()) == 0.0  # only A is penalised
+
+
+@settings(max_examples=15, deadline=None)
+@given(tasks=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_ewc_accumulated_memory_has_the_gradient_of_one_penalty_per_task(tasks, seed):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 2 * tasks + 1)
+    optima = [_lora(keys[2 * t]) for t in range(tasks)]
+    fishers = [jax.tree.map(jnp.abs, _lora(keys[2 * t + 1])) for t in range(tasks)]
+    theta = _lora(keys[-1])
+    memory = EWC().init_memory(theta, tasks)
+    for t in range(tasks):
+        memory["fisher"], memory["anchor"] = ewc_accumulate(memory["fisher"], memory["anchor"], fishers[t], optima[t])
+
+    def per_task(p):
+        return sum(ewc_penalty(p, f, a) for f, a in zip(fishers, optima))
+
+    want, got = jax.grad(per_task)(theta), jax.grad(lambda p: ewc_penalty(p, memory["fisher"], memory["anchor"]))(theta)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_ewc_penalty_is_zero_at_the_optimum_and_grows_away_from_it():
+    method = EWC(lam=10.0)
+    optimum = _lora(jax.random.PRNGKey(0))
+    fisher = jax.tree.map(lambda x: jnp.abs(x) + 0.1, _lora(jax.random.PRNGKey(1)))
+    memory = method.remember(method.init_memory(optimum, 3), optimum, 0, fisher)
+    assert float(method.penalty(optimum, memory)) == pytest.approx(0.0, abs=1e-5)
+    moved = jax.tree.map(lambda x: x + 0.1, optimum)
+    expected = 0.5 * 10.0 * sum(float(jnp.sum(f * 0.01)) for f in jax.tree.leaves(fisher))
+    assert float(method.penalty(moved, memory)) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="Fisher"):
+        method.remember(memory, optimum, 1)
+
+
+def test_diagonal_fisher_is_the_mean_squared_gradient():
+    grad_fn = lambda params, batch: {"w": params["w"] * batch}  # noqa: E731
+    fisher = diagonal_fisher(grad_fn, {"w": jnp.array([1.0, 2.0])}, [1.0, 3.0])
+    np.testing.assert_allclose(fisher["w"], [(1 + 9) / 2, (4 + 36) / 2])
+
+
+def test_olora_keeps_earlier_loras_frozen_in_the_forward_pass_at_a_fixed_shape():
+    method = OLoRA()
+    first, second = _lora(jax.random.PRNGKey(0)), _lora(jax.random.PRNGKey(1))
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, D_IN))
+    memory = method.init_memory(first, tasks=3)
+    memory = method.remember(memory, first, 0)
+    shape = jax.tree.map(jnp.shape, memory)
+    # Training task 1: the forward pass is task 0's LoRA plus the trainable one, and only the
+    # trainable one gets gradients.
+    np.testing.assert_allclose(_delta(method.forward_lora(second, memory), x), _delta(first, x) + _delta(second, x),
+                               rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda m: jnp.sum(_delta(method.forward_lora(second, m), x)) + method.penalty(second, m))(memory)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+    memory = method.remember(memory, second, 1)
+    assert jax.tree.map(jnp.shape, memory) == shape
+    # One model for every task, no task id: the sum of the trained LoRAs.
+    model = method.eval_lora([first, second], memory, None, fresh=None)
+    np.testing.assert_allclose(_delta(model, x), _delta(first, x) + _delta(second, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="past the 3 tasks"):
+        method.remember(memory, second, 3)
+
+
+def test_routed_methods_need_a_task_id_and_start_untrained_tasks_fresh():
+    trained, fresh = [_lora(jax.random.PRNGKey(0))], _lora(jax.random.PRNGKey(9))
+    assert frozen().eval_lora(trained, {}, 0, fresh) is trained[0]
+    assert frozen().eval_lora(trained, {}, 1, fresh) is fresh
+    with pytest.raises(ValueError, match="routing"):
+        frozen().eval_lora(trained, {}, None, fresh)
+    assert naive().eval_lora(trained, {}, None, fresh) is trained[0]
+    assert set(METHODS) == {"naive", "frozen", "modular", "replay", "ewc", "olora"}
+    assert METHODS["modular"]().crma and not METHODS["replay"]().crma and METHODS["replay"]().replay == 0.1
