@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from crma_jax.domains import DOMAINS, domain_documents
+from crma_jax.domains import domain_documents, is_builtin
 
 T = TypeVar("T")
 TokenDoc = tuple[list[int], list[int]]  # (ids, loss_mask), equal lengths
@@ -390,13 +390,13 @@ class DataSpec:
 def build_dataset(source: str, tokenizer: Any, seq_len: int, *, holdout_fraction: float = 0.1, seed: int = 0,
                   text_field: str = "text", max_documents: int | None = None, vocab_size: int | None = None,
                   cache_dir: str | None = None) -> tuple[PackedData, PackedData]:
-    """(train, holdout) packed data from a built-in domain ('legal', 'code', 'docs') or a path
+    """(train, holdout) packed data from a built-in domain (`crma_jax.domains`) or a path
     to a .jsonl/.txt/.parquet file or a directory of .txt files.
 
     The first `max_documents` documents are kept, split by document (`split_holdout`), then each
     side is packed separately. With `vocab_size`, the tokenizer is checked against the model.
     """
-    if source in DOMAINS and not Path(source).exists():
+    if is_builtin(source) and not Path(source).exists():
         records: Any = [{text_field: d} for d in domain_documents(source)]
     else:
         records = load_records(source, text_field=text_field, cache_dir=cache_dir)

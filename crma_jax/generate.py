@@ -7,6 +7,7 @@ is a single compiled program.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -43,29 +44,34 @@ def generate(
     rng: jax.Array | None = None,
     crma_enabled: bool = True,
 ) -> jax.Array:
-    """Continue `prompt` (B, P) int32 by `max_new_tokens`; returns (B, P + max_new_tokens) int32."""
+    """Continue `prompt` (B, P) int32 by `max_new_tokens`; returns (B, P + max_new_tokens) int32.
+
+    Compiled once per (model, prompt shape, max_new_tokens, sampling settings, crma_enabled).
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return _generate(model, variables, jnp.asarray(prompt, jnp.int32), rng, max_new_tokens, float(temperature),
+                     float(top_p), crma_enabled)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _generate(model: Decoder, variables: dict[str, Any], prompt: jax.Array, rng: jax.Array, max_new_tokens: int,
+              temperature: float, top_p: float, crma_enabled: bool) -> jax.Array:
     b, p = prompt.shape
     total = p + max_new_tokens
-    rng = jax.random.PRNGKey(0) if rng is None else rng
+    cache = init_cache(model.config, b, total, model.dtype)
+    logits, cache = model.apply(variables, prompt, cache, 0, crma_enabled, method=Decoder.decode)
+    rng, sub = jax.random.split(rng)
+    tokens = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt)
+    tokens = tokens.at[:, p].set(next_token(logits[:, -1], sub, temperature, top_p))
 
-    @jax.jit
-    def run(variables: dict[str, Any], prompt: jax.Array, rng: jax.Array) -> jax.Array:
-        cache = init_cache(model.config, b, total, model.dtype)
-        logits, cache = model.apply(variables, prompt, cache, 0, crma_enabled, method=Decoder.decode)
+    def step(i: jax.Array, carry: Any) -> Any:
+        tokens, cache, rng = carry
+        last = jax.lax.dynamic_slice(tokens, (0, i), (b, 1))
+        logits, cache = model.apply(variables, last, cache, i, crma_enabled, method=Decoder.decode)
         rng, sub = jax.random.split(rng)
-        tokens = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt)
-        tokens = tokens.at[:, p].set(next_token(logits[:, -1], sub, temperature, top_p))
+        return tokens.at[:, i + 1].set(next_token(logits[:, -1], sub, temperature, top_p)), cache, rng
 
-        def step(i: jax.Array, carry: Any) -> Any:
-            tokens, cache, rng = carry
-            last = jax.lax.dynamic_slice(tokens, (0, i), (b, 1))
-            logits, cache = model.apply(variables, last, cache, i, crma_enabled, method=Decoder.decode)
-            rng, sub = jax.random.split(rng)
-            return tokens.at[:, i + 1].set(next_token(logits[:, -1], sub, temperature, top_p)), cache, rng
-
-        tokens, _, _ = jax.lax.fori_loop(p, total - 1, step, (tokens, cache, rng))
-        return tokens
-
-    return run(variables, jnp.asarray(prompt, jnp.int32), rng)
+    tokens, _, _ = jax.lax.fori_loop(p, total - 1, step, (tokens, cache, rng))
+    return tokens

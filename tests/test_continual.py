@@ -203,3 +203,20 @@ def test_drift_helper_and_bad_arguments(tiny_lm, capsys):
     with pytest.raises(SystemExit):  # `--data` means nothing to `crma cl`: refused, not ignored
         main(["cl", "--model", str(tiny_lm), "--data", "legal"])
     assert "unrecognized arguments: --data" in capsys.readouterr().err
+
+
+def test_qa_on_fictional_facts_reports_crma_on_and_off(tiny_lm, tmp_path):
+    out = tmp_path / "qa"
+    args = ["cl", "--model", str(tiny_lm), "--out", str(out), "--steps", "4", "--warmup-steps", "1",
+            "--seq-len", "64", "--batch-size", "4", "--eval-every", "0", "--lr-lora", "5e-3", "--seeds", "0",
+            "--no-tensorboard", "--no-plots", "--mesh", "1,1,1", "--max-documents", "6",
+            "--conditions", "naive,modular", "--domain", "facts-geography", "--domain", "facts-music"]
+    assert main(args) == 0
+    payload = json.loads((out / "results.json").read_text())
+    for cond in ("naive", "modular"):
+        qa = payload["results"][cond]["0"]["qa"]
+        assert qa["questions"] == 10  # 6 facts per domain, one held out by the 10% split
+        assert set(qa["per_domain"]) == {"facts-geography", "facts-music"}
+        assert 0.0 <= qa["crma_on"] <= 1.0
+        assert ("crma_off" in qa) == (cond == "modular")
+    assert "QA on the fictional facts" in (out / "results.md").read_text()

@@ -274,7 +274,7 @@ def test_tokenizer_vocab_mismatch(tok) -> None:
 # ------------------------------------------------------------------------------------- build
 
 
-@pytest.mark.parametrize("domain", ["legal", "code", "docs"])
+@pytest.mark.parametrize("domain", ["legal", "code", "docs", "changelog", "shell"])
 def test_builtin_domains(domain: str, tok) -> None:
     train, hold = build_dataset(domain, tok, 128, max_documents=6, vocab_size=128)
     assert train.num_rows > 0 and hold.num_rows > 0 and train.num_tokens > hold.num_tokens > 0

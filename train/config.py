@@ -30,7 +30,7 @@ class TrainConfig:
 
     model: str = setting("smollm2", "HF directory, .gguf file, `crma convert` output, or 'smollm2' (the real "
                                     "SmolLM2-135M from PyPI)")
-    data: str = setting("legal", "a built-in domain (legal, code, docs) or a .jsonl/.txt/.parquet file or a "
+    data: str = setting("legal", "a built-in domain (legal, code, docs, changelog, shell) or a .jsonl/.txt/.parquet file or a "
                                  "directory of .txt files")
     out: str = setting("runs/train", "run directory; must be new or empty unless --resume")
     steps: int = setting(100, "optimizer steps")

@@ -48,8 +48,10 @@ from crma_jax.adapters import init_adapters
 from crma_jax.cl import METHODS, EWC, Memory, Method, OLoRA, diagonal_fisher, replay, transfer_metrics
 from crma_jax.convert.adapter_files import load_adapters
 from crma_jax.crma import mix_displacement
-from crma_jax.data import DataSpec, PackedData
+from crma_jax.data import DataSpec, PackedData, split_holdout
+from crma_jax.domains import FACTS_PREFIX, is_builtin
 from crma_jax.evaluate import crma_effect, eval_batches, route
+from crma_jax.facts import Fact, answer_questions, domain_facts, questions
 from crma_jax.train.config import TrainConfig, setting
 from crma_jax.train.finetune import OnCheckpoint, Session, data_spec, evaluate_holdout, open_session, \
     save_run_adapters, train
@@ -65,7 +67,7 @@ class CLConfig(TrainConfig):
     cli_exclude = ("data",)
 
     out: str = setting("runs/cl", "output directory; must be new or empty unless --resume")
-    domains: str = setting("legal,code,docs", "NAME or NAME=PATH, comma-separated, in training order "
+    domains: str = setting("legal,code,docs,changelog,shell", "NAME or NAME=PATH, comma-separated, in training order "
                                               "(--domain flags take precedence)")
     conditions: str = setting("naive,frozen,modular", "comma-separated methods to run: " + ", ".join(CONDITIONS))
     seeds: str = setting("0", "comma-separated seeds; every condition runs every seed")
@@ -220,7 +222,47 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
     result: dict[str, Any] = {"L": progress["L"], "base": progress["base"], "substrate": progress["substrate"],
                               **transfer_metrics(np.asarray(progress["L"]), np.asarray(progress["base"]))}
     result["agnostic"] = agnostic_eval(cfg, method, session, names, domains, trained, memory, fresh, crma)
+    qa = qa_eval(cfg, method, session, names, domains, trained, memory, fresh, crma)
+    if qa:
+        result["qa"] = qa
     return result
+
+
+def trained_facts(cfg: CLConfig, source: str) -> list[Fact]:
+    """The facts of a facts-<domain> source whose documents fell in the training split."""
+    facts = domain_facts(source[len(FACTS_PREFIX):])
+    if cfg.max_documents:
+        facts = facts[:cfg.max_documents]
+    train_idx, _ = split_holdout(list(range(len(facts))), cfg.holdout_fraction, seed=0)
+    return [facts[i] for i in train_idx]
+
+
+def qa_eval(cfg: CLConfig, method: Method, session: Session, names: list[str], domains: dict[str, Domain],
+            trained: list[Any], memory: Memory, fresh: list[Any], crma: Any) -> dict[str, Any] | None:
+    """The CRMA-toggle QA benchmark on the facts domains among `names`: each trained fact asked
+    in its held-out wording, greedy answer, exact match; with the task id, CRMA on and off on
+    the same weights (off only for a method that trains CRMA). None without facts domains."""
+    asked = {n: questions(trained_facts(cfg, domains[n][2].source)) for n in names
+             if is_builtin(domains[n][2].source) and domains[n][2].source.startswith(FACTS_PREFIX)}
+    if not asked:
+        return None
+    toggles = (True, False) if method.crma else (True,)
+    per_domain: dict[str, dict[str, float]] = {}
+    right = {on: 0 for on in toggles}
+    for j, n in enumerate(names):
+        if n not in asked:
+            continue
+        lora = method.eval_lora(trained, memory, j, fresh[j])
+        variables = {"params": session.frozen, "lora": lora, **({"crma": crma} if method.crma else {})}
+        per_domain[n] = {}
+        for on in toggles:
+            correct = answer_questions(session.model, variables, session.tokenizer, asked[n], crma_enabled=on,
+                                       batch_size=cfg.batch_size)
+            per_domain[n]["crma_on" if on else "crma_off"] = float(np.mean(correct))
+            right[on] += sum(correct)
+    total = sum(len(q) for q in asked.values())
+    return {"questions": total, "per_domain": per_domain,
+            **{("crma_on" if on else "crma_off"): right[on] / total for on in toggles}}
 
 
 def agnostic_eval(cfg: CLConfig, method: Method, session: Session, names: list[str], domains: dict[str, Domain],
@@ -277,6 +319,9 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], names: list[str]) -
             "final_loss_mean": np.asarray([r["L"][-1] for r in runs], np.float64).mean(0).tolist(),
             "wall_s": _mean_std([r["wall_s"] for r in runs]),
         }
+        for toggle in ("crma_on", "crma_off"):
+            if all(toggle in r.get("qa", {}) for r in runs):
+                out[cond][f"qa_{toggle}"] = _mean_std([r["qa"][toggle] for r in runs])
     return out
 
 
@@ -302,6 +347,14 @@ def markdown_table(summary: dict[str, Any], names: list[str], seeds: list[int]) 
         lines.append(f"| {cond.upper()} | " + " | ".join(cells) + f" | {pm(s['mean_drift'], 100, '+.2f')}% | "
                      f"{pm(s['acc'])} | {pm(s['bwt'], fmt='+.4f')} | {pm(s['fwt'], fmt='+.4f')} | "
                      f"{pm(s['agnostic_acc'])} | {s['wall_s']['mean']:.0f} |")
+    if any("qa_crma_on" in s for s in summary.values()):
+        lines += ["", "QA on the fictional facts (held-out wording, greedy answer, exact match), with the task id; "
+                  "CRMA off only for conditions that train it, on the same weights.", "",
+                  "| condition | accuracy, CRMA on | accuracy, CRMA off |", "|---|---|---|"]
+        for cond, s in summary.items():
+            if "qa_crma_on" in s:
+                off = pm(s["qa_crma_off"], 100, ".1f") + "%" if "qa_crma_off" in s else "–"
+                lines.append(f"| {cond.upper()} | {pm(s['qa_crma_on'], 100, '.1f')}% | {off} |")
     return "\n".join(lines) + "\n"
 
 

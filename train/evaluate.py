@@ -21,7 +21,7 @@ SPLITS = ("holdout", "train", "all")
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="a built-in domain (legal, code, docs) or a .jsonl/.txt/.parquet file; "
+    p.add_argument("--data", help="a built-in domain (legal, code, docs, changelog, shell) or a .jsonl/.txt/.parquet file; "
                                   "default for a run: the run's own data")
     p.add_argument("--split", choices=SPLITS, default="holdout",
                    help="which part of the data to score (default: %(default)s)")

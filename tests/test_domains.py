@@ -1,0 +1,37 @@
+"""`crma_jax.domains`: the built-in offline domains and their passages."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crma_jax.data import split_holdout
+from crma_jax.domains import DOMAINS, PASSAGE_CHARS, domain_documents, passages
+
+paragraph = st.text(alphabet="ab \n", min_size=1, max_size=60).map(lambda t: t.strip("\n")).filter(lambda t: t.strip())
+
+
+@settings(max_examples=60, deadline=None)
+@given(paras=st.lists(paragraph, min_size=1, max_size=30), limit=st.integers(10, 200))
+def test_passages_keep_every_paragraph_in_order_within_the_limit(paras, limit):
+    text = "\n\n".join(paras)
+    out = passages(text, limit)
+    assert all(p.strip() for p in out)
+    # The text's non-blank paragraphs, in order (blank ones and the newlines around them go).
+    assert [q for p in out for q in p.split("\n\n")] == [q.strip("\n") for q in text.split("\n\n") if q.strip()]
+    # Only a passage made of one paragraph may exceed the limit.
+    assert all(len(p) <= limit or "\n\n" not in p for p in out)
+
+
+@pytest.mark.parametrize("name", list(DOMAINS))
+def test_every_builtin_domain_has_a_holdout_of_at_least_16_distinct_passages(name):
+    docs = domain_documents(name)
+    _, holdout = split_holdout(docs, 0.1, seed=0)
+    assert len(set(holdout)) >= 16
+    assert max(len(d) for d in docs if "\n\n" in d) <= PASSAGE_CHARS  # only single paragraphs run over
+
+
+def test_unknown_domain_names_the_known_ones():
+    with pytest.raises(ValueError, match="changelog"):
+        domain_documents("poetry")
