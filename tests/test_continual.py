@@ -200,6 +200,10 @@ def test_drift_helper_and_bad_arguments(tiny_lm, capsys):
     assert ">= 2 domains" in capsys.readouterr().err
     assert main(["cl", "--model", str(tiny_lm), "--conditions", "naive,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
+    assert main(["cl", "--model", str(tiny_lm), "--conditions", "olora", "--lora-init", "pissa"]) == 2
+    assert "--lora-init default" in capsys.readouterr().err
+    assert main(["cl", "--model", str(tiny_lm), "--conditions", "replay", "--replay-fraction", "1.5"]) == 2
+    assert "--replay-fraction" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # `--data` means nothing to `crma cl`: refused, not ignored
         main(["cl", "--model", str(tiny_lm), "--data", "legal"])
     assert "unrecognized arguments: --data" in capsys.readouterr().err

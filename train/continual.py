@@ -93,6 +93,11 @@ class CLConfig(TrainConfig):
         bad = set(conds) - set(CONDITIONS)
         if bad:
             raise ValueError(f"unknown conditions {sorted(bad)}; choose from {', '.join(CONDITIONS)}")
+        if "olora" in conds and self.lora_init == "pissa":
+            raise ValueError("olora sums the domains' LoRAs, and with --lora-init pissa each one holds the base's top "
+                             "singular directions again; run olora with --lora-init default")
+        if not 0.0 < self.replay_fraction < 1.0:
+            raise ValueError(f"--replay-fraction must be in (0, 1), got {self.replay_fraction}")
         return conds
 
     def method(self, name: str) -> Method:
