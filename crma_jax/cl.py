@@ -2,14 +2,15 @@
 
 A *method* says, for a sequence of tasks (domains) trained one after another:
 
-- which LoRA each task starts from (`start`): the previous task's (one shared model) or a fresh
-  one (one LoRA per task);
+- which LoRA each task starts from (`fresh_lora`): the previous task's (one shared model) or a
+  fresh one (one LoRA per task);
 - what the forward pass uses while training (`forward_lora`): the trainable LoRA alone, or, for
   O-LoRA, the earlier tasks' frozen LoRAs beside it (concatenated along the rank);
 - its loss regulariser (`penalty`), added to the mean token loss;
-- what it keeps after each task (`remember`): the task's LoRA, EWC's anchor and Fisher, ...;
+- what it keeps after each task (`remember`): EWC's Fisher and anchor, O-LoRA's LoRAs;
 - which LoRA evaluation uses (`eval_lora`): with the task id (oracle) or without it;
-- whether it trains the shared CRMA substrate and how much earlier data it replays.
+- whether it trains the shared CRMA substrate (`crma`) and how much earlier data it replays
+  (`replay`).
 
 Everything a method keeps is a `Memory` of plain arrays, so the training step takes it as an
 argument (no recompilation per task) and a run can be resumed from it.
