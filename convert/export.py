@@ -10,7 +10,9 @@ s·[A | A0]·[B ; −B0] on W (`crma_jax.lora.pissa_as_lora`), and the merged ch
 W + s·(A·B − A0·B0). A quantized run is exported against the full-precision W: its PyTorch
 model differs from the trained one by the base's quantization error, as with any QLoRA export.
 
-For a `crma cl` run, RUN is one sequence: RUN/<method>/seed<s>.
+For a `crma cl` run, RUN is one sequence: RUN/<method>/seed<s>, with a set per domain. An O-LoRA
+sequence also has the set `olora`: every domain's LoRA joined into one of rank domains·r, the
+one model O-LoRA evaluates without a task id.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ from crma_jax.convert.adapter_files import Adapters, load_adapters
 from crma_jax.convert.convert import atomic_dir
 from crma_jax.convert.peft_export import export_crma, export_merged, export_peft
 from crma_jax.convert.smollm2 import resolve_model_path
-from crma_jax.lora import LoraConfig, pissa_as_lora
+from crma_jax.lora import LoraConfig, lora_rank, pissa_as_lora, with_rank
 from crma_jax.pretrained import hf_config_of, load_pretrained, load_tokenizer
 
 
 def plain_lora(adapters: Adapters, name: str) -> tuple[Any, LoraConfig]:
-    """Set `name` as a LoRA on the original base weights (PiSSA sets converted to rank 2r)."""
+    """Set `name` as a LoRA on the original base weights (PiSSA sets converted to rank 2r; a set
+    wider than the run's rank, such as O-LoRA's sum of every domain's LoRA, keeps its scale)."""
     lora = adapters.lora_sets[name]
     if adapters.lora_init is None:
-        return lora, adapters.lora
+        return lora, with_rank(adapters.lora, lora_rank(lora))
     return pissa_as_lora(lora, adapters.lora_init, adapters.lora)
 
 

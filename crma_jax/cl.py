@@ -190,6 +190,11 @@ class Method:
             raise ValueError(f"{self.name} keeps one LoRA per task: evaluate it with a task id or routing")
         return trained[task] if task < len(trained) else fresh
 
+    def saved_sets(self, names: Sequence[str], trained: Sequence[Lora]) -> dict[str, Lora]:
+        """The LoRA sets a run saves (and `crma export` exports): each task's trained LoRA by
+        its name, and, for a method whose model is not one of them, that model last."""
+        return dict(zip(names, trained))
+
 
 def naive() -> Method:
     return Method()
@@ -267,6 +272,11 @@ class OLoRA(Method):
 
     def eval_lora(self, trained: Sequence[Lora], memory: Memory, task: int | None, fresh: Lora) -> Lora:
         return memory["old"]
+
+    def saved_sets(self, names: Sequence[str], trained: Sequence[Lora]) -> dict[str, Lora]:
+        if self.name in names:
+            raise ValueError(f"a domain named {self.name!r} would clash with O-LoRA's summed set; rename it")
+        return {**dict(zip(names, trained)), self.name: concat_lora(trained)}
 
 
 METHODS: dict[str, Callable[[], Method]] = {

@@ -156,6 +156,18 @@ def pissa_as_lora(lora: Any, lora_init: Any, cfg: LoraConfig) -> tuple[Any, Lora
     for path, value in flat_l.items():
         init = jnp.asarray(flat_0[path], value.dtype)
         out[path] = jnp.concatenate([value, init], axis=-1) if path[-1] == "a" else jnp.concatenate([value, -init], axis=-2)
-    rank = 2 * cfg.rank
-    alpha = cfg.scale * (math.sqrt(rank) if cfg.rslora else rank)
-    return traverse_util.unflatten_dict(out), dataclasses.replace(cfg, rank=rank, alpha=alpha, init="default")
+    return traverse_util.unflatten_dict(out), dataclasses.replace(with_rank(cfg, 2 * cfg.rank), init="default")
+
+
+def with_rank(cfg: LoraConfig, rank: int) -> LoraConfig:
+    """`cfg` for factors of rank `rank`, with the same `scale` (alpha rescaled), so a wider set
+    built by joining factors (PiSSA's [A | A0], O-LoRA's [A₁ | … | A_k]) keeps its function."""
+    return dataclasses.replace(cfg, rank=rank, alpha=cfg.scale * (math.sqrt(rank) if cfg.rslora else rank))
+
+
+def lora_rank(lora: Any) -> int:
+    """The rank of a LoRA set: the last axis of its `a` factors (every `a` must agree)."""
+    ranks = {v.shape[-1] for path, v in traverse_util.flatten_dict(lora).items() if path[-1] == "a"}
+    if len(ranks) != 1:
+        raise ValueError(f"a LoRA set's `a` factors must share one rank, got {sorted(ranks)}")
+    return ranks.pop()

@@ -11,11 +11,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from crma_jax.cl import transfer_metrics
+from crma_jax.convert.export import export_run
 from crma_jax.data import PackedData
 from crma_jax.train.cli import main
 from crma_jax.train.continual import drift, mix_replay
+from crma_jax.train.inference import load_for_inference
 from crma_jax.train.metrics import read_metrics
 
 WORDS = {
@@ -95,7 +100,10 @@ def test_each_method_shows_its_defining_behaviour(finished):
         assert modular["L"][0][0] != modular["L"][2][0]  # the shared substrate kept training
         assert len(modular["substrate"]) == 3
         assert all(max(e["mix_displacement"]) > 0 and e["hidden_change"] > 0 for e in modular["substrate"])
-        assert not naive["substrate"]
+        assert not naive["substrate"] and naive["substrate_init"] is None
+        start = modular["substrate_init"]["mix_displacement"]
+        assert len(start) == len(modular["substrate"][-1]["mix_displacement"])
+        assert max(abs(a - b) for a, b in zip(start, modular["substrate"][-1]["mix_displacement"])) > 0
     # EWC: no penalty on the first domain, a positive one on the next (the Fisher of the first).
     first = read_metrics(out / "ewc" / "seed0" / "greek")
     second = read_metrics(out / "ewc" / "seed0" / "counts")
@@ -204,6 +212,10 @@ def test_drift_helper_and_bad_arguments(tiny_lm, capsys):
     assert "--lora-init default" in capsys.readouterr().err
     assert main(["cl", "--model", str(tiny_lm), "--conditions", "replay", "--replay-fraction", "1.5"]) == 2
     assert "--replay-fraction" in capsys.readouterr().err
+    assert main(["cl", "--model", str(tiny_lm), "--conditions", "olora", "--domain", "olora=a.txt", "--domain", "b"]) == 2
+    assert "domain named 'olora'" in capsys.readouterr().err
+    assert main(["cl", "--model", str(tiny_lm), "--seeds", "0,x"]) == 2
+    assert "--seeds" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # `--data` means nothing to `crma cl`: refused, not ignored
         main(["cl", "--model", str(tiny_lm), "--data", "legal"])
     assert "unrecognized arguments: --data" in capsys.readouterr().err
@@ -224,3 +236,23 @@ def test_qa_on_fictional_facts_reports_crma_on_and_off(tiny_lm, tmp_path):
         assert 0.0 <= qa["crma_on"] <= 1.0
         assert ("crma_off" in qa) == (cond == "modular")
     assert "QA on the fictional facts" in (out / "results.md").read_text()
+
+
+def test_olora_sequence_exports_the_sum_of_its_domains_loras(tiny_lm, finished, tmp_path):
+    """O-LoRA's one model is every domain's LoRA at once: the run saves it as the set `olora`
+    (rank 3·8, same scale), the default of `crma generate`, and PEFT reproduces it."""
+    out, _ = finished
+    run = out / "olora" / "seed0"
+    ids = np.random.RandomState(5).randint(3, 100, (2, 12))
+    model, variables, _ = load_for_inference(str(run))
+    ours = np.asarray(model.apply(variables, ids))
+    single = np.asarray(model.apply(load_for_inference(str(run), "colors")[1], ids))
+    assert np.abs(ours - single).max() > 1e-3  # the sum, not the last domain's LoRA alone
+    export_run(run, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "peft_olora" / "adapter_config.json").read_text())
+    assert config["r"] == 24 and config["lora_alpha"] == pytest.approx(16.0 * 3)
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(base, tmp_path / "export" / "peft_olora").eval()
+    with torch.no_grad():
+        theirs = peft(torch.tensor(ids)).logits.numpy()
+    assert np.abs(theirs - ours).max() <= 1e-4

@@ -9,7 +9,7 @@ import pytest
 
 import crma_jax
 from crma_jax import LoraConfig
-from crma_jax.lora import pissa_factors, top_singular
+from crma_jax.lora import lora_rank, pissa_factors, top_singular, with_rank
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,14 @@ def test_randomized_svd_finds_the_top_subspace():
 def test_bad_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_with_rank_keeps_the_scale_and_lora_rank_reads_it(rslora):
+    cfg = LoraConfig(rank=8, alpha=16.0, rslora=rslora)
+    wide = with_rank(cfg, 24)
+    assert wide.rank == 24 and wide.scale == pytest.approx(cfg.scale) and wide.alpha != cfg.alpha
+    lora = {"q": {"a": jnp.zeros((5, 24)), "b": jnp.zeros((24, 5))}, "k": {"a": jnp.zeros((5, 24)), "b": jnp.zeros((24, 3))}}
+    assert lora_rank(lora) == 24
+    with pytest.raises(ValueError, match="share one rank"):
+        lora_rank({**lora, "v": {"a": jnp.zeros((5, 8)), "b": jnp.zeros((8, 5))}})

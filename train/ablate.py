@@ -1,8 +1,10 @@
 """`crma ablate`: the stability ablation, CRMA on/off x ZClip on/off on identical runs.
 
-Same model, data, seed and hyper-parameters in every arm; only the two switches change. Writes
-RUN/<arm>/ (ordinary `crma train` run dirs), RUN/ablation.json, RUN/ablation.md and
-RUN/grad_norm_overlay.png.
+Same model, data, holdout and hyper-parameters in every arm; only the two switches change. For
+each seed (`--seeds`), every arm starts from the same LoRA draw and sees the same data order,
+so the arms differ only in CRMA and ZClip. Writes RUN/<arm>/seed<s>/ (ordinary `crma train`
+run dirs), RUN/ablation.json (every run's summary and, per arm, each column's mean, std and
+range over seeds), RUN/ablation.md and RUN/grad_norm_overlay.png (the first seed).
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from crma_jax.train.config import TrainConfig, setting
-from crma_jax.train.finetune import open_session, train
+import jax
+import numpy as np
+
+from crma_jax.train.config import TrainConfig, parse_seeds, setting
+from crma_jax.train.finetune import Session, fresh_adapters, open_session, train
 from crma_jax.train.plots import plot_overlay
 from crma_jax.train.run_dir import check_run_dir, write_config
 
@@ -28,41 +33,64 @@ COLUMNS = ("final_loss", "holdout_loss", "peak_grad_norm", "mean_grad_norm", "cl
 
 @dataclasses.dataclass
 class AblateConfig(TrainConfig):
-    cli_exclude = ("crma", "zclip")  # every arm sets these two itself
+    cli_exclude = ("crma", "zclip", "seed")  # every arm sets the switches, every seed the seed
 
-    out: str = setting("runs/ablate", "output directory (one run per arm inside); new or empty unless --resume")
+    out: str = setting("runs/ablate", "output directory (one run per arm and seed inside); new or empty unless --resume")
+    seeds: str = setting("0", "comma-separated seeds; every arm runs every seed (the holdout split stays seed 0's)")
 
 
-def run_ablation(cfg: TrainConfig, arms: dict[str, tuple[bool, bool]] = ARMS) -> dict[str, Any]:
+def run_ablation(cfg: AblateConfig, arms: dict[str, tuple[bool, bool]] = ARMS) -> dict[str, Any]:
+    """Every arm x seed; returns {"runs": {arm: {seed: summary}}, "summary": {arm: {column: stats}}}."""
+    seeds = parse_seeds(cfg.seeds)
     out = Path(cfg.out)
     check_run_dir(out, cfg, cfg.resume)
-    results: dict[str, Any] = {}
-    sessions: dict[bool, Any] = {}
-    initial: dict[bool, Any] = {}  # every arm starts from the same adapters
-    for name, (crma, zclip) in arms.items():
-        arm_cfg = dataclasses.replace(cfg, out=str(out / name), crma=crma, zclip=zclip)
-        if crma not in sessions:
-            sessions[crma] = open_session(arm_cfg)
-            initial[crma] = sessions[crma].trainable
-            write_config(out, cfg)  # model and data loaded: the run directory is claimed
-        session = sessions[crma]
-        session.trainable = initial[crma]
-        results[name] = train(arm_cfg, session, log_prefix=f"ablate {name}")
-    (out / "ablation.json").write_text(json.dumps(results, indent=2))
-    (out / "ablation.md").write_text(ablation_table(results, cfg))
-    plot_overlay({n: out / n for n in arms}, "grad_norm", out / "grad_norm_overlay.png", "Gradient norm by arm")
-    return results
+    runs: dict[str, dict[int, Any]] = {name: {} for name in arms}
+    sessions: dict[bool, Session] = {}
+    for seed in seeds:
+        for name, (crma, zclip) in arms.items():
+            arm_cfg = dataclasses.replace(cfg, out=str(out / name / f"seed{seed}"), crma=crma, zclip=zclip, seed=seed)
+            if crma not in sessions:
+                sessions[crma] = open_session(dataclasses.replace(arm_cfg, seed=0))
+                write_config(out, cfg)  # model and data loaded: the run directory is claimed
+            session = sessions[crma]
+            session.trainable = fresh_adapters(session, jax.random.PRNGKey(seed))
+            runs[name][seed] = train(arm_cfg, session, log_prefix=f"ablate {name} s{seed}")
+    payload = {"seeds": seeds, "runs": runs, "summary": summarize(runs)}
+    (out / "ablation.json").write_text(json.dumps(payload, indent=2))
+    (out / "ablation.md").write_text(ablation_table(payload["summary"], cfg, seeds))
+    plot_overlay({n: out / n / f"seed{seeds[0]}" for n in arms}, "grad_norm", out / "grad_norm_overlay.png",
+                 f"Gradient norm by arm (seed {seeds[0]})")
+    return payload
 
 
-def ablation_table(results: dict[str, Any], cfg: TrainConfig) -> str:
+def summarize(runs: dict[str, dict[int, Any]]) -> dict[str, dict[str, dict[str, float] | None]]:
+    """Per arm and column: mean, std (population), min and max over the seeds; None for a
+    column some run did not report (holdout_loss without --eval-every)."""
+    out: dict[str, dict[str, dict[str, float] | None]] = {}
+    for name, by_seed in runs.items():
+        out[name] = {}
+        for col in COLUMNS:
+            raw = [r.get(col) for r in by_seed.values()]
+            if any(v is None for v in raw):
+                out[name][col] = None
+                continue
+            values = np.asarray(raw, np.float64)
+            out[name][col] = {"mean": float(values.mean()), "std": float(values.std()),
+                              "min": float(values.min()), "max": float(values.max())}
+    return out
+
+
+def ablation_table(summary: dict[str, Any], cfg: TrainConfig, seeds: list[int]) -> str:
     lines = [
         f"Stability ablation: model {cfg.model}, data {cfg.data}, {cfg.steps} steps, B={cfg.batch_size}, "
-        f"T={cfg.seq_len}, seed {cfg.seed}, LoRA r={cfg.lora_rank}, CRMA rank {cfg.crma_rank}.",
+        f"T={cfg.seq_len}, LoRA r={cfg.lora_rank}, CRMA rank {cfg.crma_rank}; mean ± std [min, max] over "
+        f"seeds {seeds}.",
         "",
         "| arm | " + " | ".join(COLUMNS) + " |",
         "|---|" + "---|" * len(COLUMNS),
     ]
-    for name, r in results.items():
-        cells = [f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in COLUMNS]
+    for name, cols in summary.items():
+        cells = ["–" if s is None else f"{s['mean']:.4f} ± {s['std']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
+                 for s in cols.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -121,6 +121,13 @@ def cmd_cl(args: argparse.Namespace) -> int:
     return 0 if payload else 1
 
 
+def cmd_cl_table(args: argparse.Namespace) -> int:
+    from crma_jax.train.cl_table import cl_table
+
+    print(cl_table(args.runs, args.settings.split(",") if args.settings else None), end="")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(BENCHMARKS[args.bench][0]).run(args)
 
@@ -134,11 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="print the full traceback of an error")
-    parser = argparse.ArgumentParser(prog="crma", description="CRMA adapters for JAX/Flax decoders")
+    parser = argparse.ArgumentParser(prog="crma", description="CRMA adapters for JAX/Flax decoders", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        # No abbreviations: `--seed` must not quietly mean `--seeds`, nor `--lr` one of the LRs.
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common], allow_abbrev=False)
 
     p = command("convert", "HF directory or .gguf -> crma-jax params checkpoint (Orbax)")
     p.add_argument("src", help="HF model directory, .gguf file, or 'smollm2'")
@@ -191,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", action="append", metavar="NAME[=PATH]",
                    help="a domain in training order, a built-in NAME or NAME=PATH (repeat; overrides `domains`)")
     p.set_defaults(fn=cmd_cl)
+
+    p = command("cl-table", "one markdown table comparing finished `crma cl` runs (settings, losses, substrate)")
+    p.add_argument("runs", nargs="+", type=Path, help="finished `crma cl` run directories")
+    p.add_argument("--settings", help="comma-separated config keys to show (default: those that differ between runs)")
+    p.set_defaults(fn=cmd_cl_table)
 
     p = command("demo", "SmolLM2: convert, continual learning on legal/code/docs, export to PyTorch")
     add_demo_flags(p)

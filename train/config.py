@@ -24,6 +24,17 @@ def setting(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def parse_seeds(text: str) -> list[int]:
+    """"0,1,2" -> [0, 1, 2]; ValueError naming `--seeds` on anything else (or a repeat)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs at least one seed and no repeats, got {text!r}")
+    return seeds
+
+
 @dataclasses.dataclass
 class TrainConfig:
     cli_exclude: ClassVar[tuple[str, ...]] = ()

@@ -44,7 +44,6 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from crma_jax.adapters import init_adapters
 from crma_jax.cl import METHODS, EWC, Memory, Method, OLoRA, diagonal_fisher, replay, transfer_metrics
 from crma_jax.convert.adapter_files import load_adapters
 from crma_jax.crma import mix_displacement
@@ -52,9 +51,9 @@ from crma_jax.data import DataSpec, PackedData, split_holdout
 from crma_jax.domains import FACTS_PREFIX, is_builtin
 from crma_jax.evaluate import crma_effect, eval_batches, route
 from crma_jax.facts import Fact, answer_questions, domain_facts, questions
-from crma_jax.train.config import TrainConfig, setting
-from crma_jax.train.finetune import OnCheckpoint, Session, data_spec, evaluate_holdout, open_session, \
-    save_run_adapters, train
+from crma_jax.train.config import TrainConfig, parse_seeds, setting
+from crma_jax.train.finetune import OnCheckpoint, Session, data_spec, evaluate_holdout, fresh_adapters, \
+    open_session, save_run_adapters, train
 from crma_jax.train.run_dir import check_run_dir, write_config
 from crma_jax.train_step import batch_sharding, forward_loss
 
@@ -96,6 +95,8 @@ class CLConfig(TrainConfig):
         if "olora" in conds and self.lora_init == "pissa":
             raise ValueError("olora sums the domains' LoRAs, and with --lora-init pissa each one holds the base's top "
                              "singular directions again; run olora with --lora-init default")
+        if "olora" in conds and "olora" in self.domain_sources():
+            raise ValueError("a domain named 'olora' would clash with the LoRA set that holds O-LoRA's model; rename it")
         if not 0.0 < self.replay_fraction < 1.0:
             raise ValueError(f"--replay-fraction must be in (0, 1), got {self.replay_fraction}")
         return conds
@@ -160,9 +161,10 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
                  on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
     """Train one method over `domains` in order for one seed.
 
-    Returns {"L", "base", "acc", "bwt", "fwt", "drift", "substrate", "agnostic"}: the full loss
-    matrix, the starting model's losses, the transfer metrics, how far the substrate moved after
-    each domain (MODULAR) and the final task-agnostic evaluation.
+    Returns {"L", "base", "acc", "bwt", "fwt", "drift", "substrate", "substrate_init", "agnostic"}:
+    the full loss matrix, the starting model's losses, the transfer metrics, where the substrate
+    was after each domain and where it started (MODULAR; None for the others) and the final
+    task-agnostic evaluation.
     """
     method = cfg.method(name_of_method)
     root = Path(cfg.out) / name_of_method / f"seed{seed}"
@@ -170,8 +172,8 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
     progress_file, memory_file = root / "progress.json", root / "memory.safetensors"
     names = list(domains)
     key = jax.random.PRNGKey(seed)
-    fresh = [init_lora(session, jax.random.fold_in(key, i)) for i in range(len(names))]
-    crma = session.trainable.get("crma") if method.crma else None
+    fresh = [fresh_adapters(session, jax.random.fold_in(key, i))["lora"] for i in range(len(names))]
+    crma = fresh_adapters(session, key).get("crma") if method.crma else None  # the seed's substrate
     memory = method.init_memory(fresh[0], len(names))
     progress: dict[str, Any] = {"finished": [], "L": [], "substrate": []}
     trained: list[Any] = []
@@ -191,8 +193,18 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         return [evaluate_holdout(session, variables(method.eval_lora(trained, memory, j, fresh[j])), domains[n][1])
                 for j, n in enumerate(names)]
 
+    def substrate(lora: Any, holdout: PackedData) -> dict[str, Any]:
+        sharding = batch_sharding(session.mesh)
+        return {
+            "mix_displacement": np.asarray(mix_displacement(crma, session.model.crma.sinkhorn_iters)).tolist(),
+            "hidden_change": crma_effect(session.model, variables(lora), holdout, cfg.batch_size,
+                                         place=lambda b: jax.device_put(b, sharding)),
+        }
+
     if "base" not in progress:  # the starting model: every domain's loss before any training
         progress["base"] = [evaluate_holdout(session, variables(fresh[j]), domains[n][1]) for j, n in enumerate(names)]
+        if method.crma:  # where the substrate starts, on the first domain's holdout
+            progress["substrate_init"] = substrate(fresh[0], domains[names[0]][1])
     for i, name in enumerate(names):
         if name in progress["finished"]:
             continue
@@ -213,18 +225,14 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         progress["finished"].append(name)
         progress["L"].append(loss_row())
         if method.crma:
-            sharding = batch_sharding(session.mesh)
-            progress["substrate"].append({
-                "mix_displacement": np.asarray(mix_displacement(crma, session.model.crma.sinkhorn_iters)).tolist(),
-                "hidden_change": crma_effect(session.model, variables(lora), holdout, cfg.batch_size,
-                                             place=lambda b: jax.device_put(b, sharding)),
-            })
-        save_run_adapters(root, session, dict(zip(progress["finished"], trained)), crma,
+            progress["substrate"].append(substrate(lora, holdout))
+        save_run_adapters(root, session, method.saved_sets(progress["finished"], trained), crma,
                           {n: domains[n][2] for n in progress["finished"]})
         if memory:
             _save_memory(memory_file, memory)
         progress_file.write_text(json.dumps(progress, indent=2))
     result: dict[str, Any] = {"L": progress["L"], "base": progress["base"], "substrate": progress["substrate"],
+                              "substrate_init": progress.get("substrate_init"),
                               **transfer_metrics(np.asarray(progress["L"]), np.asarray(progress["base"]))}
     result["agnostic"] = agnostic_eval(cfg, method, session, names, domains, trained, memory, fresh, crma)
     qa = qa_eval(cfg, method, session, names, domains, trained, memory, fresh, crma)
@@ -293,13 +301,6 @@ def agnostic_eval(cfg: CLConfig, method: Method, session: Session, names: list[s
             out["accuracy"][n] = r.accuracy
     out["acc"] = float(np.mean(out["loss"]))
     return out
-
-
-def init_lora(session: Session, rng: jax.Array) -> Any:
-    """A fresh LoRA set: PiSSA's initial factors (A0, B0) for a PiSSA session, else a new draw."""
-    if session.lora_init is not None:
-        return session.lora_init
-    return init_adapters(session.model.clone(crma=None), session.frozen, rng)["lora"]
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -374,7 +375,7 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
 
     sources = cfg.domain_sources()
     conditions = cfg.condition_list()
-    seeds = [int(s) for s in cfg.seeds.split(",")]
+    seeds = parse_seeds(cfg.seeds)
     out = Path(cfg.out)
     check_run_dir(out, cfg, cfg.resume)
     results: dict[str, dict[int, dict[str, Any]]] = {}
@@ -395,7 +396,6 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
                 domains[n] = (*spec.build(session.tokenizer), spec)
             write_config(out, cfg)  # model and data loaded: the run directory is claimed
         for seed in seeds:
-            session.trainable = init_adapters(session.model, session.frozen, jax.random.PRNGKey(seed))
             t0 = time.perf_counter()
             result = run_sequence(cfg, cond, seed, domains, session, on_checkpoint)
             results.setdefault(cond, {})[seed] = {**result, "wall_s": time.perf_counter() - t0}

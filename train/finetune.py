@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crma_jax import CRMAConfig, LoraConfig, load_pretrained, param_labels
-from crma_jax.adapters import store_as_bits
+from crma_jax.adapters import init_adapters, store_as_bits
 from crma_jax.cl import Memory, Method
 from crma_jax.convert.adapter_files import Adapters, BaseSpec, save_adapters
 from crma_jax.convert.smollm2 import resolve_model_path
@@ -120,6 +120,19 @@ def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
     lora_init = variables["lora"] if cfg.lora_init == "pissa" else None
     return Session(cfg, model, variables["params"], trainable, tokenizer, train_data, holdout, mesh,
                    data_spec=spec, lora_init=lora_init)
+
+
+def fresh_adapters(session: Session, rng: jax.Array) -> dict[str, Any]:
+    """New trainable collections for `session`'s model drawn from `rng`: `lora` (PiSSA's
+    initial factors in a PiSSA session) and, when the model has CRMA, `crma`. The LoRA draw
+    does not depend on whether CRMA is on, so runs that differ only in CRMA start alike."""
+    lora = session.lora_init
+    if lora is None:
+        lora = init_adapters(session.model.clone(crma=None), session.frozen, rng)["lora"]
+    out = {"lora": lora}
+    if session.model.crma is not None:
+        out["crma"] = init_adapters(session.model.clone(lora=None), session.frozen, rng)["crma"]
+    return out
 
 
 def build_optimizer(cfg: TrainConfig, trainable: dict[str, Any]) -> Any:
@@ -291,7 +304,7 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
         bar.close()
         writer.close()
     mngr.wait_until_finished()
-    summary = {"steps": step, "final_loss": record["loss"] if step > start else None, "remat": choice.policy,
+    summary = {"steps": step, "final_loss": writer.last("loss"), "remat": choice.policy,
                **writer.summary()}
     if cfg.eval_every:
         summary["initial_holdout_loss"] = json.loads(initial_file.read_text())["holdout_loss"]

@@ -72,7 +72,7 @@ __all__: Sequence[str] = ("plot_run", "plot_overlay", "plot_continual")
 def plot_continual(payload: dict, out: Path) -> list[Path]:
     """heatmap.png (seed-mean L[i][j] per condition), drift.png (drift per domain, ± std),
     transfer.png (ACC with and without the task id, BWT per condition) and, when a condition
-    trains the CRMA substrate, substrate.png (its per-layer displacement after each domain)."""
+    trains the CRMA substrate, substrate.png (its per-layer displacement at init and after each domain)."""
     import numpy as np
 
     names, summary = payload["domains"], payload["summary"]
@@ -122,6 +122,10 @@ def plot_continual(payload: dict, out: Path) -> list[Path]:
     if moved:
         fig, ax = plt.subplots(figsize=(7, 4))
         for cond, r in moved.items():
+            if r.get("substrate_init"):
+                start = r["substrate_init"]
+                ax.plot(start["mix_displacement"], ls="--", color="0.5", label=f"{cond.upper()} at init "
+                        f"(‖h′−h‖/‖h‖ = {start['hidden_change']:.2e})")
             for i, entry in enumerate(r["substrate"]):
                 ax.plot(entry["mix_displacement"], marker=".", label=f"{cond.upper()} after {names[i]} "
                         f"(‖h′−h‖/‖h‖ = {entry['hidden_change']:.2e})")

@@ -1,0 +1,57 @@
+"""`crma cl-table`: the comparison table is computed from the runs' files, never typed in."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from crma_jax.train.cl_table import cl_table, varying_settings
+from crma_jax.train.cli import main
+
+
+def _run(root, name, lr, L_by_seed, substrate=True):
+    run = root / name
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"out": str(run), "lr_crma_mix": lr, "steps": 30}))
+    results = {}
+    for seed, L in L_by_seed.items():
+        r = {"L": L, "base": [3.0, 2.0], "acc": sum(L[-1]) / 2, "bwt": L[0][0] - L[1][0], "fwt": 2.0 - L[0][1],
+             "substrate": [], "substrate_init": None}
+        if substrate:
+            r["substrate_init"] = {"mix_displacement": [0.001, 0.003], "hidden_change": 0.01}
+            r["substrate"] = [{"mix_displacement": [0.1, 0.3], "hidden_change": 0.5},
+                              {"mix_displacement": [0.2, 0.4], "hidden_change": 0.25}]
+        results[seed] = r
+    (run / "results.json").write_text(json.dumps({"domains": ["a", "b"], "results": {"modular": results}}))
+    return run
+
+
+def test_rows_are_seed_means_with_the_settings_that_differ(tmp_path):
+    one = _run(tmp_path, "one", 1e-3, {"0": [[2.0, 1.5], [2.2, 1.0]], "1": [[2.2, 1.5], [2.4, 1.2]]})
+    two = _run(tmp_path, "two", 1e-2, {"0": [[2.0, 1.9], [2.0, 1.0]]}, substrate=False)
+    assert varying_settings([{"out": "x", "a": 1, "b": 2}, {"out": "y", "a": 1, "b": 3}]) == ["b"]
+    table = cl_table([one, two])
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| lr_crma_mix | condition |")  # steps is the same in both runs: not shown
+    first = rows[1].split(" | ")
+    assert first[0] == "| 0.001" and first[1] == "MODULAR" and first[2] == "0,1"
+    assert first[4] == "2.1000 / 1.1000"  # L[j][j]: seed means of 2.0, 2.2 and of 1.0, 1.2
+    assert first[5] == "2.3000 / 1.1000"
+    assert first[6] == "1.7000"  # ACC: mean of (2.2 + 1.0)/2 and (2.4 + 1.2)/2
+    assert first[7] == "-0.2000"
+    assert first[9] == "0.002 → 0.2 → 0.3" and first[10].rstrip(" |") == "0.01 → 0.5 → 0.25"
+    second = rows[2].split(" | ")
+    assert second[9] == "–"  # no substrate
+
+
+def test_unfinished_run_is_named(tmp_path, capsys):
+    one = _run(tmp_path, "one", 1e-3, {"0": [[2.0, 1.5], [2.2, 1.0]]})
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ValueError, match="half"):
+        cl_table([one, tmp_path / "half"])
+    assert main(["cl-table", str(one), str(tmp_path / "half")]) == 2
+    assert "not a finished `crma cl` run" in capsys.readouterr().err
+    assert main(["cl-table", str(one), "--settings", "steps"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("| steps | condition |")

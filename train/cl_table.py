@@ -1,0 +1,81 @@
+"""`crma cl-table RUN [RUN ...]`: one markdown table comparing finished `crma cl` runs.
+
+Each row is one condition of one run, averaged over its seeds: the settings that differ
+between the runs (or those named with --settings), the starting and final holdout losses, the
+transfer metrics, and how far the CRMA substrate sat from the identity at init and after each
+domain (mean over layers of ‖α(Mᵀ − I)‖_F) with the mean ‖h′ − h‖/‖h‖ it made on the holdout.
+Every number is read from RUN/results.json and RUN/config.yaml, so a table in RESULTS.md is the
+output of this command over the runs it names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from crma_jax.train.run_dir import read_config
+
+SKIP = {"out", "resume"}  # settings that never change results
+
+
+def varying_settings(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """The settings whose value differs between the runs, in config order."""
+    keys = [k for k in configs[0] if k not in SKIP]
+    return [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
+
+
+def _mean(values: list[Any]) -> float | None:
+    return float(np.mean(values)) if values and all(v is not None for v in values) else None
+
+
+def _substrate(runs: list[dict[str, Any]]) -> tuple[str, str]:
+    """("init → after d1 → …" of the mean displacement, the same of the hidden change)."""
+    steps: list[tuple[float | None, float | None]] = []
+    inits = [r.get("substrate_init") for r in runs]
+    if all(inits):
+        steps.append((_mean([np.mean(s["mix_displacement"]) for s in inits]), _mean([s["hidden_change"] for s in inits])))
+    else:
+        steps.append((None, None))
+    for i in range(len(runs[0].get("substrate") or [])):
+        entries = [r["substrate"][i] for r in runs]
+        steps.append((_mean([np.mean(e["mix_displacement"]) for e in entries]), _mean([e["hidden_change"] for e in entries])))
+    if len(steps) == 1:
+        return "–", "–"
+    fmt = lambda v: "?" if v is None else f"{v:.2g}"  # noqa: E731 - local formatter
+    return " → ".join(fmt(d) for d, _ in steps), " → ".join(fmt(h) for _, h in steps)
+
+
+def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None) -> str:
+    """The markdown table of `run_dirs` (each a finished `crma cl` RUN)."""
+    payloads, configs = [], []
+    for run in run_dirs:
+        path = Path(run) / "results.json"
+        try:
+            payloads.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a finished `crma cl` run ({e})") from e
+        configs.append(read_config(run))
+    names = payloads[0]["domains"]
+    shown = list(settings) if settings else varying_settings(configs)
+    head = [*shown, "condition", "seeds", "base loss", "L[j][j] after training j", "L[K][j] at the end", "ACC", "BWT", "FWT",
+            "‖α(Mᵀ−I)‖ init → after each domain", "‖h′−h‖/‖h‖ init → after each domain"]
+    lines = [f"Domains {' → '.join(names)}; losses per domain in that order, mean over seeds.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for payload, config in zip(payloads, configs):
+        if payload["domains"] != names:
+            raise ValueError(f"{config.get('out')}: domains {payload['domains']} differ from {names}")
+        for cond, by_seed in payload["results"].items():
+            runs = list(by_seed.values())
+            L = np.mean([r["L"] for r in runs], axis=0)
+            base = np.mean([r["base"] for r in runs], axis=0)
+            disp, hidden = _substrate(runs)
+            row = [*(str(config.get(k)) for k in shown), cond.upper(), ",".join(by_seed),
+                   " / ".join(f"{v:.4f}" for v in base), " / ".join(f"{L[j, j]:.4f}" for j in range(len(names))),
+                   " / ".join(f"{v:.4f}" for v in L[-1]),
+                   *(f"{_mean([r[k] for r in runs]):+.4f}" if k != "acc" else f"{_mean([r[k] for r in runs]):.4f}"
+                     for k in ("acc", "bwt", "fwt")), disp, hidden]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
