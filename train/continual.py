@@ -346,7 +346,7 @@ def markdown_table(summary: dict[str, Any], names: list[str], seeds: list[int]) 
     ]
 
     def pm(s: dict[str, float], scale: float = 1.0, fmt: str = ".4f") -> str:
-        return f"{scale * s['mean']:{fmt}} ± {scale * s['std']:{fmt}}"
+        return f"{scale * s['mean']:{fmt}} ± {scale * s['std']:{fmt.lstrip('+')}}"  # a std has no sign
 
     for cond, s in summary.items():
         cells = [f"{100 * m:+.2f}% ± {100 * sd:.2f}" for m, sd in zip(s["drift_mean"], s["drift_std"])]
