@@ -96,6 +96,16 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def word_jsonl(path: Path, sentence: str, rows: int = 40, length: int = 25) -> Path:
+    """A `text` JSONL of `rows` rows, each `length` words drawn (seed 0) from `sentence`'s words."""
+    import json
+
+    rng = np.random.RandomState(0)
+    words = sentence.split()
+    path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, length))}) for _ in range(rows)))
+    return path
+
+
 def save_char_tokenizer(out: Path) -> None:
     """A character-level tokenizer (printable ASCII + newline, ids < 100) saved into `out`, so a
     tiny 128-token model can train on real text without any download."""

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import word_jsonl
 
 from crma_jax.train.cli import main
 from crma_jax.train.metrics import read_metrics
@@ -15,11 +16,8 @@ ARMS = ("crma+zclip", "crma", "zclip", "plain")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ablate_data") / "notes.jsonl"
-    rng = np.random.RandomState(0)
-    words = "the tenant shall keep the premises in good repair and pay the rent".split()
-    path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, 25))}) for _ in range(40)))
-    return path
+    return word_jsonl(tmp_path_factory.mktemp("ablate_data") / "notes.jsonl",
+                      "the tenant shall keep the premises in good repair and pay the rent")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import word_jsonl
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -23,11 +24,8 @@ ZERO_LR = ("--lr-lora", "0", "--lr-crma-mix", "0", "--lr-crma-gate", "0")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("export_data") / "notes.jsonl"
-    rng = np.random.RandomState(0)
-    words = "a lease may be assigned only with the written consent of the landlord".split()
-    path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, 25))}) for _ in range(40)))
-    return path
+    return word_jsonl(tmp_path_factory.mktemp("export_data") / "notes.jsonl",
+                      "a lease may be assigned only with the written consent of the landlord")
 
 
 def _train(tiny_lm, data, out, *extra):
