@@ -309,10 +309,14 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     Epoch e visits the rows in `default_rng([seed, e]).permutation` order (identity without
     shuffle). `state()` is {"epoch": int, "index": int}, the next batch's epoch and index within
     that epoch; `restore(state)` resumes exactly. Infinite unless `epochs` is given.
+
+    `rows` selects the part of each batch this process materialises (in a multi-process run,
+    `crma_jax.distributed.local_rows`): batches are then (rows.stop − rows.start, T), while the
+    order and `state()` stay those of the global batch, the same in every process.
     """
 
     def __init__(self, packed: PackedData, batch_size: int, seed: int = 0, *, shuffle: bool = True,
-                 drop_last: bool = True, epochs: int | None = None) -> None:
+                 drop_last: bool = True, epochs: int | None = None, rows: slice | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if packed.num_rows < batch_size:
@@ -320,6 +324,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
                             f"batch_size {batch_size}: use more data, a smaller batch or a shorter seq_len")
         self.packed, self.batch_size, self.seed = packed, batch_size, seed
         self.shuffle, self.drop_last, self.epochs = shuffle, drop_last, epochs
+        self.rows = rows if rows is not None else slice(0, batch_size)
         n = packed.num_rows
         self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
         self._epoch, self._index = 0, 0
@@ -337,7 +342,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         if self.epochs is not None and self._epoch >= self.epochs:
             raise StopIteration
         b = self.batch_size
-        rows = self.order(self._epoch)[self._index * b:(self._index + 1) * b]
+        rows = self.order(self._epoch)[self._index * b:(self._index + 1) * b][self.rows]
         self._index += 1
         if self._index == self.steps_per_epoch:
             self._epoch, self._index = self._epoch + 1, 0

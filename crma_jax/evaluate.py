@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crma_jax.data import PackedData
+from crma_jax.distributed import to_host
 
 Batch = dict[str, np.ndarray]
 Place = Callable[[Batch], Any]
@@ -89,7 +90,7 @@ def evaluate(model: Any, variables: dict[str, Any], data: PackedData, batch_size
         batches = progress(batches, -(-data.num_rows // batch_size))
     total, count = 0.0, 0
     for batch in batches:
-        nll = np.asarray(batch_token_nll(model, variables, place(batch), crma_enabled), np.float64)
+        nll = to_host(batch_token_nll(model, variables, place(batch), crma_enabled)).astype(np.float64)
         total += float(nll.sum())
         count += int(batch["loss_mask"][:, 1:].sum())
     return EvalResult(total, count)
@@ -111,7 +112,7 @@ def crma_effect(model: Any, variables: dict[str, Any], data: PackedData, batch_s
     with CRMA on and off on the same weights: how much the substrate changes the function."""
     total, count = 0.0, 0
     for batch in eval_batches(data, batch_size):
-        change = np.asarray(_relative_change(model, variables, place(batch)), np.float64)
+        change = to_host(_relative_change(model, variables, place(batch))).astype(np.float64)
         real = batch["segment_ids"] > 0
         total += float(change[real].sum())
         count += int(real.sum())
@@ -149,8 +150,8 @@ def route(model: Any, frozen: Any, sets: Mapping[str, Any], data: PackedData, tr
     choices, routed_sum, oracle_sum, scored = [], 0.0, 0.0, 0
     for batch in eval_batches(data, batch_size):
         device_batch = place(batch)
-        nll = np.stack([np.asarray(batch_token_nll(model, {"params": frozen, "lora": sets[n], **(shared or {})},
-                                                   device_batch), np.float64) for n in names])
+        nll = np.stack([to_host(batch_token_nll(model, {"params": frozen, "lora": sets[n], **(shared or {})},
+                                                 device_batch)).astype(np.float64) for n in names])
         mask = batch["loss_mask"].astype(bool)
         seen = np.cumsum(mask, axis=1)
         prefix, suffix = mask & (seen <= prefix_tokens), mask & (seen > prefix_tokens)

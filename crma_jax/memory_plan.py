@@ -16,6 +16,7 @@ in the memory the devices still have free.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -168,14 +169,25 @@ def abstract_base(model: Decoder, dtype: Any, quant: str | None, platform: str =
 def plan_step_memory(config: ModelConfig, *, batch_size: int = 1, seq_len: int = 2048, quant: str | None = "nf4",
                      dtype: Any = jnp.bfloat16, compute_dtype: Any = jnp.bfloat16,
                      lora: LoraConfig | None = LoraConfig(rank=8), crma: CRMAConfig | None = CRMAConfig(rank=4),
-                     accum_steps: int = 1, backend: str | None = None, **model_options: Any) -> MemoryPlan:
+                     accum_steps: int = 1, backend: str | None = None, mesh_shape: Sequence[int] = (1, 1, 1),
+                     **model_options: Any) -> MemoryPlan:
     """Compile one training step of `config` from abstract shapes and return XLA's buffer plan.
 
     `model_options` are further `Decoder` attributes (e.g. `remat="full"`). The step is the
-    library's (`make_train_step` + `jit_train_step`, ZClip + per-label AdamW) on a one-device
-    mesh of `backend` (default: JAX's default backend).
+    library's (`make_train_step` + `jit_train_step`, ZClip + per-label AdamW) on a
+    (data, fsdp, model) mesh of `mesh_shape` over the first devices of `backend` (default: JAX's
+    default backend); `batch_size` is the global batch. With more than one device the figures
+    are per device (XLA plans the partitioned program of one device), `weights` included.
     """
-    device = jax.devices(backend)[0] if backend else jax.devices()[0]
+    devices = jax.devices(backend) if backend else jax.devices()
+    need = math.prod(mesh_shape)
+    if need > len(devices):
+        hint = (" (simulate CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N, set before jax "
+                "is imported)") if devices[0].platform == "cpu" else ""
+        raise ValueError(f"mesh {tuple(mesh_shape)} needs {need} devices; {devices[0].platform} has {len(devices)}{hint}")
+    if batch_size % (mesh_shape[0] * mesh_shape[1]):
+        raise ValueError(f"batch size {batch_size} does not split over data x fsdp = {mesh_shape[0] * mesh_shape[1]}")
+    device = devices[0]
     model = Decoder(config, dtype=compute_dtype, lora=lora, crma=crma, **model_options)
     frozen = abstract_base(model, dtype, quant, device.platform)
     trainable = jax.eval_shape(lambda p: init_adapters(model, p, jax.random.PRNGKey(0)), frozen)
@@ -183,12 +195,13 @@ def plan_step_memory(config: ModelConfig, *, batch_size: int = 1, seq_len: int =
     optimizer = make_optimizer(param_labels(trainable), lr, total_steps=1000)
     opt_state = jax.eval_shape(optimizer.init, trainable)
     step = make_train_step(model, optimizer, accum_steps)
-    mesh = make_mesh((1, 1, 1), [device])
+    mesh = make_mesh(mesh_shape, devices[:need])
     compiled_step, shardings = jit_train_step(step, mesh, trainable, opt_state, frozen)
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32) for k in BATCH_KEYS}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     analysis = compiled_step.lower(trainable, opt_state, frozen, batch, rng, {}).compile().memory_analysis()
-    weights = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(frozen))
+    weights = sum(math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                  for leaf, sharding in zip(jax.tree.leaves(frozen), jax.tree.leaves(shardings["frozen"])))
     return MemoryPlan(argument=analysis.argument_size_in_bytes, output=analysis.output_size_in_bytes,
                       alias=analysis.alias_size_in_bytes, temp=analysis.temp_size_in_bytes, weights=weights)
 

@@ -33,15 +33,17 @@ _MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 # Fields of the stored kernels of `crma_jax.quant`, by the kernel's (in, out) logical axes:
 # Float16Bits.bits and Int8Tensor.codes have the kernel's shape; Int8Tensor.scale is per output
-# column; NF4's packed codes and block absmax are the row-major flattened kernel, so sharding
-# them like its rows keeps each shard's rows whole when the mesh axis divides `in`.
+# column; NF4's packed codes and block absmax are the row-major flattened kernel, whose one axis
+# carries both of the kernel's names (in, out): split over both kernels' mesh axes, so that FSDP
+# divides o_proj and down_proj too, whose `in` axis is not on `fsdp`.
 _STORED_FIELDS = {
     "bits": lambda i, o: (i, o),
     "codes": lambda i, o: (i, o),
     "scale": lambda i, o: (o,),
-    "packed": lambda i, o: (i,),
-    "absmax": lambda i, o: (i,),
+    "packed": lambda i, o: ((i, o),),
+    "absmax": lambda i, o: ((i, o),),
 }
+Axis = str | tuple[str, ...] | None  # a logical axis name, or several for a flattened dimension
 
 
 def _kernel_axes(module: str) -> tuple[str, str]:
@@ -58,13 +60,14 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     return Mesh(np.asarray(devices).reshape(tuple(shape)), MESH_AXES)
 
 
-def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names for the parameter at `path` (a tuple of dict keys) with `ndim` dims."""
+def logical_axes(path: Sequence[str], ndim: int) -> tuple[Axis, ...]:
+    """Logical axis names for the parameter at `path` (a tuple of dict keys) with `ndim` dims;
+    a tuple of names for a dimension that flattens several (NF4's packed codes)."""
     leaf = path[-1]
     module = path[-2] if len(path) > 1 else ""
     stacked = "layers" in path
     if leaf == "embedding":
-        axes: tuple[str | None, ...] = ("vocab", "embed")
+        axes: tuple[Axis, ...] = ("vocab", "embed")
     elif module == "lm_head":
         axes = ("embed", "vocab")
     elif leaf == "kernel":
@@ -89,9 +92,11 @@ def partition_spec(
     """The PartitionSpec for one parameter, keeping only mesh axes that divide its dimension."""
     spec = []
     for name, dim in zip(logical_axes(path, len(shape)), shape):
-        target = rules.get(name) if name else None
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
-        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        axes: tuple[str, ...] = ()
+        for one in (name if isinstance(name, tuple) else (name,)):
+            target = rules.get(one) if one else None
+            axes += (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in dict.fromkeys(axes) if mesh.shape[a] > 1)
         size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         spec.append(None if not axes or dim % size else (axes[0] if len(axes) == 1 else axes))
     return PartitionSpec(*spec)

@@ -108,6 +108,10 @@ def test_each_method_shows_its_defining_behaviour(finished):
     first = read_metrics(out / "ewc" / "seed0" / "greek")
     second = read_metrics(out / "ewc" / "seed0" / "counts")
     assert all(r["penalty"] == 0.0 for r in first) and all(r["penalty"] > 0.0 for r in second)
+    # One ZClip over the sequence: each domain's clipper goes on from the last one's statistics, so
+    # its count of folded-in norms is 3 × 8 after three domains of 8 steps (8 without the carry).
+    progress = json.loads((out / "ewc" / "seed0" / "progress.json").read_text())
+    assert progress["zclip"][0] == 3 * 8  # ZClipState.count
     # O-LoRA: the penalty is 0 until an earlier LoRA exists, then positive (random new A's overlap).
     olora = read_metrics(out / "olora" / "seed0" / "counts")
     assert all(r["penalty"] > 0.0 for r in olora)

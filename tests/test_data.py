@@ -197,6 +197,22 @@ def test_iterator_epochs_and_shuffle() -> None:
     assert len(list(BatchIterator(packed, 4, drop_last=False, epochs=1))) == 2
 
 
+def test_per_process_rows_join_into_the_global_batch_and_resume_alike() -> None:
+    """Two "processes" each materialise half of every batch; side by side they are the global
+    batches, and each one's state (the global position) resumes it exactly."""
+    packed = PackedData(np.arange(10 * 4, dtype=np.int32).reshape(10, 4), *(np.ones((10, 4), np.int32),) * 3)
+    whole = BatchIterator(packed, 4, seed=3)
+    halves = [BatchIterator(packed, 4, seed=3, rows=slice(0, 2)), BatchIterator(packed, 4, seed=3, rows=slice(2, 4))]
+    for _ in range(5):  # 2 batches per epoch: crosses epochs
+        want = next(whole)["input_ids"]
+        got = [next(h)["input_ids"] for h in halves]
+        assert got[0].shape == got[1].shape == (2, 4)
+        np.testing.assert_array_equal(np.concatenate(got), want)
+    assert halves[0].state() == halves[1].state() == whole.state()
+    resumed = BatchIterator(packed, 4, seed=3, rows=slice(2, 4)).restore(halves[1].state())
+    np.testing.assert_array_equal(next(resumed)["input_ids"], next(whole)["input_ids"][2:])
+
+
 def test_iterator_too_few_rows() -> None:
     with pytest.raises(DataError, match=r"only 2 packed rows.*batch_size 3"):
         BatchIterator(packed_rows(2), 3)

@@ -33,6 +33,24 @@ def test_remat_and_nf4_shrink_the_plan_and_blockwise_attention_keeps_it_linear()
     assert plan(seq_len=2048).temp < 2.5 * base.temp  # linear in T, with headroom
 
 
+def test_a_mesh_plan_is_per_device_and_fsdp_splits_the_weights():
+    config = ModelConfig.from_hf(SMALL)
+
+    def plan(mesh, batch_size=8):
+        return plan_step_memory(config, seq_len=256, batch_size=batch_size, quant=None, backend="cpu", remat="full",
+                                mesh_shape=mesh)
+
+    one, fsdp, data = plan((1, 1, 1)), plan((1, 8, 1)), plan((8, 1, 1))
+    assert data.weights == one.weights  # data parallel: every device holds the whole base
+    # FSDP splits every layer kernel 8 ways; embeddings and norms (vocab 512 over fsdp) too.
+    assert fsdp.weights < one.weights / 6
+    assert data.temp < one.temp  # each device runs 1 of the 8 rows
+    with pytest.raises(ValueError, match="does not split over data x fsdp = 8"):
+        plan((8, 1, 1), batch_size=4)
+    with pytest.raises(ValueError, match=r"needs 16 devices.*xla_force_host_platform_device_count"):
+        plan((16, 1, 1), batch_size=16)
+
+
 class _FakeCompiled:
     def __init__(self, temp: int):
         self.temp = temp
@@ -91,12 +109,15 @@ def test_bench_memory_prints_a_row_per_setting(tmp_path, capsys):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(SMALL))
     assert main(["bench", "memory", "--arch", str(path), "--quant", "bf16,nf4", "--remat", "none,full",
-                 "--seq-len", "256", "--backend", "cpu"]) == 0
+                 "--seq-len", "256", "--backend", "cpu", "--batch-size", "2", "--mesh", "1,1,1", "2,1,1"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(f"| {path}")]
-    assert len(rows) == 4
-    totals = {tuple(r.split("|")[2:4]): float(r.split("|")[10].strip(" *")) for r in rows}
-    assert totals[(" nf4 ", " full ")] < totals[(" bf16 ", " none ")]
+    assert len(rows) == 8
+    totals = {tuple(r.split("|")[2:4] + r.split("|")[6:7]): float(r.split("|")[11].strip(" *")) for r in rows}
+    assert totals[(" nf4 ", " full ", " 1,1,1 ")] < totals[(" bf16 ", " none ", " 1,1,1 ")]
+    assert totals[(" bf16 ", " none ", " 2,1,1 ")] < totals[(" bf16 ", " none ", " 1,1,1 ")]  # per device
+    assert main(["bench", "memory", "--arch", str(path), "--mesh", "2,1"]) == 2
+    assert "need D,F,M" in capsys.readouterr().err
     assert "$ " in out and "machine:" in out
     assert main(["bench", "memory", "--arch", "llama-70b"]) == 2
     assert "neither a known architecture" in capsys.readouterr().err

@@ -79,8 +79,9 @@ def test_stored_kernel_fields_shard_like_the_kernel():
     assert logical_axes(q + ("bits",), 3) == logical_axes(q, 3) == ("layers", "embed", "heads")
     assert logical_axes(down + ("codes",), 3) == ("layers", "mlp", "embed")
     assert logical_axes(down + ("scale",), 2) == ("layers", "embed")  # int8: per output column
-    assert logical_axes(q + ("packed",), 2) == ("layers", "embed")  # NF4: the flattened rows
-    assert logical_axes(q + ("absmax",), 2) == ("layers", "embed")
+    # NF4: the flattened kernel's one axis carries both names.
+    assert logical_axes(q + ("packed",), 2) == ("layers", ("embed", "heads"))
+    assert logical_axes(down + ("absmax",), 2) == ("layers", ("mlp", "embed"))
     assert logical_axes(q + ("absmax", "codes"), 2) == (None, None)  # double-quant: replicated
 
 
@@ -92,6 +93,9 @@ def test_streaming_quantized_load_shards_the_codes_and_matches_unsharded(quant, 
     _, plain = crma_jax.load_pretrained(tiny_models["llama"], quant=quant)
     q = sharded["layers"]["self_attn"]["q_proj"]["kernel"]
     codes = q.packed if quant == "nf4" else q.codes
-    assert codes.sharding.spec == (P(None, "fsdp") if quant == "nf4" else P(None, "fsdp", "model"))
+    assert codes.sharding.spec == (P(None, ("fsdp", "model")) if quant == "nf4" else P(None, "fsdp", "model"))
+    down = sharded["layers"]["mlp"]["down_proj"]["kernel"]
+    down_codes = down.packed if quant == "nf4" else down.codes
+    assert down_codes.sharding.spec == (P(None, ("model", "fsdp")) if quant == "nf4" else P(None, "model", "fsdp"))
     assert codes.addressable_shards[0].data.size < codes.size
     np.testing.assert_allclose(_logits(model, sharded, ids), _logits(model, plain, ids), atol=1e-5, rtol=0)

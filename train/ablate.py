@@ -17,10 +17,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from crma_jax import distributed
 from crma_jax.train.config import TrainConfig, parse_seeds, setting
 from crma_jax.train.finetune import Session, fresh_adapters, open_session, train
 from crma_jax.train.plots import plot_overlay
-from crma_jax.train.run_dir import check_run_dir, write_config
+from crma_jax.train.run_dir import begin_run, write_config
 
 ARMS = {  # name -> (crma, zclip)
     "crma+zclip": (True, True),
@@ -43,7 +44,8 @@ def run_ablation(cfg: AblateConfig, arms: dict[str, tuple[bool, bool]] = ARMS) -
     """Every arm x seed; returns {"runs": {arm: {seed: summary}}, "summary": {arm: {column: stats}}}."""
     seeds = parse_seeds(cfg.seeds)
     out = Path(cfg.out)
-    check_run_dir(out, cfg, cfg.resume)
+    cfg.validate()
+    begin_run(out, cfg, cfg.resume, cfg.launch)
     runs: dict[str, dict[int, Any]] = {name: {} for name in arms}
     sessions: dict[bool, Session] = {}
     for seed in seeds:
@@ -56,10 +58,12 @@ def run_ablation(cfg: AblateConfig, arms: dict[str, tuple[bool, bool]] = ARMS) -
             session.trainable = fresh_adapters(session, jax.random.PRNGKey(seed))
             runs[name][seed] = train(arm_cfg, session, log_prefix=f"ablate {name} s{seed}")
     payload = {"seeds": seeds, "runs": runs, "summary": summarize(runs)}
-    (out / "ablation.json").write_text(json.dumps(payload, indent=2))
-    (out / "ablation.md").write_text(ablation_table(payload["summary"], cfg, seeds))
-    plot_overlay({n: out / n / f"seed{seeds[0]}" for n in arms}, "grad_norm", out / "grad_norm_overlay.png",
-                 f"Gradient norm by arm (seed {seeds[0]})")
+    if distributed.is_writer():
+        (out / "ablation.json").write_text(json.dumps(payload, indent=2))
+        (out / "ablation.md").write_text(ablation_table(payload["summary"], cfg, seeds))
+        plot_overlay({n: out / n / f"seed{seeds[0]}" for n in arms}, "grad_norm", out / "grad_norm_overlay.png",
+                     f"Gradient norm by arm (seed {seeds[0]})")
+    distributed.sync(f"finished {out}")
     return payload
 
 

@@ -38,7 +38,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remat", type=_csv(str), default=["full"],
                         help=f"comma-separated policies: {', '.join(REMAT_POLICIES)} (default: full)")
     parser.add_argument("--seq-len", type=_csv(int), default=[2048], help="comma-separated T (default: 2048)")
-    parser.add_argument("--batch-size", type=int, default=1, help="batch size B (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=1, help="global batch size B (default: 1)")
+    parser.add_argument("--mesh", type=_csv(int), nargs="+", default=[[1, 1, 1]], metavar="D,F,M",
+                        help="(data, fsdp, model) mesh shapes to plan on, per device (default: 1,1,1); a CPU plan "
+                             "of N devices needs XLA_FLAGS=--xla_force_host_platform_device_count=N")
     parser.add_argument("--backend", type=_csv(str), default=None,
                         help="comma-separated JAX backends to plan on, e.g. cpu,gpu (default: every one present)")
     parser.add_argument("--table", action="store_true", help="the full grid recorded in BENCHMARKS.md")
@@ -65,17 +68,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"machine: {machine_note()}; jax {jax.__version__}")
     print(f"one training step, LoRA r=8 x7 + CRMA 4, bf16 compute, B={args.batch_size}; GiB from "
           "compile().memory_analysis() on abstract shapes")
-    print("| model | base | remat | T | backend | weights | arguments | temp | outputs | total | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for arch, quant, policy, seq in itertools.product(grid["arch"], grid["quant"], grid["remat"], grid["seq_len"]):
+    for mesh in args.mesh:
+        if len(mesh) != 3 or min(mesh) < 1:
+            raise ValueError(f"--mesh {','.join(map(str, mesh))}: need D,F,M, three positive sizes")
+    meshes = args.mesh if not args.table else [[1, 1, 1]]
+    print("| model | base | remat | T | backend | mesh | weights | arguments | temp | outputs | total | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for arch, quant, policy, seq, mesh in itertools.product(grid["arch"], grid["quant"], grid["remat"], grid["seq_len"],
+                                                            meshes):
         config = arch_config(arch)
         for backend in backends(args.backend):
             t0 = time.perf_counter()
             plan = plan_step_memory(config, batch_size=args.batch_size, seq_len=seq,
                                     quant=None if quant == "bf16" else quant, dtype=jnp.bfloat16,
-                                    backend=backend, remat=policy)
+                                    backend=backend, mesh_shape=mesh, remat=policy)
             g = plan.gib()
-            print(f"| {arch} | {quant} | {policy} | {seq} | {backend} | {g['weights']:.2f} | {g['argument']:.2f} | "
-                  f"{g['temp']:.2f} | {g['output']:.2f} | **{g['total']:.2f}** | {time.perf_counter() - t0:.0f} |",
-                  flush=True)
+            print(f"| {arch} | {quant} | {policy} | {seq} | {backend} | {','.join(map(str, mesh))} | "
+                  f"{g['weights']:.2f} | {g['argument']:.2f} | {g['temp']:.2f} | {g['output']:.2f} | "
+                  f"**{g['total']:.2f}** | {time.perf_counter() - t0:.0f} |", flush=True)
     return 0

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Sequence
 import yaml
 
 from crma_jax.attention import IMPLEMENTATIONS
+from crma_jax.distributed import Launch
 from crma_jax.model import REMAT_POLICIES
 
 
@@ -83,6 +84,14 @@ class TrainConfig:
                          "free memory, by XLA's plan); memory and speed only")
     attention: str = setting("auto", "attention implementation: auto, xla (quadratic reference), blockwise "
                              "(linear memory), cudnn (GPU); memory and speed only")
+    distributed: str = setting("auto", "multi-process launch: auto (join when the three settings below or their "
+                               "JAX_* variables are given, or when JAX can detect SLURM, Open MPI or a Cloud TPU VM), "
+                               "on (always call jax.distributed.initialize), off (one process)")
+    coordinator_address: str = setting("", "host:port of process 0's coordinator service (or JAX_COORDINATOR_ADDRESS); "
+                                       "every process passes the same")
+    num_processes: int = setting(0, "processes in the run (or JAX_NUM_PROCESSES); 0 = from the environment")
+    process_id: int = setting(-1, "this process's index in [0, --num-processes) (or JAX_PROCESS_ID); -1 = from the "
+                              "environment")
     seed: int = setting(0, "seed of adapter init, data order, holdout split and dropout")
     resume: bool = setting(False, "continue the run in --out from its latest checkpoint (same settings)")
     checkpoint_every: int = setting(50, "save a checkpoint every N steps (and at the end)")
@@ -94,6 +103,12 @@ class TrainConfig:
     tokenizer: str = setting("", "tokenizer directory; empty = the model's own")
     plots: bool = setting(True, "write PNG plots into the run dir")
     tensorboard: bool = setting(True, "write TensorBoard events into RUN/tb")
+
+    @property
+    def launch(self) -> Launch:
+        """How this process joins a multi-process run (`crma_jax.distributed`)."""
+        return Launch(self.distributed, self.coordinator_address, self.num_processes or None,
+                      None if self.process_id < 0 else self.process_id)
 
     @property
     def mesh_shape(self) -> tuple[int, ...]:
@@ -119,6 +134,7 @@ class TrainConfig:
             raise ValueError(f"--attention must be one of {', '.join(IMPLEMENTATIONS)}, got {self.attention!r}")
         if self.quant not in ("", "nf4", "int8"):
             raise ValueError(f"--quant must be nf4 or int8, got {self.quant!r}")
+        self.launch.validate()
         d, f, _ = self.mesh_shape
         if (self.batch_size // self.accum_steps) % (d * f):
             raise ValueError(f"micro-batch {self.batch_size // self.accum_steps} must divide over data*fsdp={d * f}")

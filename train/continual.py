@@ -44,6 +44,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from crma_jax import distributed
 from crma_jax.cl import METHODS, EWC, Memory, Method, OLoRA, diagonal_fisher, replay, transfer_metrics
 from crma_jax.convert.adapter_files import load_adapters
 from crma_jax.crma import mix_displacement
@@ -54,8 +55,8 @@ from crma_jax.facts import Fact, answer_questions, domain_facts, questions
 from crma_jax.train.config import TrainConfig, parse_seeds, setting
 from crma_jax.train.finetune import OnCheckpoint, Session, data_spec, evaluate_holdout, fresh_adapters, \
     open_session, save_run_adapters, train
-from crma_jax.train.run_dir import check_run_dir, write_config
-from crma_jax.train_step import batch_sharding, forward_loss
+from crma_jax.train.run_dir import begin_run, write_config
+from crma_jax.train_step import forward_loss
 
 CONDITIONS = tuple(METHODS)
 Domain = tuple[PackedData, PackedData, DataSpec]  # (train, holdout, spec)
@@ -77,6 +78,8 @@ class CLConfig(TrainConfig):
     ewc_lambda: float = setting(400.0, "EWC: λ of the penalty λ/2·Σ F(θ − θ*)² (TRACE: 400)")
     fisher_batches: int = setting(16, "EWC: training batches per domain for its diagonal Fisher")
     olora_lambda: float = setting(0.5, "O-LoRA: λ₁ of the orthogonality penalty λ₁·Σ|A_oldᵀ·A_new| (official: 0.5)")
+    zclip_across_domains: bool = setting(True, "one ZClip for the whole sequence: its statistics carry from each domain "
+                                               "to the next, so its warmup happens once, not per domain")
 
     def domain_sources(self) -> dict[str, str]:
         out = {}
@@ -133,8 +136,6 @@ def mix_replay(current: PackedData, earlier: list[PackedData], fraction: float, 
 
 def task_fisher(session: Session, lora: Any, data: PackedData, batches: int) -> Any:
     """EWC's diagonal Fisher of `lora` on up to `batches` training batches of one domain."""
-    sharding = batch_sharding(session.mesh)
-
     @jax.jit
     def grad(l: Any, batch: Any) -> Any:
         def mean_loss(x: Any) -> jax.Array:
@@ -143,7 +144,7 @@ def task_fisher(session: Session, lora: Any, data: PackedData, batches: int) -> 
         return jax.grad(mean_loss)(l)
 
     chosen = itertools.islice(eval_batches(data, session.cfg.batch_size), batches)
-    return diagonal_fisher(lambda p, b: grad(p, jax.device_put(b, sharding)), lora, chosen)
+    return diagonal_fisher(lambda p, b: grad(p, session.place(b)), lora, chosen)
 
 
 def _save_memory(path: Path, memory: Memory) -> None:
@@ -175,7 +176,7 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
     fresh = [fresh_adapters(session, jax.random.fold_in(key, i))["lora"] for i in range(len(names))]
     crma = fresh_adapters(session, key).get("crma") if method.crma else None  # the seed's substrate
     memory = method.init_memory(fresh[0], len(names))
-    progress: dict[str, Any] = {"finished": [], "L": [], "substrate": []}
+    progress: dict[str, Any] = {"finished": [], "L": [], "substrate": [], "zclip": None}
     trained: list[Any] = []
     if cfg.resume and progress_file.exists():
         progress = json.loads(progress_file.read_text())
@@ -194,11 +195,9 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
                 for j, n in enumerate(names)]
 
     def substrate(lora: Any, holdout: PackedData) -> dict[str, Any]:
-        sharding = batch_sharding(session.mesh)
         return {
             "mix_displacement": np.asarray(mix_displacement(crma, session.model.crma.sinkhorn_iters)).tolist(),
-            "hidden_change": crma_effect(session.model, variables(lora), holdout, cfg.batch_size,
-                                         place=lambda b: jax.device_put(b, sharding)),
+            "hidden_change": crma_effect(session.model, variables(lora), holdout, cfg.batch_size, place=session.place),
         }
 
     if "base" not in progress:  # the starting model: every domain's loss before any training
@@ -215,8 +214,10 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         session.train_data = mix_replay(train_rows, earlier, method.replay, seed * 1000 + i)
         session.holdout, session.data_spec = holdout, spec
         step_cfg = dataclasses.replace(cfg, out=str(root / name), data=spec.source, seed=seed, crma=method.crma)
+        carried = progress.get("zclip") if cfg.zclip_across_domains else None
         train(step_cfg, session, log_prefix=f"{name_of_method} s{seed} {name}", on_checkpoint=on_checkpoint,
-              data_name=name, method=method, memory=memory)
+              data_name=name, method=method, memory=memory, zclip_from=carried)
+        progress["zclip"] = [np.asarray(x).tolist() for x in session.zclip_state]  # JSON, resumable
         lora = session.trainable["lora"]
         crma = session.trainable.get("crma")
         fisher = task_fisher(session, lora, train_rows, cfg.fisher_batches) if method.needs_fisher else None
@@ -226,11 +227,13 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         progress["L"].append(loss_row())
         if method.crma:
             progress["substrate"].append(substrate(lora, holdout))
-        save_run_adapters(root, session, method.saved_sets(progress["finished"], trained), crma,
-                          {n: domains[n][2] for n in progress["finished"]})
-        if memory:
-            _save_memory(memory_file, memory)
-        progress_file.write_text(json.dumps(progress, indent=2))
+        if distributed.is_writer():
+            save_run_adapters(root, session, method.saved_sets(progress["finished"], trained), crma,
+                              {n: domains[n][2] for n in progress["finished"]})
+            if memory:
+                _save_memory(memory_file, memory)
+            progress_file.write_text(json.dumps(progress, indent=2))
+        distributed.sync(f"finished {root / name}")
     result: dict[str, Any] = {"L": progress["L"], "base": progress["base"], "substrate": progress["substrate"],
                               "substrate_init": progress.get("substrate_init"),
                               **transfer_metrics(np.asarray(progress["L"]), np.asarray(progress["base"]))}
@@ -283,7 +286,6 @@ def agnostic_eval(cfg: CLConfig, method: Method, session: Session, names: list[s
     """Every domain scored without its task id, on each row's tokens after the first
     `routing_tokens` targets: routed methods pick a LoRA per row by the loss on those first
     tokens, the others are one model. `oracle_loss` is the task-id model on the same tokens."""
-    sharding = batch_sharding(session.mesh)
     shared = {"crma": crma} if method.crma else None
     if method.routed:
         sets = dict(zip(names, trained))
@@ -293,7 +295,7 @@ def agnostic_eval(cfg: CLConfig, method: Method, session: Session, names: list[s
                            "scored_tokens": [], "accuracy": {}}
     for n in names:
         r = route(session.model, session.frozen, sets, domains[n][1], n if method.routed else "model", cfg.batch_size,
-                  cfg.routing_tokens, shared=shared, place=lambda b: jax.device_put(b, sharding))
+                  cfg.routing_tokens, shared=shared, place=session.place)
         out["loss"].append(r.routed.loss)
         out["oracle_loss"].append(r.oracle.loss)
         out["scored_tokens"].append(r.routed.tokens)
@@ -377,7 +379,9 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
     conditions = cfg.condition_list()
     seeds = parse_seeds(cfg.seeds)
     out = Path(cfg.out)
-    check_run_dir(out, cfg, cfg.resume)
+    cfg.validate()
+    begin_run(out, cfg, cfg.resume, cfg.launch)
+    writer = distributed.is_writer()
     results: dict[str, dict[int, dict[str, Any]]] = {}
     domains: dict[str, Domain] | None = None
     sessions: dict[bool, Session] = {}
@@ -402,9 +406,10 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
     names = list(sources)
     summary = summarize(results, names)
     payload = {"domains": names, "conditions": conditions, "seeds": seeds, "results": results, "summary": summary}
-    (out / "results.json").write_text(json.dumps(payload, indent=2))
-    table = markdown_table(summary, names, seeds)
-    (out / "results.md").write_text(table)
-    if cfg.plots:
-        plot_continual(payload, out)
+    if writer:
+        (out / "results.json").write_text(json.dumps(payload, indent=2))
+        (out / "results.md").write_text(markdown_table(summary, names, seeds))
+        if cfg.plots:
+            plot_continual(payload, out)
+    distributed.sync(f"finished {out}")
     return payload

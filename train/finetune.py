@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 import threading
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from crma_jax import CRMAConfig, LoraConfig, load_pretrained, param_labels
+from crma_jax import CRMAConfig, LoraConfig, distributed, load_pretrained, param_labels
 from crma_jax.adapters import init_adapters, store_as_bits
 from crma_jax.cl import Memory, Method
 from crma_jax.convert.adapter_files import Adapters, BaseSpec, save_adapters
@@ -31,13 +30,13 @@ from crma_jax.convert.smollm2 import resolve_model_path
 from crma_jax.data import BatchIterator, DataSpec, PackedData, check_tokenizer
 from crma_jax.evaluate import evaluate
 from crma_jax.memory_plan import REMAT_BY_SPEED, RematChoice, fastest_fitting, free_bytes
-from crma_jax.optim import learning_rates, make_optimizer, zclip_metrics
+from crma_jax.optim import ZClipState, learning_rates, make_optimizer, zclip_metrics
 from crma_jax.pretrained import load_tokenizer
 from crma_jax.sharding import make_mesh
 from crma_jax.train.checkpointing import checkpoint_manager, restore_state, save_state
 from crma_jax.train.config import TrainConfig
 from crma_jax.train.metrics import MetricsWriter
-from crma_jax.train.run_dir import check_run_dir, write_config
+from crma_jax.train.run_dir import begin_run, write_config
 from crma_jax.train_step import BATCH_KEYS, batch_sharding, jit_train_step, make_train_step
 
 TRAINABLE = ("lora", "crma")
@@ -66,9 +65,18 @@ class Session:
     data_spec: DataSpec | None = None
     # PiSSA's initial factors (A0, B0), the LoRA every fresh PiSSA set starts from; None otherwise.
     lora_init: Any = None
+    # The clipper's state (`crma_jax.optim.ZClipState`) at the end of the last `train`.
+    zclip_state: Any = None
     # Compiled steps keyed by the settings they depend on: a continual run trains many domains
     # with one program instead of recompiling per domain.
     compiled: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A whole host batch (B = --batch-size rows) as global arrays on the batch sharding,
+        each process contributing only the rows its devices hold."""
+        sharding = batch_sharding(self.mesh)
+        rows = distributed.local_rows(sharding, self.cfg.batch_size)
+        return distributed.global_batch({k: v[rows] for k, v in batch.items()}, sharding, self.cfg.batch_size)
 
 
 def lora_config(cfg: TrainConfig) -> LoraConfig:
@@ -99,8 +107,7 @@ def data_spec(cfg: TrainConfig, source: str | None = None, split_seed: int | Non
 def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
     """Load model + adapters onto the mesh, the tokenizer, and (optionally) the train/holdout data."""
     cfg.validate()
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    distributed.initialize(cfg.launch)
     mesh = make_mesh(cfg.mesh_shape)
     path = resolve_model_path(cfg.model)
     model, variables = load_pretrained(
@@ -149,7 +156,10 @@ def compile_step(cfg: TrainConfig, session: Session, optimizer: Any, method: Met
     """Compile the training step ahead of time, under `cfg.remat` or, for "auto", under the
     fastest remat policy whose step fits in the devices' free memory (`fastest_fitting`).
     Returns (compiled step, its shardings, the choice with what each tried policy needs)."""
-    trainable, frozen, memory = session.trainable, session.frozen, memory or {}
+    # Shapes only: the step's in_shardings decide placement (`train` moves the real trees there),
+    # whatever shardings the loaded adapters happen to carry.
+    trainable, frozen, memory = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+                                 for tree in (session.trainable, session.frozen, memory or {}))
     opt_state = jax.eval_shape(optimizer.init, trainable)
     batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.int32) for k in BATCH_KEYS}
     rng = jax.eval_shape(jax.random.PRNGKey, 0)
@@ -168,11 +178,8 @@ def compile_step(cfg: TrainConfig, session: Session, optimizer: Any, method: Met
 
 def evaluate_holdout(session: Session, variables: dict[str, Any], holdout: PackedData | None = None) -> float:
     """Mean next-token loss over every token of the holdout split (`crma_jax.evaluate.evaluate`)."""
-    sharding = batch_sharding(session.mesh)
     data = session.holdout if holdout is None else holdout
-    result = evaluate(session.model, variables, data, session.cfg.batch_size,
-                      place=lambda b: jax.device_put(b, sharding))
-    return result.loss
+    return evaluate(session.model, variables, data, session.cfg.batch_size, place=session.place).loss
 
 
 def save_run_adapters(run: Path, session: Session, sets: dict[str, Any], crma: Any,
@@ -219,17 +226,24 @@ def defer_sigint() -> tuple[list[int], Any]:
 
 def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "train",
           on_checkpoint: OnCheckpoint | None = None, data_name: str = "default", method: Method | None = None,
-          memory: Memory | None = None) -> dict[str, Any]:
+          memory: Memory | None = None, zclip_from: ZClipState | None = None) -> dict[str, Any]:
     """Run (or resume) one fine-tuning job; returns the summary (also written to summary.json).
 
     `session` reuses a loaded model and data (its `trainable` is the starting point);
     `data_name` names the LoRA set in RUN/adapters. `method` and `memory` are a continual-learning
     method and what it keeps of earlier tasks (`crma_jax.cl`; `crma cl` passes them).
+    `zclip_from` starts ZClip from earlier statistics instead of a fresh warmup (`crma cl`
+    carries them from task to task); the run's final ones are left in `session.zclip_state`.
     """
     run = Path(cfg.out)
-    check_run_dir(run, cfg, cfg.resume)
+    cfg.validate()
+    begin_run(run, cfg, cfg.resume, cfg.launch)
     session = session or open_session(cfg)  # bad model/data fail here, before RUN exists
     write_config(run, cfg)
+    writer = distributed.is_writer()
+    if jax.process_count() > 1:
+        tqdm.write(f"{log_prefix}: {distributed.describe()}, {jax.local_device_count()} of {jax.device_count()} "
+                   f"devices here, mesh {dict(session.mesh.shape)}", file=sys.stderr)
     trainable, frozen = session.trainable, session.frozen
     memory = memory or {}
     key = repr((dataclasses.replace(cfg, out="", data="", resume=False, seed=0), method, jax.tree.structure(trainable),
@@ -246,33 +260,40 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     # Fresh buffers on the step's own shardings (an identity jit types them exactly like the
     # step's outputs, and drops weak types): otherwise the second step compiles again. Fresh
     # also because the step donates both trees and optax's init may share constants.
-    trainable, opt_state, rng = place((trainable, optimizer.init(trainable), jax.random.PRNGKey(cfg.seed)))
-    data = BatchIterator(session.train_data, cfg.batch_size, seed=cfg.seed)
+    opt_state = optimizer.init(trainable)
+    if zclip_from is not None:
+        carried = ZClipState(*(jnp.asarray(x, fresh.dtype) for x, fresh in zip(zclip_from, opt_state.zclip)))
+        opt_state = opt_state._replace(zclip=carried)
+    trainable, opt_state, rng = place((trainable, opt_state, jax.random.PRNGKey(cfg.seed)))
+    rows = distributed.local_rows(shardings["batch"], cfg.batch_size)  # this process's share of each batch
+    data = BatchIterator(session.train_data, cfg.batch_size, seed=cfg.seed, rows=rows)
     mngr = checkpoint_manager(run, cfg.keep_checkpoints)
     start = 0
     if cfg.resume and mngr.latest_step() is not None:
         start, state, meta = restore_state(mngr, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
         trainable, opt_state, rng = place((state["trainable"], state["opt_state"], state["rng"]))
         data.restore(meta["data"])
-    writer = MetricsWriter(run, tensorboard=cfg.tensorboard, append=start > 0)
+    metrics_out = MetricsWriter(run, tensorboard=cfg.tensorboard, append=start > 0, files=writer)
     initial_file = run / "initial_eval.json"
+    initial = None
     if cfg.eval_every and not initial_file.exists():
         # The holdout loss before any update, so a run can show that training helped.
         initial = evaluate_holdout(session, {"params": frozen, **trainable})
-        initial_file.write_text(json.dumps({"holdout_loss": initial}))
+        if writer:
+            initial_file.write_text(json.dumps({"holdout_loss": initial}))
 
     def checkpoint(step: int) -> None:
         save_state(mngr, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng}, {"step": step, "data": data.state()})
 
     skipped_run = 0
     step = start
-    bar = tqdm(total=cfg.steps, initial=start, desc=log_prefix, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=log_prefix, unit="step", dynamic_ncols=True, disable=not writer)
     interrupted, restore_sigint = defer_sigint()
     try:
         while step < cfg.steps:
             if interrupted:
                 raise KeyboardInterrupt
-            batch = jax.device_put(next(data), shardings["batch"])
+            batch = distributed.global_batch(next(data), shardings["batch"], cfg.batch_size)
             rng, sub = jax.random.split(rng)
             t0 = time.perf_counter()
             trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, sub, memory)
@@ -286,7 +307,7 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
                     raise TrainingError(f"step {step}: {skipped_run} consecutive non-finite gradients; stopping")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 record["eval_loss"] = evaluate_holdout(session, {"params": frozen, **trainable})
-            writer.write(record)
+            metrics_out.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -302,19 +323,22 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     finally:
         restore_sigint()
         bar.close()
-        writer.close()
+        metrics_out.close()
     mngr.wait_until_finished()
-    summary = {"steps": step, "final_loss": writer.last("loss"), "remat": choice.policy,
-               **writer.summary()}
+    summary = {"steps": step, "final_loss": metrics_out.last("loss"), "remat": choice.policy,
+               **metrics_out.summary()}
     if cfg.eval_every:
-        summary["initial_holdout_loss"] = json.loads(initial_file.read_text())["holdout_loss"]
-        summary["holdout_loss"] = writer.last("eval_loss")
-    (run / "summary.json").write_text(json.dumps(summary, indent=2))
-    save_run_adapters(run, session, {data_name: trainable["lora"]}, trainable.get("crma"),
-                      {data_name: session.data_spec} if session.data_spec else {})
-    if cfg.plots:
-        from crma_jax.train.plots import plot_run
+        summary["initial_holdout_loss"] = (json.loads(initial_file.read_text())["holdout_loss"] if initial is None
+                                           else initial)
+        summary["holdout_loss"] = metrics_out.last("eval_loss")
+    if writer:
+        (run / "summary.json").write_text(json.dumps(summary, indent=2))
+        save_run_adapters(run, session, {data_name: trainable["lora"]}, trainable.get("crma"),
+                          {data_name: session.data_spec} if session.data_spec else {})
+        if cfg.plots:
+            from crma_jax.train.plots import plot_run
 
-        plot_run(run)
-    session.trainable = trainable
+            plot_run(run)
+    distributed.sync(f"finished {run}")  # the run's files are complete when any process returns
+    session.trainable, session.zclip_state = trainable, opt_state.zclip
     return summary

@@ -20,18 +20,26 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-    """Appends step records to metrics.jsonl and TensorBoard (scalars; lists per layer)."""
+    """Appends step records to metrics.jsonl and TensorBoard (scalars; lists per layer).
 
-    def __init__(self, run: Path, tensorboard: bool = True, append: bool = False) -> None:
+    With `files=False` (every process of a multi-process run but process 0) nothing is written:
+    the records are only kept in memory, and `last` and `summary` cover this session's steps.
+    """
+
+    def __init__(self, run: Path, tensorboard: bool = True, append: bool = False, files: bool = True) -> None:
         self.run = Path(run)
-        self._file = open(self.run / "metrics.jsonl", "a" if append else "w")
+        self._records: list[dict[str, Any]] = []
+        self._file = open(self.run / "metrics.jsonl", "a" if append else "w") if files else None
         self._tb = None
-        if tensorboard:
+        if tensorboard and files:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run / "tb"))
 
     def write(self, record: dict[str, Any]) -> None:
+        self._records.append(record)
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a killed run keeps every step it logged
         if self._tb is not None:
@@ -46,17 +54,22 @@ class MetricsWriter:
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
+    def records(self) -> list[dict[str, Any]]:
+        """Every record of the run (resumes included), or of this session without files."""
+        return read_metrics(self.run) if self._file is not None else list(self._records)
+
     def last(self, key: str) -> Any:
-        values = [r[key] for r in read_metrics(self.run) if key in r]
+        values = [r[key] for r in self.records() if key in r]
         return values[-1] if values else None
 
     def summary(self) -> dict[str, Any]:
         """Peak/mean gradient norm, clip and skip counts over the whole run (resumes included)."""
-        records = read_metrics(self.run)
+        records = self.records()
         norms = np.asarray([r["grad_norm"] for r in records if np.isfinite(r["grad_norm"])])
         return {
             "peak_grad_norm": float(norms.max()) if norms.size else None,

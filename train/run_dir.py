@@ -13,10 +13,14 @@ from typing import Any
 
 import yaml
 
+from crma_jax import distributed
+
 CONFIG_FILE = "config.yaml"
 # Settings that change where and how a run is written or logged, never what it computes.
 RESULT_NEUTRAL = frozenset({"out", "resume", "plots", "tensorboard", "checkpoint_every", "keep_checkpoints",
-                            "eval_every", "debug", "remat", "attention"})
+                            "eval_every", "debug", "remat", "attention",
+                            # how the processes of one run find each other, not what they compute
+                            "distributed", "coordinator_address", "num_processes", "process_id"})
 _MISSING = "<not set>"
 
 
@@ -51,12 +55,23 @@ def check_run_dir(out: str | Path, config: Any, resume: bool, neutral: frozenset
                          f"resume with the saved settings, or choose a new --out")
 
 
+def begin_run(out: str | Path, config: Any, resume: bool, launch: distributed.Launch) -> None:
+    """Join the multi-process run `launch` describes (if any), then `check_run_dir` in every
+    process, and let none go on before all have looked (so process 0's first write cannot make
+    another process find the directory taken)."""
+    distributed.initialize(launch)
+    check_run_dir(out, config, resume)
+    distributed.sync(f"checked {out}")
+
+
 def write_config(out: str | Path, config: Any) -> Path:
-    """Create `out` if needed and write `config.yaml` (the effective settings)."""
+    """Create `out` if needed and write `config.yaml` (the effective settings); in a
+    multi-process run only process 0 writes."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG_FILE
-    path.write_text(yaml.safe_dump(settings_of(config), sort_keys=False))
+    if distributed.is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(settings_of(config), sort_keys=False))
     return path
 
 

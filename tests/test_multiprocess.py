@@ -1,0 +1,187 @@
+"""End to end: `crma train` as 2 real processes of 4 CPU devices each, on JAX's distributed
+runtime with gloo collectives on localhost, against the same run in 1 process of 8 devices.
+
+The commands are the README's ("Beyond one machine"). Every launch is bounded by a timeout, and
+every process a test starts is killed (its whole process group) before the test returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crma_jax.train.checkpointing import checkpoint_manager
+from crma_jax.train.config import parse_config
+from crma_jax.train.finetune import train
+from crma_jax.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+FAULT_DRIVER = REPO / "tests" / "fault_injection.py"
+WORDS = "a clause may bind each party to the terms that the court reads into the contract".split()
+STEPS, KILL_AT = 8, 4
+LAUNCH_TIMEOUT = 300
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    rng = np.random.RandomState(1)
+    path = tmp_path_factory.mktemp("mp_data") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS, 30))}) + "\n" for _ in range(60)))
+    return path
+
+
+def _argv(model: Path, data: Path, out: Path, mesh: str) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", str(STEPS),
+            "--seq-len", "32", "--batch-size", "8", "--lr-lora", "3e-3", "--warmup-steps", "2", "--zclip-warmup", "3",
+            "--mesh", mesh, "--checkpoint-every", str(KILL_AT), "--eval-every", str(KILL_AT), "--no-plots",
+            "--no-tensorboard"]
+
+
+def _command(argv: list[str], kill_at: int | None) -> list[str]:
+    """`crma ARGV`, or the fault driver that SIGKILLs the process once checkpoint `kill_at` is committed."""
+    if kill_at is None:
+        return [sys.executable, "-m", "crma_jax.train.cli", *argv]
+    return [sys.executable, str(FAULT_DRIVER), "after_checkpoint", str(kill_at), "*", "--", *argv]
+
+
+def _launch(argv: list[str], processes: int, kill_at: dict[int, int] | None = None) -> list[tuple[int, str, str]]:
+    """Run `crma ARGV` as `processes` processes of 8 / processes CPU devices each (the README's
+    launch); `kill_at[i]` SIGKILLs process i after that checkpoint. When a process dies, the rest
+    are killed, as a cluster scheduler tears a job down. Returns (return code, stdout, stderr)."""
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
+    procs, logs = [], []
+    try:
+        for i in range(processes):
+            flags = ["--coordinator-address", f"localhost:{port}", "--num-processes", str(processes),
+                     "--process-id", str(i)] if processes > 1 else ["--distributed", "off"]
+            # Files, not pipes: nobody reads a pipe while the processes run, and gloo is chatty.
+            logs.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))
+            procs.append(subprocess.Popen(_command(argv + flags, (kill_at or {}).get(i)), cwd=REPO, env=env,
+                                          stdout=logs[-1][0], stderr=logs[-1][1], text=True, start_new_session=True))
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{argv}: still running after {LAUNCH_TIMEOUT} s")
+            if any(p.poll() not in (None, 0) for p in procs):
+                time.sleep(1.0)  # a peer died: tear the job down
+                for p in procs:
+                    if p.poll() is None:
+                        os.killpg(p.pid, signal.SIGKILL)
+            time.sleep(0.2)
+        results = []
+        for p, files in zip(procs, logs):
+            texts = []
+            for f in files:
+                f.seek(0)
+                texts.append(f.read())
+            results.append((p.returncode, *texts))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for files in logs:
+            for f in files:
+                f.close()
+
+
+def _check(results: list[tuple[int, str, str]]) -> None:
+    for i, (code, _, err) in enumerate(results):
+        assert code == 0, f"process {i} exited with {code}:\n{err[-4000:]}"
+
+
+def _committed_steps(run: Path) -> list[int]:
+    mngr = checkpoint_manager(run, keep=10, async_save=False)
+    try:
+        return list(mngr.all_steps())
+    finally:
+        mngr.close()
+
+
+def _assert_same_trajectory(run: Path, reference: Path) -> None:
+    got, want = read_metrics(run), read_metrics(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+    for g, w in zip(got, want):
+        for key in ("loss", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5), (g["step"], key)
+        if "eval_loss" in w:
+            assert g["eval_loss"] == pytest.approx(w["eval_loss"], rel=1e-5), g["step"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_lm, data_file, tmp_path_factory) -> dict[str, Path]:
+    """The uninterrupted single-process (8 devices, in this process) references, one per mesh."""
+    root = tmp_path_factory.mktemp("mp")
+    out = {}
+    for mesh in ("2,2,2", "8,1,1"):
+        run = root / f"single_{mesh.replace(',', '')}"
+        assert train(parse_config(_argv(tiny_lm, data_file, run, mesh)[1:] + ["--distributed", "off"]))["steps"] == STEPS
+        out[mesh] = run
+    return out
+
+
+@pytest.mark.parametrize("mesh", ["2,2,2", "8,1,1"])
+def test_two_processes_follow_the_single_process_trajectory(runs, tiny_lm, data_file, tmp_path, mesh):
+    run = tmp_path / "two"
+    results = _launch(_argv(tiny_lm, data_file, run, mesh), 2)
+    _check(results)
+    _assert_same_trajectory(run, runs[mesh])
+    # Each process logs its index; both report the same holdout loss (evaluated across both).
+    summaries = [json.loads(out[out.index("{"):]) for _, out, _ in results]
+    assert summaries[0]["holdout_loss"] == summaries[1]["holdout_loss"]
+    for i, (_, _, err) in enumerate(results):
+        assert f"process {i}/2" in err
+    # One writer: one metrics line per step, and process 1 drew no progress bar.
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == STEPS
+    assert f"{STEPS}/{STEPS}" in results[0][2] and f"{STEPS}/{STEPS}" not in results[1][2]
+
+
+def test_sigkill_of_one_process_then_resume_in_two_or_one_process(runs, tiny_lm, data_file, tmp_path):
+    """Process 1 dies after checkpoint 4; the job is torn down. The committed checkpoint resumes
+    both as 2 processes and, from a copy, as 1 process; both continuations equal the
+    uninterrupted run."""
+    run = tmp_path / "killed"
+    argv = _argv(tiny_lm, data_file, run, "2,2,2")
+    results = _launch(argv, 2, kill_at={1: KILL_AT})
+    assert results[1][0] == -signal.SIGKILL, results[1][2][-3000:]
+    assert results[0][0] != 0  # torn down (or failed on its lost peer), never finished
+    assert _committed_steps(run) == [KILL_AT]
+    copy = tmp_path / "killed_copy"
+    shutil.copytree(run, copy)
+
+    _check(_launch(argv + ["--resume"], 2))
+    _assert_same_trajectory(run, runs["2,2,2"])
+
+    _check(_launch(_argv(tiny_lm, data_file, copy, "2,2,2") + ["--resume"], 1))
+    _assert_same_trajectory(copy, runs["2,2,2"])
+
+
+def test_a_single_process_checkpoint_resumes_in_two_processes(runs, tiny_lm, data_file, tmp_path):
+    run = tmp_path / "one_then_two"
+    argv = _argv(tiny_lm, data_file, run, "8,1,1")
+    results = _launch(argv, 1, kill_at={0: KILL_AT})
+    assert results[0][0] == -signal.SIGKILL, results[0][2][-3000:]
+    assert _committed_steps(run) == [KILL_AT]
+    _check(_launch(argv + ["--resume"], 2))
+    _assert_same_trajectory(run, runs["8,1,1"])
