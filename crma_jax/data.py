@@ -1,8 +1,10 @@
-"""Training data: load records, tokenize, pack into fixed-length rows, split, and batch.
+"""Training data: tokenize records, pack them into fixed-length rows, split, and batch.
 
-Pipeline: `load_records` (JSONL / text / parquet through `datasets`) -> `tokenize_records`
--> `split_holdout` (by document) -> `pack_documents` -> `BatchIterator`; `build_dataset` runs it
-all for a built-in domain name or a file path.
+Pipeline: `crma_jax.records.load_records` (a built-in domain, a file, a saved or cached
+`datasets` dataset) -> `tokenize_records` (plain text, Alpaca with the prompt masked, or chat
+through the tokenizer's template with the loss on assistant turns) -> `split_holdout` (by
+document; or a separate evaluation source) -> `pack_documents` -> `BatchIterator`;
+`DataSpec.build` runs it all.
 
 Mask convention (matches `crma_jax.loss.next_token_loss`): `loss_mask[b, t] == 1` means token
 `input_ids[b, t]` is a target predicted by `logits[b, t - 1]`. Column 0 is therefore always 0.
@@ -10,15 +12,15 @@ Mask convention (matches `crma_jax.loss.next_token_loss`): `loss_mask[b, t] == 1
 
 from __future__ import annotations
 
-import json
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
-from crma_jax.domains import domain_documents, is_builtin
+from crma_jax.chat import render_chat, require_template
+from crma_jax.records import DataError, Fields, Records, load_records
 
 T = TypeVar("T")
 TokenDoc = tuple[list[int], list[int]]  # (ids, loss_mask), equal lengths
@@ -27,12 +29,11 @@ TokenDoc = tuple[list[int], list[int]]  # (ids, loss_mask), equal lengths
 # separately gives the same boundary a joint tokenization would on BPE vocabularies.
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 
 
-class DataError(ValueError):
-    """Bad training data or tokenizer; the message names the file (and line, row or field)."""
+class SkippedRowsWarning(UserWarning):
+    """Rows of a source were dropped (`skip_bad_rows`); the message says how many and the first."""
 
 
 @dataclass(frozen=True)
@@ -69,133 +70,6 @@ class PackedData:
         return {k: getattr(self, k)[index] for k in BATCH_KEYS}
 
 
-def _check_utf8(path: Path) -> list[int]:
-    """Raise DataError on an empty file or a non-UTF8 line; return the 1-based numbers of the
-    non-blank lines (a JSONL record's line number). '\\n' is ASCII, so per-line decoding is exact."""
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file")
-    nonblank = []
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
-            if line.strip():
-                nonblank.append(n)
-    return nonblank
-
-
-def _find_bad_json(path: Path) -> str:
-    """Locate the first JSONL line that is not a JSON object (datasets' own error has no line)."""
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"{path}:{n}: invalid JSON ({e.msg})"
-            if not isinstance(obj, dict):
-                return f"{path}:{n}: a JSONL record must be an object, got {type(obj).__name__}"
-    return f"{path}: could not be read as JSONL"
-
-
-def record_style(columns: Sequence[str]) -> str:
-    """'alpaca' when records have both `instruction` and `output`, else 'text'."""
-    return "alpaca" if {"instruction", "output"} <= set(columns) else "text"
-
-
-def _column(records: Any, name: str) -> list[Any]:
-    """One field of every record, from a `datasets.Dataset` or a list of dicts (None if absent)."""
-    if hasattr(records, "column_names"):
-        return list(records[name]) if name in records.column_names else [None] * len(records)
-    return [r.get(name) for r in records]
-
-
-def _columns(records: Any) -> list[str]:
-    if hasattr(records, "column_names"):
-        return list(records.column_names)
-    return sorted({k for r in records for k in r})
-
-
-def validate_records(records: Any, text_field: str, source: str, where: Callable[[int], str] | None = None) -> str:
-    """Check every record has its required string fields; return the style ('text' | 'alpaca').
-
-    Raises DataError naming `source`, the field and the row (via `where(i)`, default 'row i+1').
-    """
-    where = where or (lambda i: f"row {i + 1}")
-    if len(records) == 0:
-        raise DataError(f"{source}: no records")
-    style = record_style(_columns(records))
-    required = ("instruction", "output") if style == "alpaca" else (text_field,)
-    optional = ("input",) if style == "alpaca" else ()
-    for name in required + optional:
-        for i, value in enumerate(_column(records, name)):
-            if value is None and name in optional:
-                continue
-            if value is None:
-                raise DataError(f"{source}: {where(i)}: missing field {name!r}")
-            if not isinstance(value, str):
-                raise DataError(f"{source}: {where(i)}: field {name!r} must be a string, got {type(value).__name__}")
-    return style
-
-
-def _input_files(path: Path, fmt: str | None) -> tuple[str, list[Path]]:
-    """The `datasets` loader name and the files to read (a directory means all its .txt files)."""
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory")
-    if path.is_dir():
-        files = sorted(p for p in path.glob("*.txt") if p.is_file())
-        if not files:
-            raise DataError(f"{path}: directory has no .txt files")
-        return fmt or "text", files
-    fmt = {"jsonl": "json"}.get(fmt or "", fmt) or FORMATS.get(path.suffix.lower())
-    if fmt not in ("json", "text", "parquet"):
-        raise DataError(f"{path}: unknown format; use .jsonl, .txt or .parquet, or pass format=")
-    return fmt, [path]
-
-
-def load_records(path: str | Path, *, text_field: str = "text", format: str | None = None,
-                 cache_dir: str | None = None) -> Any:
-    """Load a JSONL, plain-text or parquet file (or a directory of .txt files) as a `datasets.Dataset`.
-
-    Plain text is one document per file. Records are either `{text_field: str}` or Alpaca-style
-    `{instruction, input?, output}`. `format` is 'json'/'jsonl', 'text' or 'parquet' (default: from
-    the suffix). Raises DataError naming the file (and line or row) on empty, non-UTF8,
-    malformed or incomplete data.
-    """
-    import datasets
-
-    path = Path(path)
-    fmt, files = _input_files(path, format)
-    lines: list[int] = []
-    for f in files:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            if pq.ParquetFile(f).metadata.num_rows == 0:  # datasets fails obscurely on 0 rows
-                raise DataError(f"{f}: no records (empty parquet file)")
-        else:
-            lines = _check_utf8(f)
-            if fmt == "json" and not lines:
-                raise DataError(f"{f}: no records (only blank lines)")
-    kwargs: dict[str, Any] = {"sample_by": "document"} if fmt == "text" else {}
-    try:
-        ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train",
-                                   cache_dir=cache_dir, **kwargs)
-    except Exception as e:  # datasets wraps parse errors in DatasetGenerationError, without a line
-        msg = _find_bad_json(path) if fmt == "json" else f"{path}: could not be read as {fmt} ({e})"
-        raise DataError(msg) from e
-    if fmt == "text" and text_field != "text":
-        ds = ds.rename_column("text", text_field)
-    # A JSONL row maps to its non-blank line (datasets skips blank lines).
-    use_lines = fmt == "json" and len(lines) == len(ds)
-    where = (lambda i: f"line {lines[i]}") if use_lines else (lambda i: f"row {i + 1}")
-    validate_records(ds, text_field, str(path), where)
-    return ds
-
-
 def check_tokenizer(tokenizer: Any, vocab_size: int, token_docs: Sequence[TokenDoc] = ()) -> None:
     """Raise DataError if the tokenizer can produce ids the model (`vocab_size` rows) lacks:
     len(tokenizer) > vocab_size, or any id in `token_docs` >= vocab_size. A smaller tokenizer is
@@ -229,30 +103,42 @@ def _encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
     return [list(ids) for ids in out]
 
 
-def tokenize_records(records: Any, tokenizer: Any, *, text_field: str = "text",
-                     source: str = "<records>") -> list[TokenDoc]:
-    """Records (a `datasets.Dataset` or list of dicts) -> [(ids, loss_mask)], one per record.
+def tokenize_records(records: Records, tokenizer: Any) -> list[TokenDoc]:
+    """`Records` -> [(ids, loss_mask)], one per record. No EOS is added here.
 
-    Plain text: every token counts (mask 1). Alpaca: the formatted prompt (instruction, optional
-    input) has mask 0 and only the output tokens have mask 1. No EOS is added here.
+    text: every token counts (mask 1). alpaca: the formatted prompt (instruction, optional input)
+    has mask 0 and only the output tokens have mask 1. chat: the tokenizer's chat template, mask
+    1 on the assistant turns only (`crma_jax.chat.render_chat`); DataError naming the source and
+    row when the tokenizer has no template or the template rejects a conversation.
     """
-    style = validate_records(records, text_field, source)
-    if style == "text":
-        return [(ids, [1] * len(ids)) for ids in _encode(tokenizer, _column(records, text_field), True)]
+    f = records.fields
+    if records.style == "text":
+        return [(ids, [1] * len(ids)) for ids in _encode(tokenizer, records.column(f.text), True)]
+    if records.style == "chat":
+        require_template(tokenizer, records.source)
+        docs = []
+        for i, messages in enumerate(records.column(f.messages)):
+            try:
+                docs.append(render_chat(tokenizer, messages))
+            except Exception as e:  # noqa: BLE001 - a template may raise anything (jinja's TemplateError, ...)
+                raise DataError(f"{records.source}: row {i + 1}: the chat template rejects this conversation "
+                                f"({type(e).__name__}: {e})") from None
+        return docs
     prompts = [PROMPT_WITH_INPUT.format(instruction=ins, input=inp) if inp else PROMPT.format(instruction=ins)
-               for ins, inp in zip(_column(records, "instruction"), _column(records, "input"))]
+               for ins, inp in zip(records.column(f.instruction), records.column(f.input))]
     heads = _encode(tokenizer, prompts, True)
-    tails = _encode(tokenizer, _column(records, "output"), False)
+    tails = _encode(tokenizer, records.column(f.output), False)
     return [(h + t, [0] * len(h) + [1] * len(t)) for h, t in zip(heads, tails)]
 
 
-def pack_documents(token_docs: Sequence[TokenDoc], seq_len: int, eos_id: int) -> PackedData:
+def pack_documents(token_docs: Sequence[TokenDoc], seq_len: int, eos_id: int, eos_target: bool = True) -> PackedData:
     """Append EOS to each doc, concatenate in order and cut into rows of exactly `seq_len`.
 
     Greedy, no token dropped: a document crossing a row boundary is split, and its continuation
     starts a new segment in the next row with positions restarting at 0 (every position stays
     < seq_len, and segments never attend across rows anyway). The final row is padded with
-    `eos_id` and segment 0. The appended EOS is a target (mask 1): the model learns to stop.
+    `eos_id` and segment 0. The appended EOS is a target (mask 1: the model learns to stop)
+    unless `eos_target` is False (chat: the template's own end-of-turn already is one).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -269,7 +155,7 @@ def pack_documents(token_docs: Sequence[TokenDoc], seq_len: int, eos_id: int) ->
     target = np.zeros(size, np.int32)
     doc_start = np.zeros(size, bool)
     ids[:total] = np.concatenate([np.append(np.asarray(d, np.int64), eos_id) for d, _ in token_docs])
-    target[:total] = np.concatenate([np.append(np.asarray(m, np.int64) != 0, True) for _, m in token_docs])
+    target[:total] = np.concatenate([np.append(np.asarray(m, np.int64) != 0, eos_target) for _, m in token_docs])
     doc_start[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
     real = np.arange(size) < total
 
@@ -372,7 +258,12 @@ class DataSpec:
     """Everything that decides which packed rows a run trains and evaluates on.
 
     A run records its spec, so that `crma eval RUN` rebuilds exactly the run's holdout split.
-    `split_seed` seeds the document-level holdout split (`split_holdout`).
+    `source` (and `eval_source`) are anything `crma_jax.records.load_records` takes; `config`
+    and `split` pick a `datasets` config (for both) and split. Without `eval_source` the holdout is a
+    document-level split of `source` (`holdout_fraction`, seeded by `split_seed`); with it, every
+    document of `source` trains and every document of `eval_source` (its `eval_split`, default
+    `split`) evaluates. The `*_field`s rename the record fields (`crma_jax.records.Fields`);
+    `skip_bad_rows` drops unusable rows with a `SkippedRowsWarning` instead of failing.
     """
 
     source: str
@@ -381,12 +272,48 @@ class DataSpec:
     split_seed: int = 0
     text_field: str = "text"
     max_documents: int | None = None
+    messages_field: str = "messages"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    config: str | None = None
+    split: str = "train"
+    eval_source: str | None = None
+    eval_split: str | None = None
+    skip_bad_rows: bool = False
 
-    def build(self, tokenizer: Any, vocab_size: int | None = None) -> tuple[PackedData, PackedData]:
-        """(train, holdout) packed rows (see `build_dataset`)."""
-        return build_dataset(self.source, tokenizer, self.seq_len, holdout_fraction=self.holdout_fraction,
-                             seed=self.split_seed, text_field=self.text_field, max_documents=self.max_documents,
-                             vocab_size=vocab_size)
+    @property
+    def fields(self) -> Fields:
+        return Fields(self.text_field, self.messages_field, self.instruction_field, self.input_field, self.output_field)
+
+    def records(self, evaluation: bool = False, cache_dir: str | None = None) -> Records:
+        """The usable records of the training source, or (`evaluation`) of `eval_source`."""
+        if evaluation:
+            source, config, split = self.eval_source, self.config, self.eval_split or self.split
+        else:
+            source, config, split = self.source, self.config, self.split
+        records = load_records(source, fields=self.fields, config=config, split=split,
+                               max_documents=self.max_documents, cache_dir=cache_dir, skip_bad=self.skip_bad_rows)
+        if records.skipped:
+            warnings.warn(records.skipped, SkippedRowsWarning, stacklevel=2)
+        return records
+
+    def build(self, tokenizer: Any, vocab_size: int | None = None,
+              cache_dir: str | None = None) -> tuple[PackedData, PackedData]:
+        """(train, holdout) packed rows. With `vocab_size`, the tokenizer is checked against the model."""
+        records = self.records(cache_dir=cache_dir)
+        docs = tokenize_records(records, tokenizer)
+        if self.eval_source:
+            held = self.records(evaluation=True, cache_dir=cache_dir)
+            train, holdout = docs, tokenize_records(held, tokenizer)
+            eos_target = records.style != "chat" or held.style != "chat"
+        else:
+            train, holdout = split_holdout(docs, self.holdout_fraction, self.split_seed)
+            eos_target = records.style != "chat"
+        if vocab_size is not None:
+            check_tokenizer(tokenizer, vocab_size, train + holdout)
+        eos = eos_id_of(tokenizer)
+        return pack_documents(train, self.seq_len, eos, eos_target), pack_documents(holdout, self.seq_len, eos, eos_target)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -395,22 +322,7 @@ class DataSpec:
 def build_dataset(source: str, tokenizer: Any, seq_len: int, *, holdout_fraction: float = 0.1, seed: int = 0,
                   text_field: str = "text", max_documents: int | None = None, vocab_size: int | None = None,
                   cache_dir: str | None = None) -> tuple[PackedData, PackedData]:
-    """(train, holdout) packed data from a built-in domain (`crma_jax.domains`) or a path
-    to a .jsonl/.txt/.parquet file or a directory of .txt files.
-
-    The first `max_documents` documents are kept, split by document (`split_holdout`), then each
-    side is packed separately. With `vocab_size`, the tokenizer is checked against the model.
-    """
-    if is_builtin(source) and not Path(source).exists():
-        records: Any = [{text_field: d} for d in domain_documents(source)]
-    else:
-        records = load_records(source, text_field=text_field, cache_dir=cache_dir)
-    if max_documents is not None:
-        records = records[:max_documents] if isinstance(records, list) else records.select(
-            range(min(max_documents, len(records))))
-    docs = tokenize_records(records, tokenizer, text_field=text_field, source=source)
-    if vocab_size is not None:
-        check_tokenizer(tokenizer, vocab_size, docs)
-    train, holdout = split_holdout(docs, holdout_fraction, seed)
-    eos = eos_id_of(tokenizer)
-    return pack_documents(train, seq_len, eos), pack_documents(holdout, seq_len, eos)
+    """(train, holdout) packed data of `source` with a document-level holdout: `DataSpec.build`
+    with the spec's other settings at their defaults."""
+    spec = DataSpec(source, seq_len, holdout_fraction, seed, text_field, max_documents)
+    return spec.build(tokenizer, vocab_size, cache_dir)

@@ -96,6 +96,14 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Write `rows` as JSONL (one object per line) and return `path`."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 def word_jsonl(path: Path, sentence: str, rows: int = 40, length: int = 25) -> Path:
     """A `text` JSONL of `rows` rows, each `length` words drawn (seed 0) from `sentence`'s words."""
     import json

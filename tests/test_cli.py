@@ -18,7 +18,7 @@ def trained(tiny_lm, tmp_path_factory):
     run = root / "run"
     assert main(["train", "--model", str(tiny_lm), "--data", str(data), "--out", str(run), "--steps", "4",
                  "--warmup-steps", "1", "--seq-len", "32", "--batch-size", "4", "--eval-every", "4",
-                 "--no-plots", "--no-tensorboard", "--mesh", "1,1,1"]) == 0
+                 "--no-plots", "--report-to", "none", "--mesh", "1,1,1"]) == 0
     return run, data
 
 

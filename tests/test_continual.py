@@ -47,7 +47,7 @@ def _args(tiny_lm, domains, out, seeds="0", extra=()):
     args = ["cl", "--model", str(tiny_lm), "--out", str(out), "--steps", "8", "--warmup-steps", "1",
             "--seq-len", "32", "--batch-size", "4", "--checkpoint-every", "4", "--eval-every", "0",
             "--lr-lora", "5e-3", "--lr-crma-mix", "5e-2", "--seeds", seeds,
-            "--no-tensorboard", "--mesh", "1,1,1", *extra]
+            "--report-to", "none", "--mesh", "1,1,1", *extra]
     for d in domains:
         args += ["--domain", d]
     return args
@@ -229,7 +229,7 @@ def test_qa_on_fictional_facts_reports_crma_on_and_off(tiny_lm, tmp_path):
     out = tmp_path / "qa"
     args = ["cl", "--model", str(tiny_lm), "--out", str(out), "--steps", "4", "--warmup-steps", "1",
             "--seq-len", "64", "--batch-size", "4", "--eval-every", "0", "--lr-lora", "5e-3", "--seeds", "0",
-            "--no-tensorboard", "--no-plots", "--mesh", "1,1,1", "--max-documents", "6",
+            "--report-to", "none", "--no-plots", "--mesh", "1,1,1", "--max-documents", "6",
             "--conditions", "naive,modular", "--domain", "facts-geography", "--domain", "facts-music"]
     assert main(args) == 0
     payload = json.loads((out / "results.json").read_text())

@@ -16,13 +16,15 @@ from crma_jax.data import (
     BatchIterator,
     DataError,
     PackedData,
+    DataSpec,
     build_dataset,
     check_tokenizer,
-    load_records,
     pack_documents,
     split_holdout,
     tokenize_records,
 )
+from crma_jax.records import Fields, check_rows
+from conftest import write_jsonl
 
 EOS = 1
 
@@ -44,11 +46,6 @@ def tok():
 @pytest.fixture
 def cache(tmp_path: Path) -> str:
     return str(tmp_path / "hf_cache")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 # ------------------------------------------------------------------------------- packing
@@ -124,7 +121,7 @@ def test_pack_rejects_nothing() -> None:
 def test_alpaca_prompt_masked(tok) -> None:
     recs = [{"instruction": "Add.", "input": "2 2", "output": "4"},
             {"instruction": "Say hi.", "input": "", "output": "hi"}]
-    docs = tokenize_records(recs, tok)
+    docs = tokenize_records(check_rows(recs, Fields(), "<test>"), tok)
     for (ids, mask), r in zip(docs, recs):
         text = tok.decode([i for i, m in zip(ids, mask) if m])
         assert text == r["output"]
@@ -137,7 +134,7 @@ def test_alpaca_prompt_masked(tok) -> None:
 
 
 def test_text_records_all_count(tok) -> None:
-    (ids, mask), = tokenize_records([{"body": "abc"}], tok, text_field="body")
+    (ids, mask), = tokenize_records(check_rows([{"body": "abc"}], Fields(text="body"), "<test>"), tok)
     assert tok.decode(ids) == "abc" and mask == [1, 1, 1]
 
 
@@ -218,65 +215,6 @@ def test_iterator_too_few_rows() -> None:
         BatchIterator(packed_rows(2), 3)
 
 
-# ------------------------------------------------------------------------------------ loading
-
-
-def test_formats_load(tmp_path: Path, cache: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    js = load_records(write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two"}]), cache_dir=cache)
-    assert list(js["text"]) == ["one", "two"]
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "x.txt").write_text("line1\nline2\n")
-    (tmp_path / "d" / "y.txt").write_text("other")
-    txt = load_records(tmp_path / "d", cache_dir=cache)
-    assert list(txt["text"]) == ["line1\nline2\n", "other"]  # one document per file
-    single = load_records(tmp_path / "d" / "y.txt", text_field="body", cache_dir=cache)
-    assert list(single["body"]) == ["other"]
-    pq.write_table(pa.table({"instruction": ["i"], "input": [None], "output": ["o"]}), tmp_path / "a.parquet")
-    par = load_records(tmp_path / "a.parquet", cache_dir=cache)
-    assert par[0] == {"instruction": "i", "input": None, "output": "o"}
-
-
-def test_empty_file(tmp_path: Path, cache: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    for name in ("e.jsonl", "e.txt"):
-        (tmp_path / name).write_bytes(b"")
-        with pytest.raises(DataError, match=rf"{name}: empty file"):
-            load_records(tmp_path / name, cache_dir=cache)
-    (tmp_path / "b.jsonl").write_text("\n\n")
-    with pytest.raises(DataError, match="b.jsonl: no records"):
-        load_records(tmp_path / "b.jsonl", cache_dir=cache)
-    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "e.parquet")
-    with pytest.raises(DataError, match="e.parquet: no records"):
-        load_records(tmp_path / "e.parquet", cache_dir=cache)
-
-
-def test_missing_field(tmp_path: Path, cache: str) -> None:
-    path = tmp_path / "m.jsonl"
-    path.write_text('{"text": "a"}\n\n{"other": "b"}\n')
-    with pytest.raises(DataError, match=r"m.jsonl: line 3: missing field 'text'"):
-        load_records(path, cache_dir=cache)
-    write_jsonl(path, [{"instruction": "i", "output": "o"}, {"instruction": "j"}])
-    with pytest.raises(DataError, match=r"m.jsonl: line 2: missing field 'output'"):
-        load_records(path, cache_dir=cache)
-    with pytest.raises(DataError, match=r"row 1: missing field 'content'"):
-        tokenize_records([{"text": "x"}], None, text_field="content")
-
-
-def test_non_utf8_and_bad_json(tmp_path: Path, cache: str) -> None:
-    for name, body in (("u.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n'), ("u.txt", b"fine\nbad \xff\n")):
-        (tmp_path / name).write_bytes(body)
-        with pytest.raises(DataError, match=rf"{name}:2: not valid UTF-8"):
-            load_records(tmp_path / name, cache_dir=cache)
-    (tmp_path / "j.jsonl").write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(DataError, match=r"j.jsonl:2: invalid JSON"):
-        load_records(tmp_path / "j.jsonl", cache_dir=cache)
-
-
 def test_tokenizer_vocab_mismatch(tok) -> None:
     check_tokenizer(tok, 128)
     with pytest.raises(DataError, match=r"has \d+ tokens but the model's vocab_size is 50"):
@@ -308,3 +246,18 @@ def test_build_from_file_alpaca(tmp_path: Path, tok, cache: str) -> None:
     targets = sum(len(tok(r["output"])["input_ids"]) + 1 for r in rows)
     got = int(train.loss_mask.sum() + hold.loss_mask.sum())
     assert targets - train.num_rows - hold.num_rows <= got <= targets
+
+
+def test_separate_eval_data_trains_on_all_of_data_and_scores_all_of_eval(tmp_path: Path, tok) -> None:
+    import datasets
+
+    datasets.Dataset.from_list([{"text": f"train doc {i}"} for i in range(10)]).save_to_disk(str(tmp_path / "saved"))
+    held = write_jsonl(tmp_path / "eval.jsonl", [{"body": f"eval {i}"} for i in range(3)])
+    spec = DataSpec(str(tmp_path / "saved"), seq_len=16, eval_source=str(held), text_field="text")
+    with pytest.raises(DataError, match="missing field 'text'"):  # one set of field names for both
+        spec.build(tok)
+    spec = DataSpec(str(tmp_path / "saved"), seq_len=16, eval_source=str(tmp_path / "saved"))
+    train, hold = spec.build(tok)
+    assert train.num_tokens == hold.num_tokens == sum(len(f"train doc {i}") + 1 for i in range(10))
+    split = DataSpec(str(tmp_path / "saved"), seq_len=16).build(tok)  # no eval data: a document split
+    assert split[0].num_tokens + split[1].num_tokens == train.num_tokens and split[1].num_tokens < train.num_tokens

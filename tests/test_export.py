@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 
 def _train(tiny_lm, data, out, *extra):
     argv = ["train", "--model", str(tiny_lm), "--data", str(data), "--out", str(out), "--seq-len", "32",
-            "--batch-size", "4", "--warmup-steps", "1", "--lora-rank", "4", "--no-plots", "--no-tensorboard",
+            "--batch-size", "4", "--warmup-steps", "1", "--lora-rank", "4", "--no-plots", "--report-to", "none",
             "--mesh", "1,1,1", *extra]
     assert main(argv) == 0
     return out

@@ -49,7 +49,7 @@ def _argv(model: Path, data: Path, out: Path, *extra: str, fast: bool = True) ->
     argv = ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--seq-len", "32",
             "--batch-size", "4", "--lr-lora", "3e-3", "--mesh", "1,1,1"]
     if fast:
-        argv += ["--no-plots", "--no-tensorboard", "--eval-every", "0"]
+        argv += ["--no-plots", "--report-to", "none", "--eval-every", "0"]
     return argv + list(extra)
 
 
@@ -148,7 +148,7 @@ def test_yaml_config_and_flag_precedence(tiny_lm, data_file, tmp_path, capsys):
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump({
         "model": str(tiny_lm), "data": str(data_file), "out": str(run), "steps": 5, "seq_len": 16,
-        "lora_rank": 2, "warmup_steps": 1, "plots": False, "tensorboard": False, "eval_every": 0, "mesh": "1,1,1",
+        "lora_rank": 2, "warmup_steps": 1, "plots": False, "report_to": "none", "eval_every": 0, "mesh": "1,1,1",
     }))
     assert main(["train", "--config", str(config), "--steps=3", "--batch-size=2"]) == 0
     saved = TrainConfig(**yaml.safe_load((run / "config.yaml").read_text()))

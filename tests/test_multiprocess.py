@@ -53,7 +53,7 @@ def _argv(model: Path, data: Path, out: Path, mesh: str) -> list[str]:
     return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", str(STEPS),
             "--seq-len", "32", "--batch-size", "8", "--lr-lora", "3e-3", "--warmup-steps", "2", "--zclip-warmup", "3",
             "--mesh", mesh, "--checkpoint-every", str(KILL_AT), "--eval-every", str(KILL_AT), "--no-plots",
-            "--no-tensorboard"]
+            "--report-to", "none"]
 
 
 def _command(argv: list[str], kill_at: int | None) -> list[str]:

@@ -63,16 +63,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
+    from crma_jax.chat import chat_prompt
     from crma_jax.generate import generate
     from crma_jax.train.inference import load_for_inference
 
     model, variables, tokenizer = load_for_inference(args.model, args.lora, args.dtype)
-    prompt = tokenizer(args.prompt)["input_ids"]
-    if not prompt:
+    if not args.prompt:
         raise ValueError("--prompt is empty")
+    prompt = chat_prompt(tokenizer, args.prompt) if args.chat else tokenizer(args.prompt)["input_ids"]
     out = generate(model, variables, jnp.asarray([prompt]), args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, rng=jax.random.PRNGKey(args.seed), crma_enabled=not args.no_crma)
-    print(tokenizer.decode(list(out[0, len(prompt):]), skip_special_tokens=True))
+    new = [int(t) for t in out[0, len(prompt):]]
+    if args.chat and tokenizer.eos_token_id in new:  # the assistant's turn ends at its end-of-turn token
+        new = new[:new.index(tokenizer.eos_token_id)]
+    print(tokenizer.decode(new, skip_special_tokens=True))
     return 0
 
 
@@ -128,6 +132,13 @@ def cmd_cl_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from crma_jax.train.report import write_report
+
+    print(f"wrote {write_report(args.run, args.out)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(BENCHMARKS[args.bench][0]).run(args)
 
@@ -138,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     from crma_jax.train.continual import CLConfig
     from crma_jax.train.demo import add_demo_flags
     from crma_jax.train.evaluate import add_eval_flags
+    from crma_jax.train.report import add_report_flags
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="print the full traceback of an error")
@@ -172,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", "generate text with a KV cache (greedy or top-p)")
     inference_flags(p)
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--prompt", required=True, help="the text to continue, or with --chat the user's message")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as one user turn in the tokenizer's chat template and print the assistant's "
+                        "reply, up to its end-of-turn token")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s)")
@@ -204,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", type=Path, help="finished `crma cl` run directories")
     p.add_argument("--settings", help="comma-separated config keys to show (default: those that differ between runs)")
     p.set_defaults(fn=cmd_cl_table)
+
+    p = command("report", "one self-contained HTML page of a finished run: settings, summary tables, plots")
+    add_report_flags(p)
+    p.set_defaults(fn=cmd_report)
 
     p = command("demo", "SmolLM2: convert, continual learning on legal/code/docs, export to PyTorch")
     add_demo_flags(p)

@@ -20,6 +20,9 @@ from crma_jax.distributed import Launch
 from crma_jax.model import REMAT_POLICIES
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+
 def setting(default: Any, help: str) -> Any:
     """A config field with its command-line help."""
     return dataclasses.field(default=default, metadata={"help": help})
@@ -42,8 +45,14 @@ class TrainConfig:
 
     model: str = setting("smollm2", "HF directory, .gguf file, `crma convert` output, or 'smollm2' (the real "
                                     "SmolLM2-135M from PyPI)")
-    data: str = setting("legal", "a built-in domain (legal, code, docs, changelog, shell) or a .jsonl/.txt/.parquet file or a "
-                                 "directory of .txt files")
+    data: str = setting("legal", "training data: a built-in domain (legal, code, docs, changelog, shell), a "
+                                 ".jsonl/.txt/.parquet file, a directory of .txt files, a datasets save_to_disk directory, "
+                                 "or a datasets name in the local HF cache (nothing is downloaded)")
+    data_config: str = setting("", "the datasets config of a datasets name (--data and --eval-data); empty = its default")
+    data_split: str = setting("train", "the split of a datasets name or saved DatasetDict given as --data")
+    eval_data: str = setting("", "separate evaluation data (the same kinds as --data); empty = a --holdout-fraction "
+                                 "split of --data")
+    eval_split: str = setting("", "the split of --eval-data when it is a datasets name or DatasetDict; empty = --data-split")
     out: str = setting("runs/train", "run directory; must be new or empty unless --resume")
     steps: int = setting(100, "optimizer steps")
     seq_len: int = setting(256, "tokens per packed row")
@@ -99,10 +108,25 @@ class TrainConfig:
     eval_every: int = setting(50, "holdout loss every N steps (and at the end); 0 = never")
     holdout_fraction: float = setting(0.1, "fraction of documents held out for evaluation")
     max_documents: int = setting(0, "use only the first N documents; 0 = all")
-    text_field: str = setting("text", "JSONL/parquet field holding plain text")
+    text_field: str = setting("text", "record field holding plain text")
+    messages_field: str = setting("messages", "record field holding a chat conversation: a list of {role, content} "
+                                              "turns, rendered with the tokenizer's chat template, loss on assistant turns")
+    instruction_field: str = setting("instruction", "Alpaca records: the instruction field")
+    input_field: str = setting("input", "Alpaca records: the optional input field")
+    output_field: str = setting("output", "Alpaca records: the response field (the only part in the loss)")
+    skip_bad_rows: bool = setting(False, "drop rows that cannot be used (reported with their count and first line) "
+                                         "instead of stopping")
     tokenizer: str = setting("", "tokenizer directory; empty = the model's own")
     plots: bool = setting(True, "write PNG plots into the run dir")
-    tensorboard: bool = setting(True, "write TensorBoard events into RUN/tb")
+    report_to: str = setting("tensorboard", "where step metrics go beside RUN/metrics.jsonl, comma-separated: tensorboard "
+                                            "(RUN/tb), wandb (the [wandb] extra; WANDB_MODE=offline works without a "
+                                            "network), or none")
+    wandb_project: str = setting("crma-jax", "the W&B project of --report-to wandb")
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The metric trackers of --report-to (none: only metrics.jsonl)."""
+        return tuple(t.strip() for t in self.report_to.split(",") if t.strip() and t.strip() != "none")
 
     @property
     def launch(self) -> Launch:
@@ -132,6 +156,9 @@ class TrainConfig:
             raise ValueError(f"--remat must be auto or one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"--attention must be one of {', '.join(IMPLEMENTATIONS)}, got {self.attention!r}")
+        unknown = set(self.trackers) - set(TRACKERS)
+        if unknown or (self.trackers and "none" in self.report_to.split(",")):
+            raise ValueError(f"--report-to takes {', '.join(TRACKERS)} (comma-separated) or none, got {self.report_to!r}")
         if self.quant not in ("", "nf4", "int8"):
             raise ValueError(f"--quant must be nf4 or int8, got {self.quant!r}")
         self.launch.validate()
@@ -148,11 +175,20 @@ def cli_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.name not in cls.cli_exclude]
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
-    """One flag per offered dataclass field, defaulting to None so that only given flags override;
-    the help line shows the field's default."""
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (flags override it)")
+# The settings that say how records are read (besides the source): `crma eval --data` takes them too.
+DATA_SETTINGS = ("data_config", "data_split", "holdout_fraction", "max_documents", "text_field", "messages_field",
+                 "instruction_field", "input_field", "output_field", "skip_bad_rows")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig,
+                     only: Sequence[str] | None = None) -> None:
+    """One flag per offered dataclass field (or per field in `only`, without `--config`),
+    defaulting to None so that only given flags override; the help line shows the field's default."""
+    if only is None:
+        parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (flags override it)")
     for f in cli_fields(cls):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         if f.type in ("bool", bool):

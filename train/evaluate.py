@@ -15,34 +15,32 @@ from crma_jax.convert.adapter_files import load_adapters
 from crma_jax.convert.convert import tqdm_progress
 from crma_jax.data import DataSpec
 from crma_jax.evaluate import EvalResult, evaluate
+from crma_jax.train.config import DATA_SETTINGS, TrainConfig, add_config_flags, config_from_args
+from crma_jax.train.finetune import data_spec
 from crma_jax.train.inference import is_run, load_for_inference, pick_set
 
 SPLITS = ("holdout", "train", "all")
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="a built-in domain (legal, code, docs, changelog, shell) or a .jsonl/.txt/.parquet file; "
-                                  "default for a run: the run's own data")
+    p.add_argument("--data", help="data to score (what `crma train --data` takes: a built-in domain, a file, a saved or "
+                                  "cached datasets dataset); default for a run: the run's own holdout")
     p.add_argument("--split", choices=SPLITS, default="holdout",
                    help="which part of the data to score (default: %(default)s)")
     p.add_argument("--seq-len", type=int, help="tokens per row with --data (default: the run's, else 256)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per forward pass (default: %(default)s)")
-    p.add_argument("--holdout-fraction", type=float, default=0.1,
-                   help="with --data: fraction of documents in the holdout split (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=0,
                    help="with --data: seed of the document-level split (default: %(default)s)")
-    p.add_argument("--text-field", default="text", help="with --data: JSONL/parquet text field (default: %(default)s)")
-    p.add_argument("--max-documents", type=int, default=0,
-                   help="with --data: only the first N documents; 0 = all (default: %(default)s)")
+    add_config_flags(p, TrainConfig, only=DATA_SETTINGS)  # with --data: how its records are read
 
 
 def eval_spec(args: argparse.Namespace, set_name: str | None) -> DataSpec:
     """The data spec to score: `--data` with its flags, else the run's recorded spec for the set."""
     recorded = load_adapters(args.model).data.get(set_name or "", {}) if is_run(args.model) else {}
     if args.data:
-        return DataSpec(source=args.data, seq_len=args.seq_len or recorded.get("seq_len") or 256,
-                        holdout_fraction=args.holdout_fraction, split_seed=args.split_seed,
-                        text_field=args.text_field, max_documents=args.max_documents or None)
+        cfg = config_from_args(args, TrainConfig, {"data": args.data, "seq_len": args.seq_len or recorded.get("seq_len")
+                                                   or 256, "seed": args.split_seed})
+        return data_spec(cfg)
     if not is_run(args.model):
         raise ValueError(f"{args.model}: --data is required for a model (only a run directory knows its data)")
     if not recorded:

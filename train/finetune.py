@@ -36,7 +36,7 @@ from crma_jax.sharding import make_mesh
 from crma_jax.train.checkpointing import checkpoint_manager, restore_state, save_state
 from crma_jax.train.config import TrainConfig
 from crma_jax.train.metrics import MetricsWriter
-from crma_jax.train.run_dir import begin_run, write_config
+from crma_jax.train.run_dir import begin_run, settings_of, write_config
 from crma_jax.train_step import BATCH_KEYS, batch_sharding, jit_train_step, make_train_step
 
 TRAINABLE = ("lora", "crma")
@@ -101,7 +101,10 @@ def data_spec(cfg: TrainConfig, source: str | None = None, split_seed: int | Non
     """The run's data spec (`source` and `split_seed` default to `--data` and `--seed`)."""
     return DataSpec(source=source or cfg.data, seq_len=cfg.seq_len, holdout_fraction=cfg.holdout_fraction,
                     split_seed=cfg.seed if split_seed is None else split_seed, text_field=cfg.text_field,
-                    max_documents=cfg.max_documents or None)
+                    max_documents=cfg.max_documents or None, messages_field=cfg.messages_field,
+                    instruction_field=cfg.instruction_field, input_field=cfg.input_field, output_field=cfg.output_field,
+                    config=cfg.data_config or None, split=cfg.data_split, eval_source=cfg.eval_data or None,
+                    eval_split=cfg.eval_split or None, skip_bad_rows=cfg.skip_bad_rows)
 
 
 def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
@@ -273,7 +276,8 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
         start, state, meta = restore_state(mngr, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
         trainable, opt_state, rng = place((state["trainable"], state["opt_state"], state["rng"]))
         data.restore(meta["data"])
-    metrics_out = MetricsWriter(run, tensorboard=cfg.tensorboard, append=start > 0, files=writer)
+    metrics_out = MetricsWriter(run, trackers=cfg.trackers, append=start > 0, files=writer, config=settings_of(cfg),
+                                wandb_project=cfg.wandb_project)
     initial_file = run / "initial_eval.json"
     initial = None
     if cfg.eval_every and not initial_file.exists():

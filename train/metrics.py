@@ -1,10 +1,12 @@
-"""Per-step metrics: one JSON object per line in RUN/metrics.jsonl, mirrored to TensorBoard."""
+"""Per-step metrics: one JSON object per line in RUN/metrics.jsonl, mirrored to the trackers of
+`--report-to` (TensorBoard, W&B)."""
 
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -19,22 +21,76 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A step record as flat scalars for a tracker: a per-layer list `k` becomes `k/layer_00`, ..."""
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if k == "step":
+            continue
+        if isinstance(v, list):
+            out.update({f"{k}/layer_{i:02d}": float(x) for i, x in enumerate(v)})
+        else:
+            out[k] = float(v)
+    return out
+
+
+class TensorBoardTracker:
+    """TensorBoard events in RUN/tb."""
+
+    def __init__(self, run: Path, config: dict[str, Any], project: str) -> None:
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(str(run / "tb"))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self._writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbTracker:
+    """A Weights & Biases run (the `wandb` extra), named after RUN and kept under RUN/wandb. Its
+    id is stored in RUN/wandb_id, so a resumed run continues the same W&B run. `WANDB_MODE=offline`
+    records it without a network (`wandb sync` uploads it later)."""
+
+    def __init__(self, run: Path, config: dict[str, Any], project: str) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError("--report-to wandb needs the wandb package: pip install 'crma-jax[wandb]'") from None
+        id_file = run / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        (run / "wandb").mkdir(exist_ok=True)
+        self._run = wandb.init(project=project, name=run.name, id=run_id, resume="allow", dir=str(run),
+                               config=config, reinit="create_new")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self._run.log(values, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+TRACKER_CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+
+
 class MetricsWriter:
-    """Appends step records to metrics.jsonl and TensorBoard (scalars; lists per layer).
+    """Appends step records to metrics.jsonl and to each tracker (`--report-to`: TensorBoard,
+    W&B), per-layer lists as one scalar per layer.
 
     With `files=False` (every process of a multi-process run but process 0) nothing is written:
     the records are only kept in memory, and `last` and `summary` cover this session's steps.
     """
 
-    def __init__(self, run: Path, tensorboard: bool = True, append: bool = False, files: bool = True) -> None:
+    def __init__(self, run: Path, trackers: Sequence[str] = ("tensorboard",), append: bool = False, files: bool = True,
+                 config: dict[str, Any] | None = None, wandb_project: str = "crma-jax") -> None:
         self.run = Path(run)
         self._records: list[dict[str, Any]] = []
         self._file = open(self.run / "metrics.jsonl", "a" if append else "w") if files else None
-        self._tb = None
-        if tensorboard and files:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.run / "tb"))
+        self._trackers = [TRACKER_CLASSES[t](self.run, config or {}, wandb_project) for t in trackers] if files else []
 
     def write(self, record: dict[str, Any]) -> None:
         self._records.append(record)
@@ -42,22 +98,15 @@ class MetricsWriter:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a killed run keeps every step it logged
-        if self._tb is not None:
-            step = record["step"]
-            for k, v in record.items():
-                if k == "step":
-                    continue
-                if isinstance(v, list):
-                    for i, x in enumerate(v):
-                        self._tb.add_scalar(f"{k}/layer_{i:02d}", x, step)
-                else:
-                    self._tb.add_scalar(k, v, step)
+        values = scalars(record)
+        for tracker in self._trackers:
+            tracker.log(record["step"], values)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
 
     def records(self) -> list[dict[str, Any]]:
         """Every record of the run (resumes included), or of this session without files."""

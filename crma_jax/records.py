@@ -1,0 +1,308 @@
+"""Training records: where they come from, which fields hold what, and which rows are usable.
+
+Sources (`load_records`), tried in this order:
+
+- a built-in domain name (`crma_jax.domains`): one record per passage;
+- a file: `.jsonl`/`.json` (one JSON object per line), `.txt` (one document per file),
+  `.parquet`; or a directory of `.txt` files;
+- a `datasets` `save_to_disk` directory (a Dataset, or a DatasetDict and its `split`);
+- a `datasets` name (`owner/name`, with `config` and `split`), resolved from the local HF cache
+  only (`load_dataset` in offline mode): nothing is downloaded at run time, and the error says
+  where it looked.
+
+Styles (`Fields.style`), decided by the columns present: **chat** (a `messages` list of
+`{"role", "content"}` turns, the OpenAI/HF layout), **alpaca** (`instruction`, optional
+`input`, `output`) or **text**. `Fields` renames every field.
+
+A row that cannot be used (a missing or mistyped field, an empty conversation, an unknown role,
+no assistant turn) is never dropped silently: by default the load raises DataError naming the
+source, how many rows are bad and the first one (its JSONL line, or row number); with
+`skip_bad=True` they are dropped and the same report comes back in `Records.skipped`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from crma_jax.domains import domain_documents, is_builtin
+
+FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+STYLES = ("text", "alpaca", "chat")
+
+
+class DataError(ValueError):
+    """Bad training data or tokenizer; the message names the file (and line, row or field)."""
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which record fields hold the text (plain), the conversation (chat) and Alpaca's parts."""
+
+    text: str = "text"
+    messages: str = "messages"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+
+    def style(self, columns: Sequence[str]) -> str:
+        """'chat' with a messages column, 'alpaca' with instruction and output, else 'text'."""
+        if self.messages in columns:
+            return "chat"
+        return "alpaca" if {self.instruction, self.output} <= set(columns) else "text"
+
+
+@dataclass(frozen=True)
+class Records:
+    """Usable records of one source: a `datasets.Dataset` or a list of dicts, all of `style`.
+
+    skipped: the report of rows dropped with `skip_bad=True` (None when none were).
+    """
+
+    rows: Any
+    style: str
+    source: str
+    fields: Fields
+    skipped: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def column(self, name: str) -> list[Any]:
+        """One field of every row (None where it is absent)."""
+        return _column(self.rows, name)
+
+
+def _column(rows: Any, name: str) -> list[Any]:
+    if hasattr(rows, "column_names"):
+        return list(rows[name]) if name in rows.column_names else [None] * len(rows)
+    return [r.get(name) for r in rows]
+
+
+def _columns(rows: Any) -> list[str]:
+    if hasattr(rows, "column_names"):
+        return list(rows.column_names)
+    return sorted({k for r in rows for k in r})
+
+
+def conversation_problem(messages: Any) -> str | None:
+    """Why `messages` is not a usable chat conversation (None if it is)."""
+    if not isinstance(messages, list) or not messages:
+        return "an empty conversation" if isinstance(messages, list) else (
+            f"'messages' must be a list of turns, got {type(messages).__name__}")
+    for turn in messages:
+        if not isinstance(turn, Mapping) or not isinstance(turn.get("role"), str) or not isinstance(
+                turn.get("content"), str):
+            return "every turn needs a string 'role' and a string 'content'"
+        if turn["role"] not in CHAT_ROLES:
+            return f"unknown role {turn['role']!r} (use {', '.join(CHAT_ROLES)})"
+    if not any(t["role"] == "assistant" for t in messages):
+        return "no assistant turn (nothing to learn)"
+    return None
+
+
+def _problems(rows: Any, style: str, fields: Fields) -> Iterator[str | None]:
+    """Per row: why it cannot be used in `style`, or None."""
+    if style == "chat":
+        yield from (f"field {fields.messages!r}: {p}" if (p := conversation_problem(m)) else None
+                    for m in _column(rows, fields.messages))
+        return
+    required = (fields.instruction, fields.output) if style == "alpaca" else (fields.text,)
+    optional = (fields.input,) if style == "alpaca" else ()
+    columns = {name: _column(rows, name) for name in required + optional}
+    for i in range(len(rows)):
+        problem = None
+        for name in required + optional:
+            value = columns[name][i]
+            if value is None and name in required:
+                problem = f"missing field {name!r}"
+            elif value is not None and not isinstance(value, str):
+                problem = f"field {name!r} must be a string, got {type(value).__name__}"
+            if problem:
+                break
+        yield problem
+
+
+def check_rows(rows: Any, fields: Fields, source: str, where: Callable[[int], str] | None = None,
+               skip_bad: bool = False) -> Records:
+    """The usable rows of `rows` as `Records`; DataError (or, with `skip_bad`, a report) for the
+    rest, naming how many and the first (`where(i)`, default 'row i+1')."""
+    where = where or (lambda i: f"row {i + 1}")
+    if len(rows) == 0:
+        raise DataError(f"{source}: no records")
+    style = fields.style(_columns(rows))
+    bad = [(i, p) for i, p in enumerate(_problems(rows, style, fields)) if p]
+    if not bad:
+        return Records(rows, style, source, fields)
+    first, why = bad[0]
+    report = (f"{source}: {len(bad)} of {len(rows)} rows ({style} records) cannot be used; the first, "
+              f"{where(first)}: {why}")
+    if not skip_bad or len(bad) == len(rows):
+        raise DataError(report if len(bad) > 1 else f"{source}: {where(first)}: {why}")
+    keep = sorted(set(range(len(rows))) - {i for i, _ in bad})
+    kept = rows.select(keep) if hasattr(rows, "select") else [rows[i] for i in keep]
+    return Records(kept, style, source, fields, skipped=report + "; skipped")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files.
+
+
+def _check_utf8(path: Path) -> list[int]:
+    """Raise DataError on an empty file or a non-UTF8 line; return the 1-based numbers of the
+    non-blank lines (a JSONL record's line number). '\\n' is ASCII, so per-line decoding is exact."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file")
+    nonblank = []
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+            if line.strip():
+                nonblank.append(n)
+    return nonblank
+
+
+def _find_bad_json(path: Path, error: Exception) -> str:
+    """Locate the first JSONL line that is not a JSON object (datasets' own error has no line);
+    when every line is one, `error`'s own last words (e.g. a field with two types)."""
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{path}:{n}: invalid JSON ({e.msg})"
+            if not isinstance(obj, dict):
+                return f"{path}:{n}: a JSONL record must be an object, got {type(obj).__name__}"
+    cause = error.__cause__ or error.__context__ or error
+    detail = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
+    return f"{path}: could not be read as JSONL ({detail[:300]})"
+
+
+def _input_files(path: Path, fmt: str | None) -> tuple[str, list[Path]]:
+    """The `datasets` loader name and the files to read (a directory means all its .txt files)."""
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.txt") if p.is_file())
+        if not files:
+            raise DataError(f"{path}: directory has no .txt files (and is no datasets save_to_disk directory)")
+        return fmt or "text", files
+    fmt = {"jsonl": "json"}.get(fmt or "", fmt) or FORMATS.get(path.suffix.lower())
+    if fmt not in ("json", "text", "parquet"):
+        raise DataError(f"{path}: unknown format; use .jsonl, .txt or .parquet, or pass format=")
+    return fmt, [path]
+
+
+def _load_files(path: Path, fields: Fields, fmt: str | None, cache_dir: str | None) -> tuple[Any, Callable[[int], str]]:
+    import datasets
+
+    fmt, files = _input_files(path, fmt)
+    lines: list[int] = []
+    for f in files:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            if pq.ParquetFile(f).metadata.num_rows == 0:  # datasets fails obscurely on 0 rows
+                raise DataError(f"{f}: no records (empty parquet file)")
+        else:
+            lines = _check_utf8(f)
+            if fmt == "json" and not lines:
+                raise DataError(f"{f}: no records (only blank lines)")
+    kwargs: dict[str, Any] = {"sample_by": "document"} if fmt == "text" else {}
+    try:
+        ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir,
+                                   **kwargs)
+    except Exception as e:  # datasets wraps parse errors in DatasetGenerationError, without a line
+        msg = _find_bad_json(path, e) if fmt == "json" else f"{path}: could not be read as {fmt} ({e})"
+        raise DataError(msg) from e
+    if fmt == "text" and fields.text != "text":
+        ds = ds.rename_column("text", fields.text)
+    # A JSONL row maps to its non-blank line (datasets skips blank lines).
+    if fmt == "json" and len(lines) == len(ds):
+        return ds, lambda i: f"line {lines[i]}"
+    return ds, lambda i: f"row {i + 1}"
+
+
+# ----------------------------------------------------------------------------------------------
+# datasets: saved directories and names in the local cache.
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A `Dataset.save_to_disk` or `DatasetDict.save_to_disk` directory."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def _load_saved(path: Path, split: str) -> Any:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{path}: no split {split!r}; the saved dataset has {sorted(loaded)}")
+        return loaded[split]
+    return loaded
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """Hub access off for `datasets` and `huggingface_hub` inside the block, whatever the environment."""
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+
+
+def _load_named(name: str, config: str | None, split: str, cache_dir: str | None) -> Any:
+    import datasets
+    import datasets.config
+
+    where = cache_dir or datasets.config.HF_DATASETS_CACHE
+    try:
+        with _offline():
+            return datasets.load_dataset(name, config or None, split=split, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - every failure of the lookup means the same to the user
+        detail = str(e).strip().splitlines()
+        raise DataError(
+            f"{name}: not a file, a built-in domain, a save_to_disk directory, or a dataset in the local HF cache "
+            f"(looked in {where}; config {config!r}, split {split!r}: {detail[-1] if detail else type(e).__name__}). "
+            f"Nothing is downloaded at run time: run datasets.load_dataset({name!r}) once where the Hub is reachable, "
+            f"or save the dataset with save_to_disk and pass its directory") from None
+
+
+def load_records(source: str | Path, *, fields: Fields = Fields(), format: str | None = None,
+                 config: str | None = None, split: str = "train", max_documents: int | None = None,
+                 cache_dir: str | None = None, skip_bad: bool = False) -> Records:
+    """The usable records of `source` (module docstring): a built-in domain, a file or directory,
+    a `save_to_disk` directory or a `datasets` name in the local cache. The first
+    `max_documents` rows are kept, then checked (`check_rows`). Raises DataError naming the
+    source (and line, row or field) on empty, non-UTF8, malformed or unusable data."""
+    text = str(source)
+    path = Path(source)
+    where: Callable[[int], str] | None = None
+    if is_builtin(text) and not path.exists():
+        rows: Any = [{fields.text: d} for d in domain_documents(text)]
+    elif path.exists():
+        if is_saved_dataset(path):
+            rows = _load_saved(path, split)
+        else:
+            rows, where = _load_files(path, fields, format, cache_dir)
+    elif path.suffix.lower() in FORMATS or text.startswith((".", "/", "~")):
+        raise DataError(f"{path}: no such file or directory")
+    else:
+        rows = _load_named(text, config, split, cache_dir)
+    if max_documents is not None:
+        rows = rows[:max_documents] if isinstance(rows, list) else rows.select(range(min(max_documents, len(rows))))
+    return check_rows(rows, fields, text, where, skip_bad)

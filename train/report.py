@@ -1,0 +1,118 @@
+"""`crma report RUN`: one self-contained HTML page for a `crma train`, `crma cl` or `crma ablate` run.
+
+The page holds the run's settings (config.yaml), its summary tables (summary.json for a train
+run; results.md or ablation.md, the same tables the programs print, for the others) and every
+PNG plot in the run directory, embedded as base64 data, so the file can be mailed or archived
+on its own: it loads nothing from disk or network. A few lines of script count the images the
+browser decoded into `<body data-images="decoded/total">`, which a headless browser can check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crma_jax.train.run_dir import CONFIG_FILE
+
+KINDS = {"results.json": "crma cl", "ablation.json": "crma ablate", "summary.json": "crma train"}
+TABLES = {"crma cl": "results.md", "crma ablate": "ablation.md"}
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 72rem;
+       padding: 0 1rem; color: #1d2330; }
+h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; border-bottom: 1px solid #d7dbe3; }
+table { border-collapse: collapse; margin: .8rem 0; font-size: .85rem; }
+th, td { border: 1px solid #d7dbe3; padding: .25rem .5rem; text-align: left; vertical-align: top; }
+th { background: #f1f3f7; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { display: inline-block; vertical-align: top; margin: .5rem 1rem .5rem 0; } figure img { max-width: 34rem; border: 1px solid #e4e7ee; }
+figcaption { font-size: .8rem; color: #5a6375; } .meta { color: #5a6375; font-size: .85rem; }
+details { margin: .5rem 0; } summary { cursor: pointer; }
+"""
+
+# Counts the images the browser decoded (a render check: a broken data URI has naturalWidth 0).
+CHECK_IMAGES = """
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute("data-images", ok + "/" + imgs.length);
+});
+"""
+
+
+def run_kind(run: Path) -> str:
+    """'crma train', 'crma cl' or 'crma ablate', from the files a finished run of each leaves."""
+    for name, kind in KINDS.items():
+        if (run / name).is_file():
+            return kind
+    raise FileNotFoundError(f"{run}: no finished run here (none of {', '.join(KINDS)}); is it a crma run "
+                            f"directory, and did the run finish?")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f'<td class="num">{value:.6g}</td>'
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f'<td class="num">{value}</td>'
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value)
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def key_value_table(items: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th>{_cell(v)}</tr>" for k, v in items.items())
+    return f"<table>{rows}</table>"
+
+
+def markdown_html(text: str) -> str:
+    """The programs' markdown (paragraphs and pipe tables) as HTML."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+
+
+def figure(png: Path) -> str:
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    name = html.escape(png.name)
+    return (f'<figure><img alt="{name}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{name}</figcaption></figure>")
+
+
+def render_report(run: Path) -> str:
+    """The HTML page of the finished run in `run` (module docstring)."""
+    run = Path(run)
+    kind = run_kind(run)
+    config = yaml.safe_load((run / CONFIG_FILE).read_text()) if (run / CONFIG_FILE).is_file() else {}
+    parts = [f"<h1>{html.escape(run.name)}</h1>",
+             f'<p class="meta">{kind} run in {html.escape(str(run.resolve()))}</p>']
+    if kind == "crma train":
+        parts += ["<h2>Summary</h2>", key_value_table(json.loads((run / "summary.json").read_text()))]
+    else:
+        parts += ["<h2>Results</h2>", markdown_html((run / TABLES[kind]).read_text())]
+    plots = sorted(run.glob("*.png"))
+    if plots:
+        parts += ["<h2>Plots</h2>", "".join(figure(p) for p in plots)]
+    parts += ["<h2>Settings</h2>", f"<details open><summary>{CONFIG_FILE}</summary>{key_value_table(config)}</details>"]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(run.name)}: crma-jax report</title><style>{STYLE}</style>"
+            f"<script>{CHECK_IMAGES}</script></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def write_report(run: Path, out: Path | None = None) -> Path:
+    """Write the report (default RUN/report.html) atomically; returns its path."""
+    out = Path(out) if out is not None else Path(run) / "report.html"
+    page = render_report(Path(run))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def add_report_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="a finished crma train, crma cl or crma ablate run directory")
+    p.add_argument("--out", type=Path, help="the HTML file to write (default: RUN/report.html)")
