@@ -96,6 +96,17 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def committed_steps(run: Path) -> list[int]:
+    """The steps of a run's committed Orbax checkpoints."""
+    from crma_jax.train.checkpointing import checkpoint_manager
+
+    mngr = checkpoint_manager(run, keep=10, async_save=False)
+    try:
+        return list(mngr.all_steps())
+    finally:
+        mngr.close()
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     """Write `rows` as JSONL (one object per line) and return `path`."""
     import json

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import committed_steps
 from crma_jax.data import BatchIterator, build_dataset
 from crma_jax.pretrained import load_tokenizer
 from crma_jax.train import finetune
@@ -56,15 +57,6 @@ def _argv(model: Path, data: Path, out: Path, *extra: str, fast: bool = True) ->
 def _env(**extra: str) -> dict[str, str]:
     """The parent's environment (conftest's XLA_FLAGS with 8 devices included) plus `extra`."""
     return {**os.environ, **extra}
-
-
-def _steps(run: Path) -> list[int]:
-    """The committed checkpoint steps of a run."""
-    mngr = checkpoint_manager(run, keep=10, async_save=False)
-    try:
-        return list(mngr.all_steps())
-    finally:
-        mngr.close()
 
 
 def _restore(run: Path, step: int | None = None):
@@ -130,7 +122,7 @@ def test_full_run_writes_every_artifact_and_learns(tiny_lm, data_file, tmp_path,
     for png in ("loss.png", "grad_norm.png", "spectral_norm.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
-    assert _steps(run) == [16, 24]  # only the last `keep_checkpoints`
+    assert committed_steps(run) == [16, 24]  # only the last `keep_checkpoints`
     step, state, meta = _restore(run)
     assert step == 24 and meta["step"] == 24
     assert set(state) == {"trainable", "opt_state", "rng"}
@@ -234,7 +226,7 @@ def _assert_same_run(run: Path, reference: Path) -> None:
 def test_resume_after_sigkill_is_exact(crash_runs, uninterrupted):
     run, argv, returncode, err = crash_runs["after_checkpoint"]
     assert returncode == -signal.SIGKILL, err[-3000:]
-    assert _steps(run) == [4, 8]
+    assert committed_steps(run) == [4, 8]
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 9))
     _, state8, meta8 = _restore(run, 8)
     _, ref8, ref_meta8 = _restore(uninterrupted, 8)
@@ -248,7 +240,7 @@ def test_resume_after_sigkill_is_exact(crash_runs, uninterrupted):
 def test_sigkill_during_async_save_keeps_previous_checkpoint(crash_runs, uninterrupted, session):
     run, argv, returncode, err = crash_runs["during_save"]
     assert returncode == -signal.SIGKILL, err[-3000:]
-    assert _steps(run) == [4]  # step 8 never committed (at most a temporary directory is left)
+    assert committed_steps(run) == [4]  # step 8 never committed (at most a temporary directory is left)
     step, state, meta = _restore(run)
     assert step == 4 and meta["step"] == 4
     _, ref4, ref_meta4 = _restore(uninterrupted, 4)
@@ -256,7 +248,7 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(crash_runs, uninter
     _assert_trees_equal(state, ref4)
 
     assert _train(argv + ["--resume"], session)["steps"] == 12
-    assert _steps(run)[-1] == 12
+    assert committed_steps(run)[-1] == 12
     _assert_same_run(run, uninterrupted)  # the half-written step 8 did not leak into the resume
 
 

@@ -18,17 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from crma_jax.train.checkpointing import checkpoint_manager
+from conftest import committed_steps, word_jsonl
 from crma_jax.train.config import parse_config
 from crma_jax.train.finetune import train
 from crma_jax.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_DRIVER = REPO / "tests" / "fault_injection.py"
-WORDS = "a clause may bind each party to the terms that the court reads into the contract".split()
+WORDS = "a clause may bind each party to the terms that the court reads into the contract"
 STEPS, KILL_AT = 8, 4
 LAUNCH_TIMEOUT = 300
 
@@ -43,10 +42,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    rng = np.random.RandomState(1)
-    path = tmp_path_factory.mktemp("mp_data") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS, 30))}) + "\n" for _ in range(60)))
-    return path
+    return word_jsonl(tmp_path_factory.mktemp("mp_data") / "docs.jsonl", WORDS, rows=60, length=30)
 
 
 def _argv(model: Path, data: Path, out: Path, mesh: str) -> list[str]:
@@ -111,14 +107,6 @@ def _check(results: list[tuple[int, str, str]]) -> None:
         assert code == 0, f"process {i} exited with {code}:\n{err[-4000:]}"
 
 
-def _committed_steps(run: Path) -> list[int]:
-    mngr = checkpoint_manager(run, keep=10, async_save=False)
-    try:
-        return list(mngr.all_steps())
-    finally:
-        mngr.close()
-
-
 def _assert_same_trajectory(run: Path, reference: Path) -> None:
     got, want = read_metrics(run), read_metrics(reference)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
@@ -166,7 +154,7 @@ def test_sigkill_of_one_process_then_resume_in_two_or_one_process(runs, tiny_lm,
     results = _launch(argv, 2, kill_at={1: KILL_AT})
     assert results[1][0] == -signal.SIGKILL, results[1][2][-3000:]
     assert results[0][0] != 0  # torn down (or failed on its lost peer), never finished
-    assert _committed_steps(run) == [KILL_AT]
+    assert committed_steps(run) == [KILL_AT]
     copy = tmp_path / "killed_copy"
     shutil.copytree(run, copy)
 
@@ -182,6 +170,6 @@ def test_a_single_process_checkpoint_resumes_in_two_processes(runs, tiny_lm, dat
     argv = _argv(tiny_lm, data_file, run, "8,1,1")
     results = _launch(argv, 1, kill_at={0: KILL_AT})
     assert results[0][0] == -signal.SIGKILL, results[0][2][-3000:]
-    assert _committed_steps(run) == [KILL_AT]
+    assert committed_steps(run) == [KILL_AT]
     _check(_launch(argv + ["--resume"], 2))
     _assert_same_trajectory(run, runs["8,1,1"])
