@@ -108,14 +108,14 @@ def test_arch_config_knows_the_published_models_and_reads_config_files(tmp_path)
 def test_bench_memory_prints_a_row_per_setting(tmp_path, capsys):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(SMALL))
-    assert main(["bench", "memory", "--arch", str(path), "--quant", "bf16,nf4", "--remat", "none,full",
+    assert main(["bench", "memory", "--arch", str(path), "--quant", "bf16,nf4", "--remat", "none",
                  "--seq-len", "256", "--backend", "cpu", "--batch-size", "2", "--mesh", "1,1,1", "2,1,1"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(f"| {path}")]
-    assert len(rows) == 8
-    totals = {tuple(r.split("|")[2:4] + r.split("|")[6:7]): float(r.split("|")[11].strip(" *")) for r in rows}
-    assert totals[(" nf4 ", " full ", " 1,1,1 ")] < totals[(" bf16 ", " none ", " 1,1,1 ")]
-    assert totals[(" bf16 ", " none ", " 2,1,1 ")] < totals[(" bf16 ", " none ", " 1,1,1 ")]  # per device
+    assert len(rows) == 4
+    totals = {tuple(r.split("|")[2:3] + r.split("|")[6:7]): float(r.split("|")[11].strip(" *")) for r in rows}
+    assert totals[(" nf4 ", " 1,1,1 ")] < totals[(" bf16 ", " 1,1,1 ")]
+    assert totals[(" bf16 ", " 2,1,1 ")] < totals[(" bf16 ", " 1,1,1 ")]  # per device
     assert main(["bench", "memory", "--arch", str(path), "--mesh", "2,1"]) == 2
     assert "need D,F,M" in capsys.readouterr().err
     assert "$ " in out and "machine:" in out

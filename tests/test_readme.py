@@ -41,6 +41,18 @@ def test_the_walk_from_the_demo_to_a_chat_model_runs_as_written(tmp_path, smollm
     assert len(rows) >= 8 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["holdout_loss"] < summary["initial_holdout_loss"]
+    # Everything a run writes: per-step metrics, TensorBoard, plots, the final checkpoint, adapters.
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert all({"step", "loss", "grad_norm", "tokens_per_s", "crma_spectral_dev"} <= set(r) for r in records)
+    # ‖M‖₂ ≤ 1 holds by construction; once training moves log_mix, 20 Sinkhorn sweeps leave M a
+    # little short of doubly stochastic (measured: |‖M‖₂ − 1| up to 3e-5), never above 1.
+    assert max(r["crma_spectral_dev"] for r in records) <= 1e-3
+    assert max(max(r["crma_gain"]) for r in records) <= 1 + 1e-5
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert {p.name for p in run.glob("*.png")} == {"loss.png", "grad_norm.png", "spectral_norm.png"}
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [12]
+    assert (run / "adapters" / "lora_default.safetensors").exists()
     assert (run / "report.html").stat().st_size > 10_000
     export = tmp_path / "runs" / "my_chat_export"
     assert (export / "peft_default" / "adapter_model.safetensors").is_file()
