@@ -3,11 +3,14 @@
 A *method* says, for a sequence of tasks (domains) trained one after another:
 
 - which LoRA each task starts from (`fresh_lora`): the previous task's (one shared model) or a
-  fresh one (one LoRA per task);
+  fresh one (one LoRA per task), which `start` may shape from the new task's data (InfLoRA);
 - what the forward pass uses while training (`forward_lora`): the trainable LoRA alone, or, for
   O-LoRA, the earlier tasks' frozen LoRAs beside it (concatenated along the rank);
 - its loss regulariser (`penalty`), added to the mean token loss;
-- what it keeps after each task (`remember`): EWC's Fisher and anchor, O-LoRA's LoRAs;
+- what it keeps after each task (`remember`): EWC's Fisher and anchor, O-LoRA's and InfLoRA's
+  LoRAs, InfLoRA's subspace of earlier tasks' inputs;
+- the statistics of a task's training data it needs (`stats_before` the task, `stats_after`):
+  the diagonal Fisher, the Gram matrix of each LoRA target's inputs;
 - which LoRA evaluation uses (`eval_lora`): with the task id (oracle) or without it;
 - whether it trains the shared CRMA substrate (`crma`) and how much earlier data it replays
   (`replay`).
@@ -126,6 +129,37 @@ def diagonal_fisher(grad_fn: Callable[[Any, Any], Any], params: Any, batches: It
     return jax.tree.map(lambda t: t / n, total)
 
 
+def gpm_extend(projector: jax.Array, gram: jax.Array, threshold: float) -> jax.Array:
+    """GPM's memory update (Saha et al., 2021), as InfLoRA keeps it: the orthogonal projector
+    (n, n) onto the span of the earlier tasks' inputs, grown by the fewest top eigenvectors of
+    the new inputs' residual Gram (I−P)·G·(I−P) that bring the share of the new inputs' energy
+    tr(G) lying in the span to at least `threshold`. `gram` is XᵀX (n, n) of the new inputs."""
+    n = gram.shape[-1]
+    eye = jnp.eye(n, dtype=jnp.float32)
+    gram = gram.astype(jnp.float32)
+    residual = (eye - projector) @ gram @ (eye - projector)
+    values, vectors = jnp.linalg.eigh((residual + residual.T) / 2)
+    values, vectors = jnp.clip(values[::-1], 0.0), vectors[:, ::-1]
+    total = jnp.maximum(jnp.trace(gram), 1e-30)
+    captured = jnp.trace(projector @ gram) + jnp.cumsum(values)
+    k = jnp.sum(captured / total < threshold) + 1  # directions needed to reach the threshold
+    k = jnp.where(jnp.trace(projector @ gram) / total >= threshold, 0, k)
+    keep = (jnp.arange(n) < k) & (values > 1e-12 * total)
+    new = vectors * keep
+    return projector + new @ new.T
+
+
+def orthogonal_top(gram: jax.Array, projector: jax.Array, rank: int) -> jax.Array:
+    """(n, rank) orthonormal columns orthogonal to the projector's span, along the largest
+    directions of the inputs left outside it: InfLoRA's fixed down-projection for a new task."""
+    n = gram.shape[-1]
+    outside = jnp.eye(n, dtype=jnp.float32) - projector
+    residual = outside @ gram.astype(jnp.float32) @ outside
+    _, vectors = jnp.linalg.eigh((residual + residual.T) / 2)
+    q, _ = jnp.linalg.qr(outside @ vectors[:, ::-1][:, :rank])  # exactly outside the span, even if degenerate
+    return q
+
+
 def olora_penalty(new: Lora, old: Lora) -> jax.Array:
     """O-LoRA's orthogonality loss Σ |A_oldᵀ·A_new| (elementwise L1, every layer and target).
 
@@ -161,11 +195,17 @@ class Method:
     fresh_lora: bool = False
     replay: float = 0.0
     routed: bool = False
-    needs_fisher: bool = False
+    stats_before: tuple[str, ...] = ()  # statistics of a task's training data `start` needs
+    stats_after: tuple[str, ...] = ()   # ... and `remember` needs: "fisher", "input_gram"
 
     def init_memory(self, lora: Lora, tasks: int) -> Memory:
         """What the method keeps across tasks, before the first: plain arrays (a `Memory`)."""
         return {}
+
+    def start(self, lora: Lora, memory: Memory, stats: dict[str, Any]) -> Lora:
+        """The LoRA a task trains from, given the one it would start from and `stats_before`
+        of its training data, measured on the model as it stands."""
+        return lora
 
     def forward_lora(self, lora: Lora, memory: Memory) -> Lora:
         """The LoRA the forward pass uses while `lora` trains."""
@@ -175,8 +215,8 @@ class Method:
         """The regulariser added to the mean token loss (float32 scalar)."""
         return jnp.float32(0.0)
 
-    def remember(self, memory: Memory, lora: Lora, task: int, fisher: Any = None) -> Memory:
-        """Memory after task `task` ended with `lora` (and, if `needs_fisher`, its Fisher)."""
+    def remember(self, memory: Memory, lora: Lora, task: int, stats: dict[str, Any] | None = None) -> Memory:
+        """Memory after task `task` ended with `lora`; `stats` holds `stats_after` of its data."""
         return memory
 
     def eval_lora(self, trained: Sequence[Lora], memory: Memory, task: int | None, fresh: Lora) -> Lora:
@@ -223,7 +263,7 @@ class EWC(Method):
     (Kirkpatrick et al., 2017), kept as (ΣF, μ) by `ewc_accumulate`. TRACE uses λ = 400."""
 
     name: str = "ewc"
-    needs_fisher: bool = True
+    stats_after: tuple[str, ...] = ("fisher",)
     lam: float = 400.0
 
     def init_memory(self, lora: Lora, tasks: int) -> Memory:
@@ -232,10 +272,10 @@ class EWC(Method):
     def penalty(self, lora: Lora, memory: Memory) -> jax.Array:
         return 0.5 * self.lam * ewc_penalty(lora, memory["fisher"], memory["anchor"])
 
-    def remember(self, memory: Memory, lora: Lora, task: int, fisher: Any = None) -> Memory:
-        if fisher is None:
+    def remember(self, memory: Memory, lora: Lora, task: int, stats: dict[str, Any] | None = None) -> Memory:
+        if not stats or "fisher" not in stats:
             raise ValueError("EWC needs the Fisher of the task it just trained")
-        total, mean = ewc_accumulate(memory["fisher"], memory["anchor"], fisher, lora)
+        total, mean = ewc_accumulate(memory["fisher"], memory["anchor"], stats["fisher"], lora)
         return {"fisher": total, "anchor": mean}
 
 
@@ -259,26 +299,80 @@ class OLoRA(Method):
     def penalty(self, lora: Lora, memory: Memory) -> jax.Array:
         return self.lam * olora_penalty(lora, jax.lax.stop_gradient(memory["old"]))
 
-    def remember(self, memory: Memory, lora: Lora, task: int, fisher: Any = None) -> Memory:
-        def put(old: dict[str, jax.Array], new: dict[str, jax.Array]) -> dict[str, jax.Array]:
-            r = new["a"].shape[-1]
-            if (task + 1) * r > old["a"].shape[-1]:
-                raise ValueError(f"task {task} is past the {old['a'].shape[-1] // r} tasks O-LoRA's memory was made for")
-            a = jax.lax.dynamic_update_slice_in_dim(old["a"], new["a"].astype(jnp.float32), task * r, axis=-1)
-            b = jax.lax.dynamic_update_slice_in_dim(old["b"], new["b"].astype(jnp.float32), task * r, axis=-2)
-            return {"a": a, "b": b}
-
-        return {"old": _map_pairs(lambda pairs: put(*pairs), [memory["old"], lora])}
+    def remember(self, memory: Memory, lora: Lora, task: int, stats: dict[str, Any] | None = None) -> Memory:
+        return {**memory, "old": put_lora(memory["old"], lora, task, self.name)}
 
     def eval_lora(self, trained: Sequence[Lora], memory: Memory, task: int | None, fresh: Lora) -> Lora:
         return memory["old"]
 
     def saved_sets(self, names: Sequence[str], trained: Sequence[Lora]) -> dict[str, Lora]:
         if self.name in names:
-            raise ValueError(f"a domain named {self.name!r} would clash with O-LoRA's summed set; rename it")
+            raise ValueError(f"a domain named {self.name!r} would clash with {self.name}'s summed set; rename it")
         return {**dict(zip(names, trained)), self.name: concat_lora(trained)}
+
+
+def put_lora(old: Lora, new: Lora, task: int, owner: str) -> Lora:
+    """`old` (every task's LoRA side by side, rank tasks·r, zeros for tasks not trained yet) with
+    task `task`'s slot set to `new`."""
+    def put(slots: dict[str, jax.Array], lora: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        r = lora["a"].shape[-1]
+        if (task + 1) * r > slots["a"].shape[-1]:
+            raise ValueError(f"task {task} is past the {slots['a'].shape[-1] // r} tasks {owner}'s memory was made for")
+        a = jax.lax.dynamic_update_slice_in_dim(slots["a"], lora["a"].astype(jnp.float32), task * r, axis=-1)
+        b = jax.lax.dynamic_update_slice_in_dim(slots["b"], lora["b"].astype(jnp.float32), task * r, axis=-2)
+        return {"a": a, "b": b}
+
+    return _map_pairs(lambda pairs: put(*pairs), [old, new])
+
+
+@dataclasses.dataclass(frozen=True)
+class InfLoRA(OLoRA):
+    """InfLoRA (Liang & Li, CVPR 2024): like O-LoRA, each task adds a LoRA beside the earlier,
+    frozen ones, and the model is their sum (no task id). The new A is not trained: it is fixed
+    before the task to the top directions of the task's inputs that lie outside the subspace of
+    the earlier tasks' inputs (`orthogonal_top`), and only B trains, from zero. An earlier task's
+    inputs x then give x·A_new ≈ 0: the new LoRA does not interfere with it. After each task the
+    subspace grows by GPM's rule (`gpm_extend`, `threshold` of the inputs' energy). No penalty.
+    Memory per target: the LoRAs so far (`old`) and the projector (L, in, in) onto the subspace."""
+
+    name: str = "inflora"
+    stats_before: tuple[str, ...] = ("input_gram",)
+    stats_after: tuple[str, ...] = ("input_gram",)
+    threshold: float = 0.97
+    lam: float = 0.0
+
+    def init_memory(self, lora: Lora, tasks: int) -> Memory:
+        def zero_projector(pair: list[dict[str, jax.Array]]) -> jax.Array:
+            layers, n, _ = pair[0]["a"].shape
+            return jnp.zeros((layers, n, n), jnp.float32)
+
+        return {"old": concat_lora([_zeros_like(lora)] * tasks), "projector": _map_pairs(zero_projector, [lora])}
+
+    def start(self, lora: Lora, memory: Memory, stats: dict[str, Any]) -> Lora:
+        def design(pairs: list[Any]) -> dict[str, jax.Array]:
+            fresh, projector, gram = pairs[0], pairs[1], pairs[2]
+            a = jax.vmap(orthogonal_top, in_axes=(0, 0, None))(gram, projector, fresh["a"].shape[-1])
+            return {"a": a.astype(fresh["a"].dtype), "b": jnp.zeros_like(fresh["b"])}
+
+        return _map_pairs(design, [lora, memory["projector"], stats["input_gram"]])
+
+    def forward_lora(self, lora: Lora, memory: Memory) -> Lora:
+        fixed = _map_pairs(lambda pairs: {"a": jax.lax.stop_gradient(pairs[0]["a"]), "b": pairs[0]["b"]}, [lora])
+        return concat_lora([jax.lax.stop_gradient(memory["old"]), fixed])
+
+    def penalty(self, lora: Lora, memory: Memory) -> jax.Array:
+        return jnp.float32(0.0)
+
+    def remember(self, memory: Memory, lora: Lora, task: int, stats: dict[str, Any] | None = None) -> Memory:
+        if not stats or "input_gram" not in stats:
+            raise ValueError("InfLoRA needs the input Gram matrices of the task it just trained")
+        extend = jax.vmap(gpm_extend, in_axes=(0, 0, None))
+        projector = _map_pairs(lambda pairs: extend(pairs[0], pairs[1], self.threshold),
+                               [memory["projector"], stats["input_gram"]])
+        return {"old": put_lora(memory["old"], lora, task, self.name), "projector": projector}
 
 
 METHODS: dict[str, Callable[[], Method]] = {
     "naive": naive, "frozen": frozen, "modular": modular, "replay": replay, "ewc": EWC, "olora": OLoRA,
+    "inflora": InfLoRA,
 }

@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from crma_jax.attention import MaskInfo, dot_product_attention
 from crma_jax.config import ModelConfig, RopeConfig
-from crma_jax.lora import LoraConfig, lora_a_init
+from crma_jax.lora import LORA_INPUTS, LoraConfig, lora_a_init
 from crma_jax.matmul import frozen_linear, lora_linear
 
 Dtype = Any
@@ -52,6 +52,9 @@ class Linear(nn.Module):
             return frozen_linear(x, kernel, self.dtype)
         a = self.variable("lora", "a", lambda: lora_a_init(self.make_rng("params"), (x.shape[-1], cfg.rank))).value
         b = self.variable("lora", "b", lambda: jnp.zeros((cfg.rank, self.features), jnp.float32)).value
+        if self.is_mutable_collection(LORA_INPUTS):  # InfLoRA's statistics: XᵀX of this target's inputs
+            rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            self.sow(LORA_INPUTS, "gram", rows.T @ rows)
         x_lora = x
         if cfg.dropout > 0.0 and not deterministic:
             x_lora = nn.Dropout(cfg.dropout)(x, deterministic=False)

@@ -28,6 +28,9 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# A collection each LoRA target sows XᵀX of its inputs into (the sum over batch and time) when
+# it is mutable: `apply(..., mutable=[LORA_INPUTS])` measures them (InfLoRA, `crma_jax.cl`).
+LORA_INPUTS = "lora_inputs"
 
 
 @dataclasses.dataclass(frozen=True)

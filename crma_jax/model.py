@@ -28,11 +28,11 @@ from crma_jax.config import ModelConfig
 from crma_jax.crma import CRMA, DIAGNOSTICS, CRMAConfig
 from crma_jax.layers import MLP, Attention, RMSNorm, rope_tables
 from crma_jax.loss import FULL_LOGITS_MAX, chunked_token_nll, target_count
-from crma_jax.lora import LoraConfig
+from crma_jax.lora import LORA_INPUTS, LoraConfig
 
 Dtype = Any
 # Collections that hold one slice per layer under `layers/`; adapters added later live here too.
-LAYER_COLLECTIONS = ("params", "lora", "crma", DIAGNOSTICS)
+LAYER_COLLECTIONS = ("params", "lora", "crma", DIAGNOSTICS, LORA_INPUTS)
 
 _ATTENTION_NAMES = ("query_proj", "key_proj", "value_proj", "context", "out_proj")
 _MLP_NAMES = ("mlpwi_0", "mlpwi_1", "mlpwo")

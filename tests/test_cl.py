@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crma_jax.cl import (METHODS, EWC, OLoRA, concat_lora, diagonal_fisher, ewc_accumulate, ewc_penalty, frozen,
-                         naive, olora_penalty, transfer_metrics)
+from crma_jax.cl import (METHODS, EWC, InfLoRA, OLoRA, concat_lora, diagonal_fisher, ewc_accumulate, ewc_penalty,
+                         frozen, gpm_extend, naive, olora_penalty, orthogonal_top, transfer_metrics)
 
 LAYERS, D_IN, D_OUT = 2, 6, 5
 
@@ -93,7 +93,7 @@ def test_ewc_penalty_is_zero_at_the_optimum_and_grows_away_from_it():
     method = EWC(lam=10.0)
     optimum = _lora(jax.random.PRNGKey(0))
     fisher = jax.tree.map(lambda x: jnp.abs(x) + 0.1, _lora(jax.random.PRNGKey(1)))
-    memory = method.remember(method.init_memory(optimum, 3), optimum, 0, fisher)
+    memory = method.remember(method.init_memory(optimum, 3), optimum, 0, {"fisher": fisher})
     assert float(method.penalty(optimum, memory)) == pytest.approx(0.0, abs=1e-5)
     moved = jax.tree.map(lambda x: x + 0.1, optimum)
     expected = 0.5 * 10.0 * sum(float(jnp.sum(f * 0.01)) for f in jax.tree.leaves(fisher))
@@ -137,5 +137,70 @@ def test_routed_methods_need_a_task_id_and_start_untrained_tasks_fresh():
     with pytest.raises(ValueError, match="routing"):
         frozen().eval_lora(trained, {}, None, fresh)
     assert naive().eval_lora(trained, {}, None, fresh) is trained[0]
-    assert set(METHODS) == {"naive", "frozen", "modular", "replay", "ewc", "olora"}
+    assert set(METHODS) == {"naive", "frozen", "modular", "replay", "ewc", "olora", "inflora"}
     assert METHODS["modular"]().crma and not METHODS["replay"]().crma and METHODS["replay"]().replay == 0.1
+
+
+def _inputs_in(basis: jax.Array, n: int, key: jax.Array, noise: float = 0.0) -> jax.Array:
+    """n inputs (n, D_IN) spanned by `basis` (D_IN, k), plus isotropic noise of scale `noise`."""
+    k1, k2 = jax.random.split(key)
+    x = jax.random.normal(k1, (n, basis.shape[1])) @ basis.T
+    return x + noise * jax.random.normal(k2, (n, D_IN))
+
+
+def test_gpm_grows_the_subspace_just_enough_to_hold_the_threshold_of_the_energy():
+    basis, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (D_IN, 2)))
+    x = _inputs_in(basis, 200, jax.random.PRNGKey(1), noise=0.05)
+    projector = gpm_extend(jnp.zeros((D_IN, D_IN)), x.T @ x, threshold=0.97)
+    np.testing.assert_allclose(projector @ projector, projector, atol=1e-5)  # a projector
+    assert int(round(float(jnp.trace(projector)))) == 2  # two directions hold ≥ 97% of the energy
+    np.testing.assert_allclose(projector @ basis, basis, atol=0.05)  # ... and they are the inputs' span
+    assert float(jnp.sum((x @ projector) ** 2) / jnp.sum(x ** 2)) >= 0.97
+    # Inputs already in the span add nothing; new directions are added on top, orthogonally.
+    np.testing.assert_allclose(gpm_extend(projector, x.T @ x, 0.97), projector, atol=1e-6)
+    other, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(2), (D_IN, 1)))
+    y = _inputs_in(other, 100, jax.random.PRNGKey(3))
+    grown = gpm_extend(projector, y.T @ y, 0.97)
+    assert int(round(float(jnp.trace(grown)))) == 3 and float(jnp.abs(grown @ grown - grown).max()) < 1e-5
+
+
+def test_inflora_fixes_a_new_a_outside_the_old_inputs_so_old_tasks_see_no_change():
+    method = InfLoRA()
+    basis, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (D_IN, 2)))
+    old_x = _inputs_in(basis, 100, jax.random.PRNGKey(1))
+    new_x = jax.random.normal(jax.random.PRNGKey(2), (100, D_IN))
+    gram = lambda x: jax.tree.map(lambda _: jnp.broadcast_to(x.T @ x, (LAYERS, D_IN, D_IN)),  # noqa: E731
+                                  {"layers": {"self_attn": {"q_proj": 0}, "mlp": {"up_proj": 0}}})
+    first = method.start(_lora(jax.random.PRNGKey(3)), method.init_memory(_lora(jax.random.PRNGKey(3)), 3),
+                         {"input_gram": gram(old_x)})
+    memory = method.init_memory(first, 3)
+    memory = method.remember(memory, first, 0, {"input_gram": gram(old_x)})
+    second = method.start(_lora(jax.random.PRNGKey(4)), memory, {"input_gram": gram(new_x)})
+    for pair in jax.tree.leaves(second, is_leaf=lambda n: isinstance(n, dict) and "a" in n):
+        a = pair["a"]  # (L, in, r): orthonormal columns outside the old inputs' span
+        np.testing.assert_allclose(jnp.einsum("lir,lis->lrs", a, a), jnp.broadcast_to(jnp.eye(2), (LAYERS, 2, 2)),
+                                   atol=1e-5)
+        assert float(jnp.abs(old_x @ a).max()) < 1e-4
+        assert float(jnp.abs(pair["b"]).max()) == 0.0  # B starts at zero: the model is unchanged
+    # Train the new B: old inputs still see exactly the old model, and only B gets gradients.
+    trained = jax.tree.map(lambda x: x + 0.5, second)
+    trained = jax.tree.map(lambda t, s: s if t.ndim and t.shape[-1] == 2 and t.shape[-2] == D_IN else t,
+                           trained, second)  # keep A (in, r) fixed, B moved
+    forward = method.forward_lora(trained, memory)
+    np.testing.assert_allclose(_delta(forward, old_x), _delta(first, old_x), atol=1e-4)
+    assert float(jnp.abs(_delta(forward, new_x) - _delta(first, new_x)).max()) > 1e-2
+    grads = jax.grad(lambda l: jnp.sum(_delta(method.forward_lora(l, memory), new_x)))(trained)
+    assert all(float(jnp.abs(p["a"]).max()) == 0.0 and float(jnp.abs(p["b"]).max()) > 0
+               for p in jax.tree.leaves(grads, is_leaf=lambda n: isinstance(n, dict) and "a" in n))
+    assert float(method.penalty(trained, memory)) == 0.0
+    with pytest.raises(ValueError, match="input Gram"):
+        method.remember(memory, trained, 1)
+
+
+def test_orthogonal_top_follows_the_largest_inputs_outside_the_span():
+    e = jnp.eye(D_IN)
+    projector = jnp.outer(e[0], e[0])
+    gram = jnp.diag(jnp.array([100.0, 1.0, 9.0, 4.0, 0.5, 0.1]))
+    a = orthogonal_top(gram, projector, 2)
+    # Direction 0 is taken (despite its energy); the next largest are 2 and 3.
+    np.testing.assert_allclose(jnp.abs(a), e[:, [2, 3]], atol=1e-5)

@@ -18,7 +18,8 @@ def _run(root, name, lr, L_by_seed, substrate=True):
     results = {}
     for seed, L in L_by_seed.items():
         r = {"L": L, "base": [3.0, 2.0], "acc": sum(L[-1]) / 2, "bwt": L[0][0] - L[1][0], "fwt": 2.0 - L[0][1],
-             "substrate": [], "substrate_init": None}
+             "drift": [(L[1][0] - L[0][0]) / L[0][0]], "substrate": [], "substrate_init": None,
+             "agnostic": {"acc": sum(L[-1]) / 2 + 0.1, "accuracy": {"a": 1.0, "b": 0.5}}}
         if substrate:
             r["substrate_init"] = {"mix_displacement": [0.001, 0.003], "hidden_change": 0.01}
             r["substrate"] = [{"mix_displacement": [0.1, 0.3], "hidden_change": 0.5},
@@ -33,8 +34,16 @@ def test_rows_are_seed_means_with_the_settings_that_differ(tmp_path):
     two = _run(tmp_path, "two", 1e-2, {"0": [[2.0, 1.9], [2.0, 1.0]]}, substrate=False)
     assert varying_settings([{"out": "x", "a": 1, "b": 2}, {"out": "y", "a": 1, "b": 3}]) == ["b"]
     table = cl_table([one, two])
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    transfer, losses = table.split("\n\nDomains ")
+    rows = [line for line in transfer.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| lr_crma_mix | condition |")  # steps is the same in both runs: not shown
+    cells = rows[1].split(" | ")
+    # Drift of the seeds: (2.2 − 2.0)/2.0 = 10% and (2.4 − 2.2)/2.2 = 9.09%; their mean, std and range.
+    assert cells[3] == "+9.55 ± 0.45 [+9.09, +10.00]"
+    assert cells[4] == "1.7000 ± 0.1000 [1.6000, 1.8000]"
+    assert cells[7] == "1.8000 ± 0.1000 [1.7000, 1.9000]"  # task-agnostic ACC
+    assert cells[8].rstrip(" |") == "75.0 ± 0.0 [75.0, 75.0]%"  # routing accuracy, mean over domains
+    rows = [line for line in losses.splitlines() if line.startswith("| ")]
     first = rows[1].split(" | ")
     assert first[0] == "| 0.001" and first[1] == "MODULAR" and first[2] == "0,1"
     assert first[4] == "2.1000 / 1.1000"  # L[j][j]: seed means of 2.0, 2.2 and of 1.0, 1.2

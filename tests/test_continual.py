@@ -53,7 +53,7 @@ def _args(tiny_lm, domains, out, seeds="0", extra=()):
     return args
 
 
-METHODS = ("naive", "frozen", "modular", "replay", "ewc", "olora")
+METHODS = ("naive", "frozen", "modular", "replay", "ewc", "olora", "inflora")
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,16 @@ def test_each_method_shows_its_defining_behaviour(finished):
     olora = read_metrics(out / "olora" / "seed0" / "counts")
     assert all(r["penalty"] > 0.0 for r in olora)
     assert (out / "olora" / "seed0" / "memory.safetensors").stat().st_size > 0
+    # InfLoRA: every domain's A was fixed (orthonormal columns, from its inputs) and never trained.
+    from crma_jax.convert.adapter_files import load_adapters
+
+    for name, lora in load_adapters(out / "inflora" / "seed0").lora_sets.items():
+        if name == "inflora":
+            continue
+        for pair in jax.tree.leaves(lora, is_leaf=lambda n: isinstance(n, dict) and "a" in n):
+            a = np.asarray(pair["a"], np.float64)
+            np.testing.assert_allclose(np.einsum("lir,lis->lrs", a, a), np.broadcast_to(np.eye(a.shape[-1]), (a.shape[0],) * 1 + (a.shape[-1],) * 2), atol=1e-4)
+    assert all(r["penalty"] == 0.0 for r in read_metrics(out / "inflora" / "seed0" / "counts"))
 
 
 def test_task_agnostic_evaluation(finished):

@@ -1,11 +1,13 @@
-"""`crma cl-table RUN [RUN ...]`: one markdown table comparing finished `crma cl` runs.
+"""`crma cl-table RUN [RUN ...]`: markdown tables comparing finished `crma cl` runs.
 
-Each row is one condition of one run, averaged over its seeds: the settings that differ
-between the runs (or those named with --settings), the starting and final holdout losses, the
-transfer metrics, and how far the CRMA substrate sat from the identity at init and after each
-domain (mean over layers of ‖α(Mᵀ − I)‖_F) with the mean ‖h′ − h‖/‖h‖ it made on the holdout.
-Every number is read from RUN/results.json and RUN/config.yaml, so a table in RESULTS.md is the
-output of this command over the runs it names.
+Each row is one condition of one run, over its seeds, after the settings that differ between
+the runs (or those named with --settings). The first table gives the transfer metrics as mean ±
+std [min, max] over seeds: mean drift, ACC, BWT, FWT, the task-agnostic ACC and (for routed
+methods) how often routing picked the right LoRA. The second gives the mean starting and final
+holdout losses per domain, and how far the CRMA substrate sat from the identity at init and
+after each domain (mean over layers of ‖α(Mᵀ − I)‖_F) with the mean ‖h′ − h‖/‖h‖ it made on the
+holdout. Every number is read from RUN/results.json and RUN/config.yaml, so a table in
+RESULTS.md is the output of this command over the runs it names.
 """
 
 from __future__ import annotations
@@ -48,8 +50,40 @@ def _substrate(runs: list[dict[str, Any]]) -> tuple[str, str]:
     return " → ".join(fmt(d) for d, _ in steps), " → ".join(fmt(h) for _, h in steps)
 
 
+def spread(values: Sequence[float], scale: float = 1.0, signed: bool = True, digits: int = 4) -> str:
+    """"mean ± std [min, max]" of `values` × `scale` (a std carries no sign)."""
+    a = scale * np.asarray(values, np.float64)
+    sign = "+" if signed else ""
+    return f"{a.mean():{sign}.{digits}f} ± {a.std():.{digits}f} [{a.min():{sign}.{digits}f}, {a.max():{sign}.{digits}f}]"
+
+
+def _routing(runs: list[dict[str, Any]]) -> str:
+    accuracies = [np.mean(list(r["agnostic"]["accuracy"].values())) for r in runs if r["agnostic"].get("accuracy")]
+    return spread(accuracies, 100, signed=False, digits=1) + "%" if accuracies else "– (one model)"
+
+
+def transfer_table(payloads: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]], shown: Sequence[str]) -> str:
+    """Per run and condition: the transfer metrics as mean ± std [min, max] over seeds."""
+    head = [*shown, "condition", "seeds", "mean drift %", "ACC", "BWT", "FWT", "task-agnostic ACC",
+            "routing accuracy"]
+    lines = ["Mean ± std [min, max] over seeds. Drift (L[K][j] − L[j][j]) / L[j][j] averaged over the earlier "
+             "domains: positive = forgetting. ACC: mean final loss (lower is better). BWT = mean (L[j][j] − L[K][j]) "
+             "and FWT = mean (base[j] − L[j−1][j]): positive = transfer, negative BWT = forgetting. Task-agnostic "
+             "ACC: no task id (routing for per-domain LoRAs), on the tokens after each row's routing prefix.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for payload, config in zip(payloads, configs):
+        for cond, by_seed in payload["results"].items():
+            runs = list(by_seed.values())
+            row = [*(str(config.get(k)) for k in shown), cond.upper(), ",".join(by_seed),
+                   spread([np.mean(r["drift"]) for r in runs], 100, digits=2), spread([r["acc"] for r in runs], signed=False),
+                   spread([r["bwt"] for r in runs]), spread([r["fwt"] for r in runs]),
+                   spread([r["agnostic"]["acc"] for r in runs], signed=False), _routing(runs)]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None) -> str:
-    """The markdown table of `run_dirs` (each a finished `crma cl` RUN)."""
+    """The markdown tables of `run_dirs` (each a finished `crma cl` RUN)."""
     payloads, configs = [], []
     for run in run_dirs:
         path = Path(run) / "results.json"
@@ -60,13 +94,14 @@ def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None) ->
         configs.append(read_config(run))
     names = payloads[0]["domains"]
     shown = list(settings) if settings else varying_settings(configs)
+    for payload, config in zip(payloads, configs):
+        if payload["domains"] != names:
+            raise ValueError(f"{config.get('out')}: domains {payload['domains']} differ from {names}")
     head = [*shown, "condition", "seeds", "base loss", "L[j][j] after training j", "L[K][j] at the end", "ACC", "BWT", "FWT",
             "‖α(Mᵀ−I)‖ init → after each domain", "‖h′−h‖/‖h‖ init → after each domain"]
     lines = [f"Domains {' → '.join(names)}; losses per domain in that order, mean over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for payload, config in zip(payloads, configs):
-        if payload["domains"] != names:
-            raise ValueError(f"{config.get('out')}: domains {payload['domains']} differ from {names}")
         for cond, by_seed in payload["results"].items():
             runs = list(by_seed.values())
             L = np.mean([r["L"] for r in runs], axis=0)
@@ -78,4 +113,4 @@ def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None) ->
                    *(f"{_mean([r[k] for r in runs]):+.4f}" if k != "acc" else f"{_mean([r[k] for r in runs]):.4f}"
                      for k in ("acc", "bwt", "fwt")), disp, hidden]
             lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return transfer_table(payloads, configs, shown) + "\n" + "\n".join(lines) + "\n"

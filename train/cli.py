@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, AblateConfig)
     p.set_defaults(fn=cmd_ablate)
 
-    p = command("cl", "continual learning over domains: NAIVE, FROZEN, MODULAR, REPLAY, EWC, O-LoRA")
+    p = command("cl", "continual learning over domains: NAIVE, FROZEN, MODULAR, REPLAY, EWC, O-LoRA, InfLoRA")
     add_config_flags(p, CLConfig)
     p.add_argument("--domain", action="append", metavar="NAME[=PATH]",
                    help="a domain in training order, a built-in NAME or NAME=PATH (repeat; overrides `domains`)")

@@ -9,7 +9,10 @@ hyper-parameters for all):
 - REPLAY:  NAIVE with a fraction of earlier domains' training rows mixed into each later domain;
 - EWC:     NAIVE with the diagonal-Fisher penalty λ/2·Σ F(θ − θ*)² of every earlier domain;
 - OLORA:   a fresh LoRA per domain beside the earlier ones (frozen, in the forward pass), with
-           the orthogonality penalty λ₁·Σ|A_oldᵀ·A_new|; one model, no task id.
+           the orthogonality penalty λ₁·Σ|A_oldᵀ·A_new|; one model, no task id;
+- INFLORA: a LoRA per domain beside the earlier ones, its A fixed before training to the top
+           directions of the domain's inputs outside the earlier domains' input subspace, only B
+           trained; one model, no task id.
 
 After training domain i, the holdout loss L[i][j] of every domain j is measured over every
 token of its holdout (`crma_jax.evaluate`), with the task id (oracle): the method's
@@ -36,7 +39,7 @@ import dataclasses
 import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +48,8 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from crma_jax import distributed
-from crma_jax.cl import METHODS, EWC, Memory, Method, OLoRA, diagonal_fisher, replay, transfer_metrics
+from crma_jax.cl import METHODS, EWC, InfLoRA, Memory, Method, OLoRA, diagonal_fisher, replay, transfer_metrics
+from crma_jax.lora import LORA_INPUTS
 from crma_jax.convert.adapter_files import load_adapters
 from crma_jax.crma import mix_displacement
 from crma_jax.data import DataSpec, PackedData, split_holdout
@@ -76,8 +80,11 @@ class CLConfig(TrainConfig):
     replay_fraction: float = setting(0.1, "REPLAY: share of each later domain's training rows drawn from earlier "
                                           "domains (TRACE: 0.1)")
     ewc_lambda: float = setting(400.0, "EWC: λ of the penalty λ/2·Σ F(θ − θ*)² (TRACE: 400)")
-    fisher_batches: int = setting(16, "EWC: training batches per domain for its diagonal Fisher")
+    fisher_batches: int = setting(16, "EWC and InfLoRA: training batches per domain for the diagonal Fisher and the "
+                                      "inputs' Gram matrices")
     olora_lambda: float = setting(0.5, "O-LoRA: λ₁ of the orthogonality penalty λ₁·Σ|A_oldᵀ·A_new| (official: 0.5)")
+    inflora_threshold: float = setting(0.97, "InfLoRA: share of each domain's input energy the subspace of earlier "
+                                             "domains must hold after it (GPM's threshold)")
     zclip_across_domains: bool = setting(True, "one ZClip for the whole sequence: its statistics carry from each domain "
                                                "to the next, so its warmup happens once, not per domain")
 
@@ -95,24 +102,32 @@ class CLConfig(TrainConfig):
         bad = set(conds) - set(CONDITIONS)
         if bad:
             raise ValueError(f"unknown conditions {sorted(bad)}; choose from {', '.join(CONDITIONS)}")
-        if "olora" in conds and self.lora_init == "pissa":
-            raise ValueError("olora sums the domains' LoRAs, and with --lora-init pissa each one holds the base's top "
-                             "singular directions again; run olora with --lora-init default")
-        if "olora" in conds and "olora" in self.domain_sources():
-            raise ValueError("a domain named 'olora' would clash with the LoRA set that holds O-LoRA's model; rename it")
         if not 0.0 < self.replay_fraction < 1.0:
             raise ValueError(f"--replay-fraction must be in (0, 1), got {self.replay_fraction}")
+        if not 0.0 < self.inflora_threshold < 1.0:
+            raise ValueError(f"--inflora-threshold must be in (0, 1), got {self.inflora_threshold}")
+        for cond in conds:
+            if isinstance(self.method(cond), OLoRA):  # O-LoRA and InfLoRA: one model, every domain's LoRA summed
+                if self.lora_init == "pissa":
+                    raise ValueError(f"{cond} sums the domains' LoRAs, and with --lora-init pissa each one holds the "
+                                     f"base's top singular directions again; run {cond} with --lora-init default")
+                if cond in self.domain_sources():
+                    raise ValueError(f"a domain named {cond!r} would clash with the LoRA set that holds {cond}'s "
+                                     f"model; rename it")
         return conds
 
     def method(self, name: str) -> Method:
         """The method object of condition `name`, with this config's hyper-parameters."""
-        if name == "replay":
-            return replay(self.replay_fraction)
-        if name == "ewc":
-            return EWC(lam=self.ewc_lambda)
-        if name == "olora":
-            return OLoRA(lam=self.olora_lambda)
-        return METHODS[name]()
+        return METHOD_SETTINGS.get(name, lambda cfg: METHODS[name]())(self)
+
+
+# The methods whose hyper-parameters come from the config (the others have none).
+METHOD_SETTINGS: dict[str, Callable[[CLConfig], Method]] = {
+    "replay": lambda cfg: replay(cfg.replay_fraction),
+    "ewc": lambda cfg: EWC(lam=cfg.ewc_lambda),
+    "olora": lambda cfg: OLoRA(lam=cfg.olora_lambda),
+    "inflora": lambda cfg: InfLoRA(threshold=cfg.inflora_threshold),
+}
 
 
 def drift(matrix: list[list[float | None]]) -> list[float]:
@@ -134,7 +149,13 @@ def mix_replay(current: PackedData, earlier: list[PackedData], fraction: float, 
     return PackedData(**{k: np.concatenate([getattr(current, k), v[picked]]) for k, v in pool.items()})
 
 
-def task_fisher(session: Session, lora: Any, data: PackedData, batches: int) -> Any:
+def task_stats(names: tuple[str, ...], session: Session, method: Method, lora: Any, memory: Memory,
+               data: PackedData, batches: int) -> dict[str, Any]:
+    """The statistics `names` ("fisher", "input_gram") of one domain's training data."""
+    return {name: TASK_STATS[name](session, method, lora, memory, data, batches) for name in names}
+
+
+def task_fisher(session: Session, method: Method, lora: Any, memory: Memory, data: PackedData, batches: int) -> Any:
     """EWC's diagonal Fisher of `lora` on up to `batches` training batches of one domain."""
     @jax.jit
     def grad(l: Any, batch: Any) -> Any:
@@ -145,6 +166,31 @@ def task_fisher(session: Session, lora: Any, data: PackedData, batches: int) -> 
 
     chosen = itertools.islice(eval_batches(data, session.cfg.batch_size), batches)
     return diagonal_fisher(lambda p, b: grad(p, session.place(b)), lora, chosen)
+
+
+def task_input_grams(session: Session, method: Method, lora: Any, memory: Memory, data: PackedData,
+                     batches: int) -> Any:
+    """XᵀX of every LoRA target's inputs (L, in, in), summed over up to `batches` full training
+    batches of one domain, on the model the method trains (its forward LoRA on the base)."""
+    @jax.jit
+    def grams(forward: Any, batch: Any) -> Any:
+        _, state = session.model.apply({"params": session.frozen, "lora": forward}, batch["input_ids"],
+                                       positions=batch["positions"], segment_ids=batch["segment_ids"],
+                                       method="hidden", mutable=[LORA_INPUTS])
+        return jax.tree.map(lambda sown: sown[0], state[LORA_INPUTS], is_leaf=lambda x: isinstance(x, tuple))
+
+    full = (b for b in eval_batches(data, session.cfg.batch_size) if b["segment_ids"].any(axis=1).all())
+    total = None
+    for batch in itertools.islice(full, batches):
+        g = grams(method.forward_lora(lora, memory), session.place(batch))
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    if total is None:
+        raise ValueError(f"no full batch of {session.cfg.batch_size} rows to measure the inputs on")
+    # {module: {proj: {"gram": G}}} -> {module: {proj: G}}, the layout of a LoRA set's pairs
+    return jax.tree.map(lambda node: node["gram"], total, is_leaf=lambda x: isinstance(x, dict) and "gram" in x)
+
+
+TASK_STATS = {"fisher": task_fisher, "input_gram": task_input_grams}
 
 
 def _save_memory(path: Path, memory: Memory) -> None:
@@ -208,8 +254,11 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         if name in progress["finished"]:
             continue
         start = fresh[i] if method.fresh_lora or not trained else trained[-1]
-        session.trainable = {"lora": start, **({"crma": crma} if method.crma else {})}
         train_rows, holdout, spec = domains[name]
+        if method.stats_before:
+            stats = task_stats(method.stats_before, session, method, start, memory, train_rows, cfg.fisher_batches)
+            start = method.start(start, memory, stats)
+        session.trainable = {"lora": start, **({"crma": crma} if method.crma else {})}
         earlier = [domains[n][0] for n in names[:i]]
         session.train_data = mix_replay(train_rows, earlier, method.replay, seed * 1000 + i)
         session.holdout, session.data_spec = holdout, spec
@@ -220,8 +269,8 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         progress["zclip"] = [np.asarray(x).tolist() for x in session.zclip_state]  # JSON, resumable
         lora = session.trainable["lora"]
         crma = session.trainable.get("crma")
-        fisher = task_fisher(session, lora, train_rows, cfg.fisher_batches) if method.needs_fisher else None
-        memory = method.remember(memory, lora, i, fisher)
+        stats = task_stats(method.stats_after, session, method, lora, memory, train_rows, cfg.fisher_batches)
+        memory = method.remember(memory, lora, i, stats)
         trained.append(lora)
         progress["finished"].append(name)
         progress["L"].append(loss_row())
