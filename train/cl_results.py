@@ -1,0 +1,69 @@
+"""The results of one `crma cl` run: each condition summarised over its seeds (what
+RUN/results.json holds under "summary") and RUN/results.md, the table `crma cl` prints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+
+
+def summarize(results: dict[str, dict[int, dict[str, Any]]], names: list[str]) -> dict[str, Any]:
+    """Per condition, over seeds: each metric's mean, std and range, per-domain drift, final losses."""
+    out = {}
+    for cond, by_seed in results.items():
+        runs = list(by_seed.values())
+        drifts = np.asarray([r["drift"] for r in runs], np.float64)
+        out[cond] = {
+            "acc": _mean_std([r["acc"] for r in runs]),
+            "bwt": _mean_std([r["bwt"] for r in runs]),
+            "fwt": _mean_std([r["fwt"] for r in runs]),
+            "mean_drift": _mean_std(drifts.mean(1).tolist()),
+            "agnostic_acc": _mean_std([r["agnostic"]["acc"] for r in runs]),
+            "drift_mean": drifts.mean(0).tolist(),
+            "drift_std": drifts.std(0).tolist(),
+            "final_loss_mean": np.asarray([r["L"][-1] for r in runs], np.float64).mean(0).tolist(),
+            "wall_s": _mean_std([r["wall_s"] for r in runs]),
+        }
+        for toggle in ("crma_on", "crma_off"):
+            if all(toggle in r.get("qa", {}) for r in runs):
+                out[cond][f"qa_{toggle}"] = _mean_std([r["qa"][toggle] for r in runs])
+    return out
+
+
+def markdown_table(summary: dict[str, Any], names: list[str], seeds: list[int]) -> str:
+    """Per-domain drift and the transfer metrics per condition, mean ± std over seeds."""
+    earlier = names[:-1]
+    lines = [
+        f"Holdout loss after the last domain, mean ± std over seeds {seeds}. Drift (L[K][j] − L[j][j]) / L[j][j]: "
+        "positive = forgetting. ACC: mean final loss (lower is better). BWT = mean (L[j][j] − L[K][j]) and "
+        "FWT = mean (base[j] − L[j−1][j]): positive = transfer, negative BWT = forgetting. Task-agnostic ACC: "
+        "no task id (routing for FROZEN/MODULAR), on the tokens after each row's routing prefix.",
+        "",
+        "| condition | " + " | ".join(f"drift {n}" for n in earlier) + " | mean drift | ACC | BWT | FWT | "
+        "task-agnostic ACC | wall s |",
+        "|---|" + "---|" * (len(earlier) + 6),
+    ]
+
+    def pm(s: dict[str, float], scale: float = 1.0, fmt: str = ".4f") -> str:
+        return f"{scale * s['mean']:{fmt}} ± {scale * s['std']:{fmt.lstrip('+')}}"  # a std has no sign
+
+    for cond, s in summary.items():
+        cells = [f"{100 * m:+.2f}% ± {100 * sd:.2f}" for m, sd in zip(s["drift_mean"], s["drift_std"])]
+        lines.append(f"| {cond.upper()} | " + " | ".join(cells) + f" | {pm(s['mean_drift'], 100, '+.2f')}% | "
+                     f"{pm(s['acc'])} | {pm(s['bwt'], fmt='+.4f')} | {pm(s['fwt'], fmt='+.4f')} | "
+                     f"{pm(s['agnostic_acc'])} | {s['wall_s']['mean']:.0f} |")
+    if any("qa_crma_on" in s for s in summary.values()):
+        lines += ["", "QA on the fictional facts (held-out wording, greedy answer, exact match), with the task id; "
+                  "CRMA off only for conditions that train it, on the same weights.", "",
+                  "| condition | accuracy, CRMA on | accuracy, CRMA off |", "|---|---|---|"]
+        for cond, s in summary.items():
+            if "qa_crma_on" in s:
+                off = pm(s["qa_crma_off"], 100, ".1f") + "%" if "qa_crma_off" in s else "–"
+                lines.append(f"| {cond.upper()} | {pm(s['qa_crma_on'], 100, '.1f')}% | {off} |")
+    return "\n".join(lines) + "\n"
