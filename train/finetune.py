@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -229,14 +229,15 @@ def defer_sigint() -> tuple[list[int], Any]:
 
 def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "train",
           on_checkpoint: OnCheckpoint | None = None, data_name: str = "default", method: Method | None = None,
-          memory: Memory | None = None, zclip_from: ZClipState | None = None) -> dict[str, Any]:
+          memory: Memory | None = None, zclip_from: Sequence[Any] | None = None) -> dict[str, Any]:
     """Run (or resume) one fine-tuning job; returns the summary (also written to summary.json).
 
     `session` reuses a loaded model and data (its `trainable` is the starting point);
     `data_name` names the LoRA set in RUN/adapters. `method` and `memory` are a continual-learning
     method and what it keeps of earlier tasks (`crma_jax.cl`; `crma cl` passes them).
-    `zclip_from` starts ZClip from earlier statistics instead of a fresh warmup (`crma cl`
-    carries them from task to task); the run's final ones are left in `session.zclip_state`.
+    `zclip_from` (a ZClipState's fields, arrays or lists) starts ZClip from earlier statistics
+    instead of a fresh warmup (`crma cl` carries them from task to task); the run's final ones
+    are left in `session.zclip_state`.
     """
     run = Path(cfg.out)
     cfg.validate()
