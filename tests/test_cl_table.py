@@ -17,7 +17,7 @@ def _run(root, name, lr, L_by_seed, substrate=True):
     (run / "config.yaml").write_text(yaml.safe_dump({"out": str(run), "lr_crma_mix": lr, "steps": 30}))
     results = {}
     for seed, L in L_by_seed.items():
-        r = {"L": L, "base": [3.0, 2.0], "acc": sum(L[-1]) / 2, "bwt": L[0][0] - L[1][0], "fwt": 2.0 - L[0][1],
+        r = {"wall_s": 60.0 * (1 + int(seed)), "L": L, "base": [3.0, 2.0], "acc": sum(L[-1]) / 2, "bwt": L[0][0] - L[1][0], "fwt": 2.0 - L[0][1],
              "drift": [(L[1][0] - L[0][0]) / L[0][0]], "substrate": [], "substrate_init": None,
              "agnostic": {"acc": sum(L[-1]) / 2 + 0.1, "accuracy": {"a": 1.0, "b": 0.5}}}
         if substrate:
@@ -42,7 +42,8 @@ def test_rows_are_seed_means_with_the_settings_that_differ(tmp_path):
     assert cells[3] == "+9.55 ± 0.45 [+9.09, +10.00]"
     assert cells[4] == "1.7000 ± 0.1000 [1.6000, 1.8000]"
     assert cells[7] == "1.8000 ± 0.1000 [1.7000, 1.9000]"  # task-agnostic ACC
-    assert cells[8].rstrip(" |") == "75.0 ± 0.0 [75.0, 75.0]%"  # routing accuracy, mean over domains
+    assert cells[8] == "75.0 ± 0.0 [75.0, 75.0]%"  # routing accuracy, mean over domains
+    assert cells[9].rstrip(" |") == "1.5"  # minutes: seed 0 took 1, seed 1 took 2
     rows = [line for line in losses.splitlines() if line.startswith("| ")]
     first = rows[1].split(" | ")
     assert first[0] == "| 0.001" and first[1] == "MODULAR" and first[2] == "0,1"

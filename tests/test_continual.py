@@ -174,6 +174,7 @@ def test_interrupted_run_resumes_at_the_domain_and_reaches_the_same_numbers(meth
     resumed = json.loads((out / "results.json").read_text())["results"][method]["0"]
     reference = finished[1]["results"][method]["0"]
     np.testing.assert_allclose(np.asarray(resumed["L"], float), np.asarray(reference["L"], float), rtol=1e-6)
+    assert 0 < progress["wall_s"] < resumed["wall_s"]  # the killed process's finished domain still counts
 
 
 def test_a_second_run_into_the_same_out_is_refused_not_mixed(tiny_lm, domains, finished, capsys):

@@ -2,12 +2,12 @@
 
 Each row is one condition of one run, over its seeds, after the settings that differ between
 the runs (or those named with --settings). The first table gives the transfer metrics as mean ±
-std [min, max] over seeds: mean drift, ACC, BWT, FWT, the task-agnostic ACC and (for routed
-methods) how often routing picked the right LoRA. The second gives the mean starting and final
-holdout losses per domain, and how far the CRMA substrate sat from the identity at init and
-after each domain (mean over layers of ‖α(Mᵀ − I)‖_F) with the mean ‖h′ − h‖/‖h‖ it made on the
-holdout. Every number is read from RUN/results.json and RUN/config.yaml, so a table in
-RESULTS.md is the output of this command over the runs it names.
+std [min, max] over seeds: mean drift, ACC, BWT, FWT, the task-agnostic ACC, (for routed
+methods) how often routing picked the right LoRA, and the minutes per sequence. The second gives
+the mean starting and final holdout losses per domain, and how far the CRMA substrate sat from
+the identity at init and after each domain (mean over layers of ‖α(Mᵀ − I)‖_F) with the mean
+‖h′ − h‖/‖h‖ it made on the holdout. Every number is read from RUN/results.json and
+RUN/config.yaml, so a table in RESULTS.md is the output of this command over the runs it names.
 """
 
 from __future__ import annotations
@@ -62,14 +62,20 @@ def _routing(runs: list[dict[str, Any]]) -> str:
     return spread(accuracies, 100, signed=False, digits=1) + "%" if accuracies else "– (one model)"
 
 
+def _wall(runs: list[dict[str, Any]]) -> str:
+    minutes = _mean([r.get("wall_s") for r in runs])
+    return "?" if minutes is None else f"{minutes / 60:.1f}"
+
+
 def transfer_table(payloads: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]], shown: Sequence[str]) -> str:
     """Per run and condition: the transfer metrics as mean ± std [min, max] over seeds."""
     head = [*shown, "condition", "seeds", "mean drift %", "ACC", "BWT", "FWT", "task-agnostic ACC",
-            "routing accuracy"]
+            "routing accuracy", "wall min"]
     lines = ["Mean ± std [min, max] over seeds. Drift (L[K][j] − L[j][j]) / L[j][j] averaged over the earlier "
              "domains: positive = forgetting. ACC: mean final loss (lower is better). BWT = mean (L[j][j] − L[K][j]) "
              "and FWT = mean (base[j] − L[j−1][j]): positive = transfer, negative BWT = forgetting. Task-agnostic "
-             "ACC: no task id (routing for per-domain LoRAs), on the tokens after each row's routing prefix.", "",
+             "ACC: no task id (routing for per-domain LoRAs), on the tokens after each row's routing prefix. Wall: "
+             "minutes per sequence (training, evaluation, checkpoints), mean over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for payload, config in zip(payloads, configs):
         for cond, by_seed in payload["results"].items():
@@ -77,7 +83,7 @@ def transfer_table(payloads: Sequence[dict[str, Any]], configs: Sequence[dict[st
             row = [*(str(config.get(k)) for k in shown), cond.upper(), ",".join(by_seed),
                    spread([np.mean(r["drift"]) for r in runs], 100, digits=2), spread([r["acc"] for r in runs], signed=False),
                    spread([r["bwt"] for r in runs]), spread([r["fwt"] for r in runs]),
-                   spread([r["agnostic"]["acc"] for r in runs], signed=False), _routing(runs)]
+                   spread([r["agnostic"]["acc"] for r in runs], signed=False), _routing(runs), _wall(runs)]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

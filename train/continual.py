@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -209,11 +210,14 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
                  on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
     """Train one method over `domains` in order for one seed.
 
-    Returns {"L", "base", "acc", "bwt", "fwt", "drift", "substrate", "substrate_init", "agnostic"}:
-    the full loss matrix, the starting model's losses, the transfer metrics, where the substrate
-    was after each domain and where it started (MODULAR; None for the others) and the final
-    task-agnostic evaluation.
+    Returns {"L", "base", "acc", "bwt", "fwt", "drift", "substrate", "substrate_init", "agnostic",
+    "wall_s"}: the full loss matrix, the starting model's losses, the transfer metrics, where the
+    substrate was after each domain and where it started (MODULAR; None for the others), the final
+    task-agnostic evaluation, and the seconds spent on the finished domains (kept in progress.json
+    across resumes, so a resumed run reports its whole time; a domain cut short and redone counts
+    once) plus the final evaluation's.
     """
+
     method = cfg.method(name_of_method)
     root = Path(cfg.out) / name_of_method / f"seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
@@ -254,6 +258,7 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
     for i, name in enumerate(names):
         if name in progress["finished"]:
             continue
+        t0 = time.perf_counter()
         start = fresh[i] if method.fresh_lora or not trained else trained[-1]
         train_rows, holdout, spec = domains[name]
         if method.stats_before:
@@ -277,6 +282,7 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         progress["L"].append(loss_row())
         if method.crma:
             progress["substrate"].append(substrate(lora, holdout))
+        progress["wall_s"] = progress.get("wall_s", 0.0) + time.perf_counter() - t0
         if distributed.is_writer():
             save_run_adapters(root, session, method.saved_sets(progress["finished"], trained), crma,
                               {n: domains[n][2] for n in progress["finished"]})
@@ -287,10 +293,12 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
     result: dict[str, Any] = {"L": progress["L"], "base": progress["base"], "substrate": progress["substrate"],
                               "substrate_init": progress.get("substrate_init"),
                               **transfer_metrics(np.asarray(progress["L"]), np.asarray(progress["base"]))}
+    t0 = time.perf_counter()
     result["agnostic"] = agnostic_eval(cfg, method, session, names, domains, trained, memory, fresh, crma)
     qa = qa_eval(cfg, method, session, names, domains, trained, memory, fresh, crma)
     if qa:
         result["qa"] = qa
+    result["wall_s"] = progress.get("wall_s", 0.0) + time.perf_counter() - t0
     return result
 
 
@@ -360,7 +368,6 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
 
     `on_checkpoint` is passed to every domain's `train` (tests inject faults there).
     """
-    import time
 
     from crma_jax.train.plots import plot_continual
 
@@ -389,9 +396,7 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
                 domains[n] = (*spec.build(session.tokenizer), spec)
             write_config(out, cfg)  # model and data loaded: the run directory is claimed
         for seed in seeds:
-            t0 = time.perf_counter()
-            result = run_sequence(cfg, cond, seed, domains, session, on_checkpoint)
-            results.setdefault(cond, {})[seed] = {**result, "wall_s": time.perf_counter() - t0}
+            results.setdefault(cond, {})[seed] = run_sequence(cfg, cond, seed, domains, session, on_checkpoint)
     names = list(sources)
     summary = summarize(results, names)
     payload = {"domains": names, "conditions": conditions, "seeds": seeds, "results": results, "summary": summary}
