@@ -63,3 +63,11 @@ def chat_prompt(tokenizer: Any, prompt: str) -> list[int]:
     require_template(tokenizer, "--chat")
     text = _template(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def reply(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """The generated `ids` up to the assistant turn's end: the first special token (EOS, or an
+    end-of-turn marker such as `<|im_end|>` or Llama-3's `<|eot_id|>`), not included."""
+    special = set(getattr(tokenizer, "all_special_ids", ())) | {getattr(tokenizer, "eos_token_id", None)}
+    end = next((i for i, t in enumerate(ids) if t in special), len(ids))
+    return list(ids[:end])

@@ -153,10 +153,15 @@ def orthogonal_top(gram: jax.Array, projector: jax.Array, rank: int) -> jax.Arra
     """(n, rank) orthonormal columns orthogonal to the projector's span, along the largest
     directions of the inputs left outside it: InfLoRA's fixed down-projection for a new task."""
     n = gram.shape[-1]
+    gram = gram.astype(jnp.float32)
     outside = jnp.eye(n, dtype=jnp.float32) - projector
-    residual = outside @ gram.astype(jnp.float32) @ outside
+    # δ·(I − P) ranks every direction outside the span above every one inside it, also where the
+    # inputs leave fewer than `rank` directions with energy (while rank <= n − dim span).
+    trace = jnp.trace(gram)
+    delta = jnp.where(trace > 0, 1e-6 * trace / n, 1.0)
+    residual = outside @ gram @ outside + delta * outside
     _, vectors = jnp.linalg.eigh((residual + residual.T) / 2)
-    q, _ = jnp.linalg.qr(outside @ vectors[:, ::-1][:, :rank])  # exactly outside the span, even if degenerate
+    q, _ = jnp.linalg.qr(outside @ vectors[:, ::-1][:, :rank])
     return q
 
 
@@ -333,7 +338,8 @@ class InfLoRA(OLoRA):
     the earlier tasks' inputs (`orthogonal_top`), and only B trains, from zero. An earlier task's
     inputs x then give x·A_new ≈ 0: the new LoRA does not interfere with it. After each task the
     subspace grows by GPM's rule (`gpm_extend`, `threshold` of the inputs' energy). No penalty.
-    Memory per target: the LoRAs so far (`old`) and the projector (L, in, in) onto the subspace."""
+    Memory per target: the LoRAs so far (`old`) and the projector (L, in, in) onto the subspace,
+    float32: quadratic in the input width (Mistral-7B's down_proj alone: 32·14336²·4 B ≈ 26 GB)."""
 
     name: str = "inflora"
     stats_before: tuple[str, ...] = ("input_gram",)

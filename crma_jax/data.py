@@ -121,7 +121,7 @@ def tokenize_records(records: Records, tokenizer: Any) -> list[TokenDoc]:
             try:
                 docs.append(render_chat(tokenizer, messages))
             except Exception as e:  # noqa: BLE001 - a template may raise anything (jinja's TemplateError, ...)
-                raise DataError(f"{records.source}: row {i + 1}: the chat template rejects this conversation "
+                raise DataError(f"{records.source}: {records.where(i)}: the chat template rejects this conversation "
                                 f"({type(e).__name__}: {e})") from None
         return docs
     prompts = [PROMPT_WITH_INPUT.format(instruction=ins, input=inp) if inp else PROMPT.format(instruction=ins)
@@ -210,6 +210,9 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
                             f"batch_size {batch_size}: use more data, a smaller batch or a shorter seq_len")
         self.packed, self.batch_size, self.seed = packed, batch_size, seed
         self.shuffle, self.drop_last, self.epochs = shuffle, drop_last, epochs
+        if rows is not None and not drop_last:
+            # A short last batch cannot be split into the processes' equal shares.
+            raise ValueError("rows= (a process's share of each batch) needs drop_last=True")
         self.rows = rows if rows is not None else slice(0, batch_size)
         n = packed.num_rows
         self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
@@ -303,17 +306,17 @@ class DataSpec:
         """(train, holdout) packed rows. With `vocab_size`, the tokenizer is checked against the model."""
         records = self.records(cache_dir=cache_dir)
         docs = tokenize_records(records, tokenizer)
+        # A chat template ends each turn itself: an EOS after a conversation is no target.
+        held = self.records(evaluation=True, cache_dir=cache_dir) if self.eval_source else records
         if self.eval_source:
-            held = self.records(evaluation=True, cache_dir=cache_dir)
             train, holdout = docs, tokenize_records(held, tokenizer)
-            eos_target = records.style != "chat" or held.style != "chat"
         else:
             train, holdout = split_holdout(docs, self.holdout_fraction, self.split_seed)
-            eos_target = records.style != "chat"
         if vocab_size is not None:
             check_tokenizer(tokenizer, vocab_size, train + holdout)
         eos = eos_id_of(tokenizer)
-        return pack_documents(train, self.seq_len, eos, eos_target), pack_documents(holdout, self.seq_len, eos, eos_target)
+        return (pack_documents(train, self.seq_len, eos, records.style != "chat"),
+                pack_documents(holdout, self.seq_len, eos, held.style != "chat"))
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -23,6 +23,7 @@ import dataclasses
 import importlib.util
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -43,9 +44,12 @@ def _open_mpi(env: Mapping[str, str]) -> bool:
     return "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
-def _cloud_tpu(env: Mapping[str, str]) -> bool:
-    # A TPU VM has libtpu (the `jax[tpu]` install); JAX reads the slice's hosts from its metadata.
-    return importlib.util.find_spec("libtpu") is not None
+def _cloud_tpu(env: Mapping[str, str], dev: Path = Path("/dev")) -> bool:
+    # A TPU VM has libtpu (the `jax[tpu]` install) and TPU chips as device nodes (accel* on v2/v3,
+    # vfio on v4 and later); JAX then reads the slice's hosts from the VM's metadata. libtpu alone
+    # (a `[tpu]` install on a machine without TPUs) is no cluster.
+    chips = any(dev.glob("accel[0-9]*")) or any((dev / "vfio").glob("[0-9]*"))
+    return chips and importlib.util.find_spec("libtpu") is not None
 
 
 # The clusters whose settings `jax.distributed.initialize()` finds by itself, and how we tell
@@ -110,9 +114,11 @@ class Launch:
         launch.validate()
         if launch.mode == "off":
             return None
+        if launch.mode == "on":
+            return "on"
         if launch.coordinator:
             return "flags" if launch.num_processes != 1 else None
-        return "on" if launch.mode == "on" else detect_cluster(env)
+        return detect_cluster(env)
 
 
 def initialize(launch: Launch, env: Mapping[str, str] | None = None) -> str | None:

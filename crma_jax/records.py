@@ -1,6 +1,6 @@
 """Training records: where they come from, which fields hold what, and which rows are usable.
 
-Sources (`load_records`), tried in this order:
+Sources (`load_records`), tried in this order (an existing path wins over a built-in name):
 
 - a built-in domain name (`crma_jax.domains`): one record per passage;
 - a file: `.jsonl`/`.json` (one JSON object per line), `.txt` (one document per file),
@@ -15,9 +15,10 @@ Styles (`Fields.style`), decided by the columns present: **chat** (a `messages` 
 `input`, `output`) or **text**. `Fields` renames every field.
 
 A row that cannot be used (a missing or mistyped field, an empty conversation, an unknown role,
-no assistant turn) is never dropped silently: by default the load raises DataError naming the
-source, how many rows are bad and the first one (its JSONL line, or row number); with
-`skip_bad=True` they are dropped and the same report comes back in `Records.skipped`.
+no assistant turn, a conversation that opens with the assistant) is never dropped silently: by
+default the load raises DataError naming the source, how many rows are bad and the first one
+(its JSONL line, or row number); with `skip_bad=True` they are dropped and the same report
+comes back in `Records.skipped`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Records:
     """Usable records of one source: a `datasets.Dataset` or a list of dicts, all of `style`.
 
     skipped: the report of rows dropped with `skip_bad=True` (None when none were).
+    where:   where record i came from in the source ('line 7' of a JSONL, 'row 3'), counted before
+             any row was skipped.
     """
 
     rows: Any
@@ -69,6 +72,7 @@ class Records:
     source: str
     fields: Fields
     skipped: str | None = None
+    where: Callable[[int], str] = lambda i: f"row {i + 1}"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -103,6 +107,10 @@ def conversation_problem(messages: Any) -> str | None:
             return f"unknown role {turn['role']!r} (use {', '.join(CHAT_ROLES)})"
     if not any(t["role"] == "assistant" for t in messages):
         return "no assistant turn (nothing to learn)"
+    if messages[0]["role"] == "assistant":
+        # Its span would start at the conversation's start, taking in whatever the template puts
+        # before the first turn (a default system prompt, the assistant header) as targets.
+        return "it starts with an assistant turn (start with a system or user turn)"
     return None
 
 
@@ -138,7 +146,7 @@ def check_rows(rows: Any, fields: Fields, source: str, where: Callable[[int], st
     style = fields.style(_columns(rows))
     bad = [(i, p) for i, p in enumerate(_problems(rows, style, fields)) if p]
     if not bad:
-        return Records(rows, style, source, fields)
+        return Records(rows, style, source, fields, where=where)
     first, why = bad[0]
     report = (f"{source}: {len(bad)} of {len(rows)} rows ({style} records) cannot be used; the first, "
               f"{where(first)}: {why}")
@@ -146,7 +154,7 @@ def check_rows(rows: Any, fields: Fields, source: str, where: Callable[[int], st
         raise DataError(report if len(bad) > 1 else f"{source}: {where(first)}: {why}")
     keep = sorted(set(range(len(rows))) - {i for i, _ in bad})
     kept = rows.select(keep) if hasattr(rows, "select") else [rows[i] for i in keep]
-    return Records(kept, style, source, fields, skipped=report + "; skipped")
+    return Records(kept, style, source, fields, skipped=report + "; skipped", where=lambda j: where(keep[j]))
 
 
 # ----------------------------------------------------------------------------------------------

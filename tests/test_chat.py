@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from crma_jax.chat import assistant_spans, chat_prompt, render_chat, require_template
+from crma_jax.chat import assistant_spans, chat_prompt, render_chat, reply, require_template
 from crma_jax.data import DataSpec, tokenize_records
 from crma_jax.records import DataError, Fields, check_rows
 
@@ -68,14 +68,25 @@ def test_chat_jsonl_packs_with_assistant_targets_and_no_extra_eos_target(smol_to
     eos = smol_tok.eos_token_id
     ids = np.concatenate([train.input_ids, holdout.input_ids])
     mask = np.concatenate([train.loss_mask, holdout.loss_mask])
-    newline_then_eos = (ids[:, 1:] == eos) & (ids[:, :-1] == smol_tok("\n", add_special_tokens=False)["input_ids"][0])
+    newline = smol_tok("\n", add_special_tokens=False)["input_ids"][0]
+    newline_then_eos = (ids[:, 1:] == eos) & (ids[:, :-1] == newline)
     assert newline_then_eos.any() and not (mask[:, 1:][newline_then_eos]).any()
+    # Chat training data with a plain-text eval set: each side keeps its own EOS rule.
+    text = tmp_path / "eval.jsonl"
+    text.write_text("".join(json.dumps({"text": f"plain text number {i}."}) + "\n" for i in range(4)))
+    train, holdout = DataSpec(str(path), seq_len=64, messages_field="conv", eval_source=str(text)).build(smol_tok)
+    train_eos = (train.input_ids[:, 1:] == eos) & (train.input_ids[:, :-1] == newline)
+    assert train_eos.any() and not train.loss_mask[:, 1:][train_eos].any()
+    assert holdout.loss_mask[holdout.input_ids == eos].any()  # a text document's EOS is a target
 
 
 @pytest.mark.slow
 def test_generation_prompt_is_the_template_with_an_open_assistant_turn(smol_tok):
     ids = chat_prompt(smol_tok, "Hello?")
     assert smol_tok.decode(ids).endswith("<|im_start|>user\nHello?<|im_end|>\n<|im_start|>assistant\n")
+    turn = smol_tok("Oslo.<|im_end|>\n<|im_start|>user\nAnd", add_special_tokens=False)["input_ids"]
+    assert smol_tok.decode(reply(smol_tok, turn)) == "Oslo."  # the turn ends at its end-of-turn token
+    assert reply(smol_tok, turn[:2]) == turn[:2]  # no end yet: all of it
 
 
 def test_a_tokenizer_without_a_template_is_named(tmp_path):
@@ -101,3 +112,23 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
 
     with pytest.raises(ValueError, match="does not render turn 2 as a continuation"):
         assistant_spans(Tok(), CONVERSATIONS[0])
+
+
+def test_a_conversation_the_template_rejects_is_named_by_its_line_after_skipped_rows(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    from crma_jax.records import load_records
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "</s>": 1}, unk_token="a")),
+                                  eos_token="</s>")
+    tok.chat_template = ("{% for m in messages %}{% if m['content'] == 'no' %}{{ raise_exception('refused') }}"
+                         "{% endif %}{{ m['content'] }}{% endfor %}")
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": []}, {"messages": CONVERSATIONS[0]},
+            {"messages": [{"role": "user", "content": "no"}, {"role": "assistant", "content": "a"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_records(path, cache_dir=str(tmp_path / "cache"), skip_bad=True)
+    assert "line 1: field 'messages': an empty conversation" in records.skipped
+    with pytest.raises(DataError, match=r"chat.jsonl: line 3: the chat template rejects this conversation .*refused"):
+        tokenize_records(records, tok)

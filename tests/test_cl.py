@@ -204,3 +204,9 @@ def test_orthogonal_top_follows_the_largest_inputs_outside_the_span():
     a = orthogonal_top(gram, projector, 2)
     # Direction 0 is taken (despite its energy); the next largest are 2 and 3.
     np.testing.assert_allclose(jnp.abs(a), e[:, [2, 3]], atol=1e-5)
+    # Inputs with energy only inside the span: A still lies outside it, orthonormal.
+    projector = jnp.outer(e[4], e[4]) + jnp.outer(e[5], e[5])
+    for gram in (jnp.diag(jnp.array([0, 0, 0, 0, 5.0, 3.0])), jnp.zeros((D_IN, D_IN))):
+        a = orthogonal_top(gram, projector, 3)
+        np.testing.assert_allclose(projector @ a, 0.0, atol=1e-5)
+        np.testing.assert_allclose(a.T @ a, jnp.eye(3), atol=1e-5)

@@ -120,9 +120,11 @@ def test_domain_flags_override_the_yaml_domains(tmp_path):
     args = build_parser().parse_args(["cl", "--config", str(config), "--domain", "docs", "--domain", "x=/data/x.jsonl"])
     cfg = config_from_args(args, CLConfig, {"domains": ",".join(args.domain)})
     assert cfg.domains == "docs,x=/data/x.jsonl" and cfg.steps == 7
-    config.write_text("data: legal\n")
-    with pytest.raises(ValueError, match=r"unknown settings \['data'\]"):
+    config.write_text("data: legal\neval_data: x.jsonl\n")
+    with pytest.raises(ValueError, match=r"unknown settings \['data', 'eval_data'\]"):
         config_from_args(build_parser().parse_args(["cl", "--config", str(config)]), CLConfig)
+    with pytest.raises(SystemExit):  # one eval set for every domain would make L's columns the same set
+        build_parser().parse_args(["cl", "--eval-data", "x.jsonl"])
 
 
 def test_unexpected_errors_print_one_line_and_the_traceback_with_debug(trained, monkeypatch, capsys):

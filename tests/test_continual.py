@@ -229,6 +229,8 @@ def test_drift_helper_and_bad_arguments(tiny_lm, capsys):
     assert "--replay-fraction" in capsys.readouterr().err
     assert main(["cl", "--model", str(tiny_lm), "--conditions", "olora", "--domain", "olora=a.txt", "--domain", "b"]) == 2
     assert "domain named 'olora'" in capsys.readouterr().err
+    assert main(["cl", "--model", str(tiny_lm), "--conditions", "inflora", "--weight-decay", "0.01"]) == 2
+    assert "--weight-decay 0" in capsys.readouterr().err
     assert main(["cl", "--model", str(tiny_lm), "--seeds", "0,x"]) == 2
     assert "--seeds" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # `--data` means nothing to `crma cl`: refused, not ignored

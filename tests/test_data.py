@@ -208,6 +208,8 @@ def test_per_process_rows_join_into_the_global_batch_and_resume_alike() -> None:
     assert halves[0].state() == halves[1].state() == whole.state()
     resumed = BatchIterator(packed, 4, seed=3, rows=slice(2, 4)).restore(halves[1].state())
     np.testing.assert_array_equal(next(resumed)["input_ids"], next(whole)["input_ids"][2:])
+    with pytest.raises(ValueError, match="needs drop_last=True"):
+        BatchIterator(packed, 4, rows=slice(0, 2), drop_last=False)
 
 
 def test_iterator_too_few_rows() -> None:

@@ -5,6 +5,8 @@ The real multi-process runs are in tests/test_multiprocess.py.
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import numpy as np
 import pytest
@@ -27,6 +29,19 @@ def test_clusters_are_detected_only_with_more_than_one_task(monkeypatch):
     assert detect_cluster({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "1"}) is None
 
 
+def test_cloud_tpu_needs_tpu_chips_beside_libtpu(monkeypatch, tmp_path):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "libtpu" else find_spec(name, *a))
+    assert not distributed._cloud_tpu({}, dev=tmp_path)  # a `[tpu]` install on a machine without TPUs
+    (tmp_path / "vfio").mkdir()
+    (tmp_path / "vfio" / "vfio").touch()  # the vfio control node alone is not a chip
+    assert not distributed._cloud_tpu({}, dev=tmp_path)
+    (tmp_path / "vfio" / "0").touch()
+    assert distributed._cloud_tpu({}, dev=tmp_path)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+    assert not distributed._cloud_tpu({}, dev=tmp_path)
+
+
 def test_launch_plan_from_flags_environment_and_mode(monkeypatch):
     monkeypatch.setitem(distributed.CLUSTERS, "Cloud TPU", lambda env: False)
     assert Launch().plan({}) is None
@@ -38,6 +53,7 @@ def test_launch_plan_from_flags_environment_and_mode(monkeypatch):
     assert Launch().resolved(env) == Launch("auto", "h:1", 4, 3)
     assert Launch("auto", "", None, 0).resolved(env).process_id == 0  # a flag beats the environment
     assert Launch("auto", "localhost:1234", 1, 0).plan({}) is None  # one process of one
+    assert Launch("on", "localhost:1234", 1, 0).plan({}) == "on"  # "on" always joins
 
 
 @pytest.mark.parametrize("launch, message", [

@@ -80,3 +80,4 @@ def test_report_to_is_checked():
         main(["train", "--report-to"])
     assert main(["train", "--report-to", "mlflow", "--steps", "20"]) == 2
     assert main(["train", "--report-to", "none,wandb", "--steps", "20"]) == 2
+    assert main(["train", "--report-to", "wandb, none", "--steps", "20"]) == 2  # spaces change nothing

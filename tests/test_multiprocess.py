@@ -1,5 +1,6 @@
-"""End to end: `crma train` as 2 real processes of 4 CPU devices each, on JAX's distributed
-runtime with gloo collectives on localhost, against the same run in 1 process of 8 devices.
+"""End to end: `crma train` and `crma cl` as 2 real processes of 4 CPU devices each, on JAX's
+distributed runtime with gloo collectives on localhost, against the same run in 1 process of 8
+devices.
 
 The commands are the README's ("Beyond one machine"). Every launch is bounded by a timeout, and
 every process a test starts is killed (its whole process group) before the test returns.
@@ -18,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import committed_steps, word_jsonl
@@ -173,3 +175,25 @@ def test_a_single_process_checkpoint_resumes_in_two_processes(runs, tiny_lm, dat
     assert committed_steps(run) == [KILL_AT]
     _check(_launch(argv + ["--resume"], 2))
     _assert_same_trajectory(run, runs["8,1,1"])
+
+
+def test_continual_learning_in_two_processes_reaches_the_single_process_numbers(tiny_lm, data_file, tmp_path):
+    """`crma cl` over two domains with the methods that gather statistics over the data between
+    domains (EWC's Fisher, InfLoRA's input Gram matrices) and route without a task id: the loss
+    matrices of 2 processes equal those of 1 process on the same 8 devices."""
+    other = word_jsonl(tmp_path / "other.jsonl", "the function returns a list of the values it reads from the file",
+                       rows=60, length=30)
+
+    def argv(out: Path) -> list[str]:
+        return ["cl", "--model", str(tiny_lm), "--domains", f"law={data_file},code={other}",
+                "--conditions", "ewc,inflora", "--steps", "3", "--warmup-steps", "1", "--seq-len", "32",
+                "--batch-size", "8", "--lr-lora", "3e-3", "--mesh", "8,1,1", "--fisher-batches", "2",
+                "--routing-tokens", "8", "--no-plots", "--report-to", "none", "--out", str(out)]
+    _check(_launch(argv(tmp_path / "one"), 1))
+    _check(_launch(argv(tmp_path / "two"), 2))
+    want = json.loads((tmp_path / "one" / "results.json").read_text())["results"]
+    got = json.loads((tmp_path / "two" / "results.json").read_text())["results"]
+    for method in ("ewc", "inflora"):
+        for key in ("L", "base"):
+            np.testing.assert_allclose(got[method]["0"][key], want[method]["0"][key], rtol=1e-5, err_msg=method)
+        assert got[method]["0"]["agnostic"]["acc"] == pytest.approx(want[method]["0"]["agnostic"]["acc"], rel=1e-5)

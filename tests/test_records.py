@@ -89,6 +89,7 @@ def test_bad_rows_are_counted_and_the_first_named_never_dropped_silently(tmp_pat
     ("hello", "must be a list of turns, got str"),
     ([{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}], "unknown role 'narrator'"),
     ([{"role": "user", "content": "x"}], "no assistant turn"),
+    ([{"role": "assistant", "content": "y"}, {"role": "user", "content": "x"}], "starts with an assistant turn"),
     ([{"role": "user"}, {"role": "assistant", "content": "y"}], "a string 'role' and a string 'content'"),
 ])
 def test_unusable_conversations_are_named_with_their_line(tmp_path: Path, cache: str, messages, why) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from crma_jax.train.config import TrainConfig
-from crma_jax.train.run_dir import check_run_dir, read_config, write_config
+from crma_jax.train.run_dir import COMMITTED, STAGING, check_run_dir, commit, read_config, recover, write_config
 
 
 def test_new_or_empty_directories_are_accepted(tmp_path):
@@ -40,3 +41,47 @@ def test_resume_names_every_setting_that_changes_results(tmp_path):
     msg = str(err.value)
     assert "lr_lora: 0.001 -> 0.003" in msg and "steps: 10 -> 12" in msg and "config.yaml" in msg
     assert read_config(run)["lr_lora"] == 1e-3  # the check wrote nothing
+    # A run saved before a setting existed resumes when the setting keeps its default.
+    saved = read_config(run)
+    del saved["eval_data"]
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "tensorboard": True}))
+    check_run_dir(run, TrainConfig(lr_lora=1e-3, steps=10), resume=True)
+    with pytest.raises(ValueError, match=r"eval_data: '' -> 'held.jsonl'"):
+        check_run_dir(run, TrainConfig(lr_lora=1e-3, steps=10, eval_data="held.jsonl"), resume=True)
+
+
+def _state(root):
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _write(version):
+    def write(staging):
+        (staging / "progress.json").write_text(version)
+        (staging / "adapters").mkdir()
+        (staging / "adapters" / "meta.json").write_text(version)
+    return write
+
+
+def test_commit_replaces_entries_as_one_and_recover_finishes_or_drops_a_cut_one(tmp_path):
+    root = tmp_path / "seed0"
+    root.mkdir()
+    (root / "keep.txt").write_text("other")
+    commit(root, _write("1"))
+    old = {"adapters/meta.json": "1", "keep.txt": "other", "progress.json": "1"}
+    assert _state(root) == old
+    # Killed while writing: the staged entries never committed, so the old ones stay.
+    def dies(staging):
+        _write("2")(staging)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        commit(root, dies)
+    recover(root)
+    assert _state(root) == old
+    # Killed after the commit point, half moved in: recovery moves in the rest.
+    (root / COMMITTED).mkdir()
+    _write("2")(root / COMMITTED)
+    (root / COMMITTED / "progress.json").replace(root / "progress.json")
+    assert _state(root)["progress.json"] == "2" and _state(root)["adapters/meta.json"] == "1"  # the mix
+    recover(root)
+    assert _state(root) == {"adapters/meta.json": "2", "keep.txt": "other", "progress.json": "2"}
+    assert not (root / COMMITTED).exists() and not (root / STAGING).exists()

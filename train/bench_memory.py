@@ -44,7 +44,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                              "of N devices needs XLA_FLAGS=--xla_force_host_platform_device_count=N")
     parser.add_argument("--backend", type=_csv(str), default=None,
                         help="comma-separated JAX backends to plan on, e.g. cpu,gpu (default: every one present)")
-    parser.add_argument("--table", action="store_true", help="the full grid recorded in BENCHMARKS.md")
+    parser.add_argument("--table", action="store_true", help="the full grid recorded in BENCHMARKS.md (on each --mesh)")
 
 
 def backends(asked: list[str] | None) -> list[str]:
@@ -71,11 +71,10 @@ def run(args: argparse.Namespace) -> int:
     for mesh in args.mesh:
         if len(mesh) != 3 or min(mesh) < 1:
             raise ValueError(f"--mesh {','.join(map(str, mesh))}: need D,F,M, three positive sizes")
-    meshes = args.mesh if not args.table else [[1, 1, 1]]
     print("| model | base | remat | T | backend | mesh | weights | arguments | temp | outputs | total | compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arch, quant, policy, seq, mesh in itertools.product(grid["arch"], grid["quant"], grid["remat"], grid["seq_len"],
-                                                            meshes):
+                                                            args.mesh):
         config = arch_config(arch)
         for backend in backends(args.backend):
             t0 = time.perf_counter()

@@ -13,7 +13,7 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
 
 
-def summarize(results: dict[str, dict[int, dict[str, Any]]], names: list[str]) -> dict[str, Any]:
+def summarize(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     """Per condition, over seeds: each metric's mean, std and range, per-domain drift, final losses."""
     out = {}
     for cond, by_seed in results.items():
@@ -36,14 +36,18 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], names: list[str]) -
     return out
 
 
+METRICS_LEGEND = (
+    "Drift (L[K][j] − L[j][j]) / L[j][j]: positive = forgetting. ACC: mean final loss (lower is better). "
+    "BWT = mean (L[j][j] − L[K][j]) and FWT = mean (base[j] − L[j−1][j]): positive = transfer, negative BWT = "
+    "forgetting. Task-agnostic ACC: no task id (routing for the per-domain LoRAs), on the tokens after each row's "
+    "routing prefix.")
+
+
 def markdown_table(summary: dict[str, Any], names: list[str], seeds: list[int]) -> str:
     """Per-domain drift and the transfer metrics per condition, mean ± std over seeds."""
     earlier = names[:-1]
     lines = [
-        f"Holdout loss after the last domain, mean ± std over seeds {seeds}. Drift (L[K][j] − L[j][j]) / L[j][j]: "
-        "positive = forgetting. ACC: mean final loss (lower is better). BWT = mean (L[j][j] − L[K][j]) and "
-        "FWT = mean (base[j] − L[j−1][j]): positive = transfer, negative BWT = forgetting. Task-agnostic ACC: "
-        "no task id (routing for FROZEN/MODULAR), on the tokens after each row's routing prefix.",
+        f"Holdout loss after the last domain, mean ± std over seeds {seeds}. {METRICS_LEGEND}",
         "",
         "| condition | " + " | ".join(f"drift {n}" for n in earlier) + " | mean drift | ACC | BWT | FWT | "
         "task-agnostic ACC | wall s |",

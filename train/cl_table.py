@@ -18,14 +18,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from crma_jax.train.run_dir import read_config
-
-SKIP = {"out", "resume"}  # settings that never change results
+from crma_jax.train.cl_results import METRICS_LEGEND
+from crma_jax.train.run_dir import RESULT_NEUTRAL, read_config
 
 
 def varying_settings(configs: Sequence[dict[str, Any]]) -> list[str]:
     """The settings whose value differs between the runs, in config order."""
-    keys = [k for k in configs[0] if k not in SKIP]
+    keys = [k for k in configs[0] if k not in RESULT_NEUTRAL]
     return [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
 
 
@@ -71,10 +70,7 @@ def transfer_table(payloads: Sequence[dict[str, Any]], configs: Sequence[dict[st
     """Per run and condition: the transfer metrics as mean ± std [min, max] over seeds."""
     head = [*shown, "condition", "seeds", "mean drift %", "ACC", "BWT", "FWT", "task-agnostic ACC",
             "routing accuracy", "wall min"]
-    lines = ["Mean ± std [min, max] over seeds. Drift (L[K][j] − L[j][j]) / L[j][j] averaged over the earlier "
-             "domains: positive = forgetting. ACC: mean final loss (lower is better). BWT = mean (L[j][j] − L[K][j]) "
-             "and FWT = mean (base[j] − L[j−1][j]): positive = transfer, negative BWT = forgetting. Task-agnostic "
-             "ACC: no task id (routing for per-domain LoRAs), on the tokens after each row's routing prefix. Wall: "
+    lines = [f"Mean ± std [min, max] over seeds; mean drift over the earlier domains. {METRICS_LEGEND} Wall: "
              "minutes per sequence (training, evaluation, checkpoints), mean over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for payload, config in zip(payloads, configs):

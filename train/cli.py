@@ -63,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    from crma_jax.chat import chat_prompt
+    from crma_jax.chat import chat_prompt, reply
     from crma_jax.generate import generate
     from crma_jax.train.inference import load_for_inference
 
@@ -74,8 +74,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = generate(model, variables, jnp.asarray([prompt]), args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, rng=jax.random.PRNGKey(args.seed), crma_enabled=not args.no_crma)
     new = [int(t) for t in out[0, len(prompt):]]
-    if args.chat and tokenizer.eos_token_id in new:  # the assistant's turn ends at its end-of-turn token
-        new = new[:new.index(tokenizer.eos_token_id)]
+    if args.chat:
+        new = reply(tokenizer, new)
     print(tokenizer.decode(new, skip_special_tokens=True))
     return 0
 

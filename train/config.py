@@ -157,7 +157,7 @@ class TrainConfig:
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"--attention must be one of {', '.join(IMPLEMENTATIONS)}, got {self.attention!r}")
         unknown = set(self.trackers) - set(TRACKERS)
-        if unknown or (self.trackers and "none" in self.report_to.split(",")):
+        if unknown or (self.trackers and "none" in (t.strip() for t in self.report_to.split(","))):
             raise ValueError(f"--report-to takes {', '.join(TRACKERS)} (comma-separated) or none, got {self.report_to!r}")
         if self.quant not in ("", "nf4", "int8"):
             raise ValueError(f"--quant must be nf4 or int8, got {self.quant!r}")

@@ -61,7 +61,7 @@ from crma_jax.train.cl_results import markdown_table, summarize
 from crma_jax.train.config import TrainConfig, parse_seeds, setting
 from crma_jax.train.finetune import OnCheckpoint, Session, data_spec, evaluate_holdout, fresh_adapters, \
     open_session, save_run_adapters, train
-from crma_jax.train.run_dir import begin_run, write_config
+from crma_jax.train.run_dir import begin_run, commit, recover, write_config
 from crma_jax.train_step import forward_loss
 
 CONDITIONS = tuple(METHODS)
@@ -70,7 +70,9 @@ Domain = tuple[PackedData, PackedData, DataSpec]  # (train, holdout, spec)
 
 @dataclasses.dataclass
 class CLConfig(TrainConfig):
-    cli_exclude = ("data",)
+    # Every domain is its own source, split into train and holdout alike: one --eval-data or
+    # --data-split for all of them would make every column of L the same set.
+    cli_exclude = ("data", "data_config", "data_split", "eval_data", "eval_split")
 
     out: str = setting("runs/cl", "output directory; must be new or empty unless --resume")
     domains: str = setting("legal,code,docs,changelog,shell", "NAME or NAME=PATH, comma-separated, in training order "
@@ -113,6 +115,9 @@ class CLConfig(TrainConfig):
                 if self.lora_init == "pissa":
                     raise ValueError(f"{cond} sums the domains' LoRAs, and with --lora-init pissa each one holds the "
                                      f"base's top singular directions again; run {cond} with --lora-init default")
+                if isinstance(self.method(cond), InfLoRA) and self.weight_decay:
+                    raise ValueError(f"{cond} keeps each domain's A fixed, and --weight-decay {self.weight_decay} would "
+                                     f"still shrink it; run {cond} with --weight-decay 0")
                 if cond in self.domain_sources():
                     raise ValueError(f"a domain named {cond!r} would clash with the LoRA set that holds {cond}'s "
                                      f"model; rename it")
@@ -196,10 +201,7 @@ TASK_STATS = {"fisher": task_fisher, "input_gram": task_input_grams}
 
 
 def _save_memory(path: Path, memory: Memory) -> None:
-    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(memory, sep="/").items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(flat, str(tmp))
-    tmp.replace(path)
+    save_file({k: np.asarray(v) for k, v in traverse_util.flatten_dict(memory, sep="/").items()}, str(path))
 
 
 def _load_memory(path: Path) -> Memory:
@@ -214,8 +216,8 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
     "wall_s"}: the full loss matrix, the starting model's losses, the transfer metrics, where the
     substrate was after each domain and where it started (MODULAR; None for the others), the final
     task-agnostic evaluation, and the seconds spent on the finished domains (kept in progress.json
-    across resumes, so a resumed run reports its whole time; a domain cut short and redone counts
-    once) plus the final evaluation's.
+    across resumes; of a domain cut short, only the run that finished it counts) plus the final
+    evaluation's.
     """
 
     method = cfg.method(name_of_method)
@@ -229,6 +231,9 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
     memory = method.init_memory(fresh[0], len(names))
     progress: dict[str, Any] = {"finished": [], "L": [], "substrate": [], "zclip": None}
     trained: list[Any] = []
+    if distributed.is_writer():
+        recover(root)  # a kill while a domain was being saved: its files all in place, or none
+    distributed.sync(f"recovered {root}")
     if cfg.resume and progress_file.exists():
         progress = json.loads(progress_file.read_text())
     if progress["finished"]:
@@ -284,11 +289,16 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
             progress["substrate"].append(substrate(lora, holdout))
         progress["wall_s"] = progress.get("wall_s", 0.0) + time.perf_counter() - t0
         if distributed.is_writer():
-            save_run_adapters(root, session, method.saved_sets(progress["finished"], trained), crma,
-                              {n: domains[n][2] for n in progress["finished"]})
-            if memory:
-                _save_memory(memory_file, memory)
-            progress_file.write_text(json.dumps(progress, indent=2))
+            def write(staging: Path) -> None:
+                save_run_adapters(staging, session, method.saved_sets(progress["finished"], trained), crma,
+                                  {n: domains[n][2] for n in progress["finished"]})
+                if memory:
+                    _save_memory(staging / memory_file.name, memory)
+                (staging / progress_file.name).write_text(json.dumps(progress, indent=2))
+
+            # Adapters, memory and progress describe the same finished domains, or resume would
+            # redo a domain on a memory (EWC's anchors, InfLoRA's subspace) that already has it.
+            commit(root, write)
         distributed.sync(f"finished {root / name}")
     result: dict[str, Any] = {"L": progress["L"], "base": progress["base"], "substrate": progress["substrate"],
                               "substrate_init": progress.get("substrate_init"),
@@ -398,7 +408,7 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
         for seed in seeds:
             results.setdefault(cond, {})[seed] = run_sequence(cfg, cond, seed, domains, session, on_checkpoint)
     names = list(sources)
-    summary = summarize(results, names)
+    summary = summarize(results)
     payload = {"domains": names, "conditions": conditions, "seeds": seeds, "results": results, "summary": summary}
     if writer:
         (out / "results.json").write_text(json.dumps(payload, indent=2))

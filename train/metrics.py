@@ -51,9 +51,10 @@ class TensorBoardTracker:
 
 
 class WandbTracker:
-    """A Weights & Biases run (the `wandb` extra), named after RUN and kept under RUN/wandb. Its
-    id is stored in RUN/wandb_id, so a resumed run continues the same W&B run. `WANDB_MODE=offline`
-    records it without a network (`wandb sync` uploads it later)."""
+    """A Weights & Biases run (the `wandb` extra), named by RUN's path (so the domains of every
+    `crma cl` method and seed are told apart) and kept under RUN/wandb. Its id is stored in
+    RUN/wandb_id, so a resumed run continues the same W&B run. `WANDB_MODE=offline` records it
+    without a network (`wandb sync` uploads it later)."""
 
     def __init__(self, run: Path, config: dict[str, Any], project: str) -> None:
         try:
@@ -64,7 +65,7 @@ class WandbTracker:
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         (run / "wandb").mkdir(exist_ok=True)
-        self._run = wandb.init(project=project, name=run.name, id=run_id, resume="allow", dir=str(run),
+        self._run = wandb.init(project=project, name=run.as_posix(), id=run_id, resume="allow", dir=str(run),
                                config=config, reinit="create_new")
 
     def log(self, step: int, values: dict[str, float]) -> None:

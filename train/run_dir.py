@@ -8,8 +8,10 @@ error names every key that differs.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -19,6 +21,7 @@ CONFIG_FILE = "config.yaml"
 # Settings that change where and how a run is written or logged, never what it computes.
 RESULT_NEUTRAL = frozenset({"out", "resume", "plots", "report_to", "wandb_project", "checkpoint_every", "keep_checkpoints",
                             "eval_every", "debug", "remat", "attention",
+                            "tensorboard",  # a run saved before --report-to replaced it
                             # how the processes of one run find each other, not what they compute
                             "distributed", "coordinator_address", "num_processes", "process_id"})
 _MISSING = "<not set>"
@@ -27,6 +30,13 @@ _MISSING = "<not set>"
 def settings_of(config: Any) -> dict[str, Any]:
     """A dataclass config (or a mapping) as a plain dict."""
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+def _defaults(config: Any) -> dict[str, Any]:
+    """The default of each field of a dataclass config ({} for a mapping)."""
+    if not dataclasses.is_dataclass(config):
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
 
 
 def check_run_dir(out: str | Path, config: Any, resume: bool, neutral: frozenset[str] = RESULT_NEUTRAL) -> None:
@@ -48,6 +58,8 @@ def check_run_dir(out: str | Path, config: Any, resume: bool, neutral: frozenset
     except yaml.YAMLError as e:
         raise ValueError(f"{saved_file}: unreadable ({e})") from e
     new = settings_of(config)
+    # A setting added since the run was saved took its default then.
+    saved = {**_defaults(config), **saved}
     differing = sorted(k for k in set(saved) | set(new) if k not in neutral and saved.get(k, _MISSING) != new.get(k, _MISSING))
     if differing:
         changes = ", ".join(f"{k}: {saved.get(k, _MISSING)!r} -> {new.get(k, _MISSING)!r}" for k in differing)
@@ -81,3 +93,37 @@ def read_config(run: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; is {run} a crma run directory?")
     return yaml.safe_load(path.read_text()) or {}
+
+
+STAGING, COMMITTED = ".commit-staging", ".commit-ready"
+
+
+def commit(root: str | Path, write: Callable[[Path], None]) -> None:
+    """Replace several entries of `root` as one: `write(staging)` writes the new entries (files or
+    directories) into an empty staging directory, one rename commits them, and they are then
+    moved into place. Killed at any point, `root` holds the old entries, or the new ones once
+    `recover` has run, never a mix."""
+    root = Path(root)
+    staging = root / STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    write(staging)
+    os.rename(staging, root / COMMITTED)  # the commit point
+    recover(root)
+
+
+def recover(root: str | Path) -> None:
+    """Finish an interrupted `commit` in `root`: move a committed one into place (again, if it
+    was cut short), drop one that never committed. Does nothing when none was interrupted."""
+    root = Path(root)
+    ready = root / COMMITTED
+    if ready.is_dir():
+        for entry in sorted(ready.iterdir()):
+            target = root / entry.name
+            if entry.is_dir() and target.exists():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        ready.rmdir()
+    if (root / STAGING).exists():
+        shutil.rmtree(root / STAGING)
