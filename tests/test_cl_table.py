@@ -32,7 +32,7 @@ def _run(root, name, lr, L_by_seed, substrate=True):
 def test_rows_are_seed_means_with_the_settings_that_differ(tmp_path):
     one = _run(tmp_path, "one", 1e-3, {"0": [[2.0, 1.5], [2.2, 1.0]], "1": [[2.2, 1.5], [2.4, 1.2]]})
     two = _run(tmp_path, "two", 1e-2, {"0": [[2.0, 1.9], [2.0, 1.0]]}, substrate=False)
-    assert varying_settings([{"out": "x", "a": 1, "b": 2}, {"out": "y", "a": 1, "b": 3}]) == ["b"]
+    assert varying_settings([{"out": "x", "a": 1, "b": 2, "seeds": "0"}, {"out": "y", "a": 1, "b": 3, "seeds": "1"}]) == ["b"]
     table = cl_table([one, two])
     transfer, losses = table.split("\n\nDomains ")
     rows = [line for line in transfer.splitlines() if line.startswith("| ")]

@@ -21,10 +21,12 @@ import numpy as np
 from crma_jax.train.cl_results import METRICS_LEGEND
 from crma_jax.train.run_dir import RESULT_NEUTRAL, read_config
 
+SHOWN = {"conditions", "seeds"}  # every row names its condition and seeds anyway
+
 
 def varying_settings(configs: Sequence[dict[str, Any]]) -> list[str]:
     """The settings whose value differs between the runs, in config order."""
-    keys = [k for k in configs[0] if k not in RESULT_NEUTRAL]
+    keys = [k for k in configs[0] if k not in RESULT_NEUTRAL | SHOWN]
     return [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
 
 
