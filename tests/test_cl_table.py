@@ -65,3 +65,26 @@ def test_unfinished_run_is_named(tmp_path, capsys):
     assert "not a finished `crma cl` run" in capsys.readouterr().err
     assert main(["cl-table", str(one), "--settings", "steps"]) == 0
     assert capsys.readouterr().out.splitlines()[2].startswith("| steps | condition |")
+
+
+def test_runs_with_the_same_settings_pool_their_seeds(tmp_path):
+    seed0 = {"0": [[2.0, 1.5], [2.2, 1.0]]}
+    first = _run(tmp_path, "first", 1e-3, {**seed0, "2": [[2.4, 1.5], [2.6, 1.4]]})
+    again = _run(tmp_path, "again", 1e-3, {**seed0, "1": [[2.2, 1.5], [2.4, 1.2]]})  # seed 0 reproduced
+    other = _run(tmp_path, "other", 1e-2, {"1": [[2.0, 1.9], [2.0, 1.0]]})
+    config = yaml.safe_load((first / "config.yaml").read_text())
+    # A setting added after `first` was saved reads as its default, so the runs still pool.
+    (again / "config.yaml").write_text(yaml.safe_dump({**config, "out": str(again), "inflora_threshold": 0.97}))
+    rows = [line.split(" | ") for line in cl_table([first, again, other]).split("\n\nDomains ")[0].splitlines()
+            if line.startswith("| 0.0")]
+    assert [(r[1], r[2]) for r in rows] == [("MODULAR", "0,1,2"), ("MODULAR", "1")]
+    assert rows[0][4] == "1.8000 ± 0.1633 [1.6000, 2.0000]"  # ACC over the three distinct seeds
+    assert rows[0][9].rstrip(" |") == "2.0"  # minutes: seeds 0, 1, 2 took 1, 2, 3
+
+    (again / "config.yaml").write_text(yaml.safe_dump({**config, "out": str(again), "inflora_threshold": 0.5}))
+    rows = [line.split(" | ")[:3] for line in cl_table([first, again]).splitlines() if "| MODULAR |" in line]
+    assert rows[:2] == [["| 0.97", "MODULAR", "0,2"], ["| 0.5", "MODULAR", "0,1"]]  # the setting differs: apart
+
+    clash = _run(tmp_path, "clash", 1e-3, {"0": [[2.0, 1.5], [2.3, 1.0]]})
+    with pytest.raises(ValueError, match=r"seed 0 of modular is in both .*first and .*clash with different results"):
+        cl_table([first, clash])

@@ -1,7 +1,9 @@
 """`crma cl-table RUN [RUN ...]`: markdown tables comparing finished `crma cl` runs.
 
-Each row is one condition of one run, over its seeds, after the settings that differ between
-the runs (or those named with --settings). The first table gives the transfer metrics as mean ±
+Each row is one condition over its seeds, after the settings that differ between the runs (or
+those named with --settings). Runs with the same settings pool their seeds into one row, so a
+condition's seeds may come from several invocations; a seed found in two runs is kept once if
+both hold the same results, and is an error otherwise. The first table gives the transfer metrics as mean ±
 std [min, max] over seeds: mean drift, ACC, BWT, FWT, the task-agnostic ACC, (for routed
 methods) how often routing picked the right LoRA, and the minutes per sequence. The second gives
 the mean starting and final holdout losses per domain, and how far the CRMA substrate sat from
@@ -14,11 +16,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
 from crma_jax.train.cl_results import METRICS_LEGEND
+from crma_jax.train.continual import CLConfig
 from crma_jax.train.run_dir import RESULT_NEUTRAL, read_config
 
 SHOWN = {"conditions", "seeds"}  # every row names its condition and seeds anyway
@@ -68,21 +71,55 @@ def _wall(runs: list[dict[str, Any]]) -> str:
     return "?" if minutes is None else f"{minutes / 60:.1f}"
 
 
-def transfer_table(payloads: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]], shown: Sequence[str]) -> str:
+class Row(NamedTuple):
+    """One condition under one set of settings: its results by seed, pooled over runs."""
+
+    config: dict[str, Any]
+    condition: str
+    by_seed: dict[str, dict[str, Any]]
+
+
+def pool(payloads: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]]) -> list[Row]:
+    """Rows in order of first appearance: one per condition and result-relevant settings, with the
+    seeds of every run that has them. The same seed twice must carry the same results (wall time
+    aside: a rerun reproduces the numbers, not the minutes)."""
+    rows: dict[tuple[str, str], Row] = {}
+    for payload, config in zip(payloads, configs):
+        settings = json.dumps({k: v for k, v in config.items() if k not in RESULT_NEUTRAL | SHOWN}, sort_keys=True)
+        for cond, by_seed in payload["results"].items():
+            row = rows.setdefault((cond, settings), Row(config, cond, {}))
+            for seed, result in by_seed.items():
+                kept = row.by_seed.get(seed)
+                if kept is None:
+                    row.by_seed[seed] = result
+                elif _numbers(kept) != _numbers(result):
+                    raise ValueError(f"seed {seed} of {cond} is in both {row.config.get('out')} and {config.get('out')} "
+                                     "with different results; name one of them")
+    for row in rows.values():
+        ordered = sorted(row.by_seed.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0, kv[0]))
+        row.by_seed.clear()
+        row.by_seed.update(ordered)
+    return list(rows.values())
+
+
+def _numbers(result: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in result.items() if k != "wall_s"}, sort_keys=True)
+
+
+def transfer_table(rows: Sequence[Row], shown: Sequence[str]) -> str:
     """Per run and condition: the transfer metrics as mean ± std [min, max] over seeds."""
     head = [*shown, "condition", "seeds", "mean drift %", "ACC", "BWT", "FWT", "task-agnostic ACC",
             "routing accuracy", "wall min"]
     lines = [f"Mean ± std [min, max] over seeds; mean drift over the earlier domains. {METRICS_LEGEND} Wall: "
              "minutes per sequence (training, evaluation, checkpoints), mean over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for payload, config in zip(payloads, configs):
-        for cond, by_seed in payload["results"].items():
-            runs = list(by_seed.values())
-            row = [*(str(config.get(k)) for k in shown), cond.upper(), ",".join(by_seed),
-                   spread([np.mean(r["drift"]) for r in runs], 100, digits=2), spread([r["acc"] for r in runs], signed=False),
-                   spread([r["bwt"] for r in runs]), spread([r["fwt"] for r in runs]),
-                   spread([r["agnostic"]["acc"] for r in runs], signed=False), _routing(runs), _wall(runs)]
-            lines.append("| " + " | ".join(row) + " |")
+    for config, cond, by_seed in rows:
+        runs = list(by_seed.values())
+        row = [*(str(config.get(k)) for k in shown), cond.upper(), ",".join(by_seed),
+               spread([np.mean(r["drift"]) for r in runs], 100, digits=2), spread([r["acc"] for r in runs], signed=False),
+               spread([r["bwt"] for r in runs]), spread([r["fwt"] for r in runs]),
+               spread([r["agnostic"]["acc"] for r in runs], signed=False), _routing(runs), _wall(runs)]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -95,7 +132,7 @@ def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None) ->
             payloads.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a finished `crma cl` run ({e})") from e
-        configs.append(read_config(run))
+        configs.append(read_config(run, CLConfig))
     names = payloads[0]["domains"]
     shown = list(settings) if settings else varying_settings(configs)
     for payload, config in zip(payloads, configs):
@@ -105,16 +142,16 @@ def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None) ->
             "‖α(Mᵀ−I)‖ init → after each domain", "‖h′−h‖/‖h‖ init → after each domain"]
     lines = [f"Domains {' → '.join(names)}; losses per domain in that order, mean over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for payload, config in zip(payloads, configs):
-        for cond, by_seed in payload["results"].items():
-            runs = list(by_seed.values())
-            L = np.mean([r["L"] for r in runs], axis=0)
-            base = np.mean([r["base"] for r in runs], axis=0)
-            disp, hidden = _substrate(runs)
-            row = [*(str(config.get(k)) for k in shown), cond.upper(), ",".join(by_seed),
-                   " / ".join(f"{v:.4f}" for v in base), " / ".join(f"{L[j, j]:.4f}" for j in range(len(names))),
-                   " / ".join(f"{v:.4f}" for v in L[-1]),
-                   *(f"{_mean([r[k] for r in runs]):+.4f}" if k != "acc" else f"{_mean([r[k] for r in runs]):.4f}"
-                     for k in ("acc", "bwt", "fwt")), disp, hidden]
-            lines.append("| " + " | ".join(row) + " |")
-    return transfer_table(payloads, configs, shown) + "\n" + "\n".join(lines) + "\n"
+    rows = pool(payloads, configs)
+    for config, cond, by_seed in rows:
+        runs = list(by_seed.values())
+        L = np.mean([r["L"] for r in runs], axis=0)
+        base = np.mean([r["base"] for r in runs], axis=0)
+        disp, hidden = _substrate(runs)
+        row = [*(str(config.get(k)) for k in shown), cond.upper(), ",".join(by_seed),
+               " / ".join(f"{v:.4f}" for v in base), " / ".join(f"{L[j, j]:.4f}" for j in range(len(names))),
+               " / ".join(f"{v:.4f}" for v in L[-1]),
+               *(f"{_mean([r[k] for r in runs]):+.4f}" if k != "acc" else f"{_mean([r[k] for r in runs]):.4f}"
+                 for k in ("acc", "bwt", "fwt")), disp, hidden]
+        lines.append("| " + " | ".join(row) + " |")
+    return transfer_table(rows, shown) + "\n" + "\n".join(lines) + "\n"

@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a domain in training order, a built-in NAME or NAME=PATH (repeat; overrides `domains`)")
     p.set_defaults(fn=cmd_cl)
 
-    p = command("cl-table", "one markdown table comparing finished `crma cl` runs (settings, losses, substrate)")
+    p = command("cl-table", "markdown tables comparing finished `crma cl` runs (settings, losses, substrate); "
+                         "runs with the same settings pool their seeds")
     p.add_argument("runs", nargs="+", type=Path, help="finished `crma cl` run directories")
     p.add_argument("--settings", help="comma-separated config keys to show (default: those that differ between runs)")
     p.set_defaults(fn=cmd_cl_table)

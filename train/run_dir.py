@@ -32,8 +32,8 @@ def settings_of(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
-def _defaults(config: Any) -> dict[str, Any]:
-    """The default of each field of a dataclass config ({} for a mapping)."""
+def defaults(config: Any) -> dict[str, Any]:
+    """The default of each field of a dataclass config or config class ({} for a mapping)."""
     if not dataclasses.is_dataclass(config):
         return {}
     return {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
@@ -59,7 +59,7 @@ def check_run_dir(out: str | Path, config: Any, resume: bool, neutral: frozenset
         raise ValueError(f"{saved_file}: unreadable ({e})") from e
     new = settings_of(config)
     # A setting added since the run was saved took its default then.
-    saved = {**_defaults(config), **saved}
+    saved = {**defaults(config), **saved}
     differing = sorted(k for k in set(saved) | set(new) if k not in neutral and saved.get(k, _MISSING) != new.get(k, _MISSING))
     if differing:
         changes = ", ".join(f"{k}: {saved.get(k, _MISSING)!r} -> {new.get(k, _MISSING)!r}" for k in differing)
@@ -87,12 +87,14 @@ def write_config(out: str | Path, config: Any) -> Path:
     return path
 
 
-def read_config(run: str | Path) -> dict[str, Any]:
-    """A run's saved settings; FileNotFoundError naming the file when it has none."""
+def read_config(run: str | Path, config_type: type | None = None) -> dict[str, Any]:
+    """A run's saved settings; FileNotFoundError naming the file when it has none. With a
+    dataclass `config_type`, a setting added since the run was saved reads as its default."""
     path = Path(run) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; is {run} a crma run directory?")
-    return yaml.safe_load(path.read_text()) or {}
+    saved = yaml.safe_load(path.read_text()) or {}
+    return {**defaults(config_type), **saved} if config_type is not None else saved
 
 
 STAGING, COMMITTED = ".commit-staging", ".commit-ready"
