@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from crma_jax.train.cl_table import cl_table, varying_settings
+from crma_jax.train.cl_table import cl_plots, cl_table, varying_settings
 from crma_jax.train.cli import main
 
 
@@ -88,3 +88,27 @@ def test_runs_with_the_same_settings_pool_their_seeds(tmp_path):
     clash = _run(tmp_path, "clash", 1e-3, {"0": [[2.0, 1.5], [2.3, 1.0]]})
     with pytest.raises(ValueError, match=r"seed 0 of modular is in both .*first and .*clash with different results"):
         cl_table([first, clash])
+
+
+def test_plots_of_pooled_rows(tmp_path, capsys):
+    first = _run(tmp_path, "first", 1e-3, {"0": [[2.0, 1.5], [2.2, 1.0]]})
+    again = _run(tmp_path, "again", 1e-3, {"1": [[2.2, 1.5], [2.4, 1.2]]})
+    other = _run(tmp_path, "other", 1e-2, {"0": [[2.0, 1.9], [2.0, 1.0]]})
+    out = tmp_path / "plots"
+    assert main(["cl-table", str(first), str(again), str(other), "--plots", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 0.001 | MODULAR | 0,1 |" in printed
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["drift.png", "heatmap.png", "substrate.png", "transfer.png"]
+    assert all(f"plot: {out / n}" in printed for n in names)
+    assert all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+    # Earlier plots are not overwritten, and nothing is printed as if it had worked.
+    before = {n: (out / n).stat().st_mtime_ns for n in names}
+    assert main(["cl-table", str(first), "--plots", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "not an empty directory" in captured.err and captured.out == ""
+    assert {n: (out / n).stat().st_mtime_ns for n in names} == before
+    # Under --settings that cannot tell the two MODULAR rows apart, the plots refuse.
+    with pytest.raises(ValueError, match="does not tell apart"):
+        cl_plots([first, other], tmp_path / "fresh", ["steps"])
+    assert not (tmp_path / "fresh").exists()

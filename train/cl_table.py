@@ -123,8 +123,9 @@ def transfer_table(rows: Sequence[Row], shown: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None) -> str:
-    """The markdown tables of `run_dirs` (each a finished `crma cl` RUN)."""
+def load(run_dirs: Sequence[Path]) -> tuple[list[str], list[dict[str, Any]], list[Row]]:
+    """(domains, each run's settings, the pooled rows) of `run_dirs`, each a finished `crma cl`
+    RUN over the same domains; ValueError naming the run otherwise."""
     payloads, configs = [], []
     for run in run_dirs:
         path = Path(run) / "results.json"
@@ -134,15 +135,20 @@ def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None) ->
             raise ValueError(f"{path}: not a finished `crma cl` run ({e})") from e
         configs.append(read_config(run, CLConfig))
     names = payloads[0]["domains"]
-    shown = list(settings) if settings else varying_settings(configs)
     for payload, config in zip(payloads, configs):
         if payload["domains"] != names:
             raise ValueError(f"{config.get('out')}: domains {payload['domains']} differ from {names}")
+    return names, configs, pool(payloads, configs)
+
+
+def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None) -> str:
+    """The markdown tables of `run_dirs` (each a finished `crma cl` RUN)."""
+    names, configs, rows = load(run_dirs)
+    shown = list(settings) if settings else varying_settings(configs)
     head = [*shown, "condition", "seeds", "base loss", "L[j][j] after training j", "L[K][j] at the end", "ACC", "BWT", "FWT",
             "‖α(Mᵀ−I)‖ init → after each domain", "‖h′−h‖/‖h‖ init → after each domain"]
     lines = [f"Domains {' → '.join(names)}; losses per domain in that order, mean over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = pool(payloads, configs)
     for config, cond, by_seed in rows:
         runs = list(by_seed.values())
         L = np.mean([r["L"] for r in runs], axis=0)
@@ -155,3 +161,27 @@ def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None) ->
                  for k in ("acc", "bwt", "fwt")), disp, hidden]
         lines.append("| " + " | ".join(row) + " |")
     return transfer_table(rows, shown) + "\n" + "\n".join(lines) + "\n"
+
+
+def cl_plots(run_dirs: Sequence[Path], out: Path, settings: Sequence[str] | None = None) -> list[Path]:
+    """The `crma cl` plots (heatmaps, drift, ACC/BWT, substrate) of the pooled rows, written into
+    `out`, which must be new or empty (earlier plots are never overwritten). A condition found
+    under several settings is labelled with them."""
+    from crma_jax.train.cl_results import summarize
+    from crma_jax.train.plots import plot_continual
+
+    names, configs, rows = load(run_dirs)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not an empty directory; choose a new directory for the plots")
+    shown = list(settings) if settings else varying_settings(configs)
+    repeated = {row.condition for row in rows if sum(r.condition == row.condition for r in rows) > 1}
+    results = {}
+    for config, cond, by_seed in rows:
+        label = f"{cond} ({', '.join(f'{k}={config.get(k)}' for k in shown)})" if cond in repeated and shown else cond
+        if label in results:
+            raise ValueError(f"{cond} appears under settings that --settings {','.join(shown) or '(none)'} does not "
+                             "tell apart; name the settings that differ")
+        results[label] = by_seed
+    out.mkdir(parents=True, exist_ok=True)
+    return plot_continual({"domains": names, "results": results, "summary": summarize(results)}, out)

@@ -126,9 +126,14 @@ def cmd_cl(args: argparse.Namespace) -> int:
 
 
 def cmd_cl_table(args: argparse.Namespace) -> int:
-    from crma_jax.train.cl_table import cl_table
+    from crma_jax.train.cl_table import cl_plots, cl_table
 
-    print(cl_table(args.runs, args.settings.split(",") if args.settings else None), end="")
+    settings = args.settings.split(",") if args.settings else None
+    table = cl_table(args.runs, settings)
+    plots = cl_plots(args.runs, args.plots, settings) if args.plots else []
+    print(table, end="")
+    for path in plots:
+        print(f"plot: {path}")
     return 0
 
 
@@ -219,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "runs with the same settings pool their seeds")
     p.add_argument("runs", nargs="+", type=Path, help="finished `crma cl` run directories")
     p.add_argument("--settings", help="comma-separated config keys to show (default: those that differ between runs)")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help="also draw the pooled heatmaps, drift and ACC/BWT plots into DIR (new or empty)")
     p.set_defaults(fn=cmd_cl_table)
 
     p = command("report", "one self-contained HTML page of a finished run: settings, summary tables, plots")

@@ -108,7 +108,12 @@ def plot_continual(payload: dict, out: Path) -> list[Path]:
     for ax, (key, label) in zip(axes, [("acc", "ACC: mean final loss (task id)"),
                                        ("agnostic_acc", "ACC without task id"),
                                        ("bwt", "BWT (negative = forgetting)")]):
-        ax.bar(x, [summary[c][key]["mean"] for c in conds], yerr=[summary[c][key]["std"] for c in conds], capsize=3)
+        means, stds = [summary[c][key]["mean"] for c in conds], [summary[c][key]["std"] for c in conds]
+        if key == "bwt":
+            ax.bar(x, means, yerr=stds, capsize=3)
+        else:  # losses differ by a few percent: points on a zoomed axis, not bars from 0
+            ax.errorbar(x, means, yerr=stds, fmt="o", capsize=3)
+            ax.grid(axis="y", alpha=0.3)
         ax.set(xticks=x, xticklabels=[c.upper() for c in conds], title=label)
         ax.tick_params(axis="x", rotation=30)
     axes[2].axhline(0, color="k", lw=0.8)
