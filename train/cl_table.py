@@ -3,8 +3,8 @@
 Each row is one condition over its seeds, after the settings that differ between the runs (or
 those named with --settings). Runs with the same settings pool their seeds into one row, so a
 condition's seeds may come from several invocations; a seed found in two runs is kept once if
-both hold the same results, and is an error otherwise. The first table gives the transfer metrics as mean ±
-std [min, max] over seeds: mean drift, ACC, BWT, FWT, the task-agnostic ACC, (for routed
+both hold the same results, and is an error otherwise. The first table gives the transfer
+metrics as mean ± std [min, max] over seeds: mean drift, ACC, BWT, FWT, the task-agnostic ACC, (for routed
 methods) how often routing picked the right LoRA, and the minutes per sequence. The second gives
 the mean starting and final holdout losses per domain, and how far the CRMA substrate sat from
 the identity at init and after each domain (mean over layers of ‖α(Mᵀ − I)‖_F) with the mean
@@ -96,7 +96,7 @@ def pool(payloads: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]]) 
                     raise ValueError(f"seed {seed} of {cond} is in both {row.config.get('out')} and {config.get('out')} "
                                      "with different results; name one of them")
     for row in rows.values():
-        ordered = sorted(row.by_seed.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0, kv[0]))
+        ordered = sorted(row.by_seed.items(), key=lambda kv: int(kv[0]))  # results.json keys seeds as "0", "1", ...
         row.by_seed.clear()
         row.by_seed.update(ordered)
     return list(rows.values())
@@ -107,7 +107,7 @@ def _numbers(result: dict[str, Any]) -> str:
 
 
 def transfer_table(rows: Sequence[Row], shown: Sequence[str]) -> str:
-    """Per run and condition: the transfer metrics as mean ± std [min, max] over seeds."""
+    """Per row: the transfer metrics as mean ± std [min, max] over its seeds."""
     head = [*shown, "condition", "seeds", "mean drift %", "ACC", "BWT", "FWT", "task-agnostic ACC",
             "routing accuracy", "wall min"]
     lines = [f"Mean ± std [min, max] over seeds; mean drift over the earlier domains. {METRICS_LEGEND} Wall: "
