@@ -112,3 +112,23 @@ def test_plots_of_pooled_rows(tmp_path, capsys):
     with pytest.raises(ValueError, match="does not tell apart"):
         cl_plots([first, other], tmp_path / "fresh", ["steps"])
     assert not (tmp_path / "fresh").exists()
+
+
+def test_versus_is_paired_per_seed_under_the_same_settings(tmp_path):
+    frozen = tmp_path / "frozen"
+    _run(tmp_path, "frozen", 1e-3, {"0": [[2.0, 1.5], [2.0, 1.0]], "1": [[2.0, 1.5], [2.0, 2.0]]})
+    payload = json.loads((frozen / "results.json").read_text())
+    payload["results"] = {"frozen": payload["results"]["modular"]}
+    (frozen / "results.json").write_text(json.dumps(payload))
+    modular = _run(tmp_path, "modular", 1e-3, {"0": [[2.0, 1.5], [2.2, 1.0]], "1": [[2.0, 1.5], [2.2, 2.0]],
+                                               "2": [[2.0, 1.5], [2.0, 1.0]]})
+    other = _run(tmp_path, "other", 1e-2, {"0": [[2.0, 1.5], [2.2, 1.0]]})
+    lines = cl_table([frozen, modular, other], against="frozen").split("\n\nDomains ")[0].splitlines()
+    assert "ACC vs FROZEN" in lines[0] and lines[2].endswith("| ACC vs FROZEN % | task-agnostic ACC vs FROZEN % |")
+    cells = {tuple(c.strip() for c in line.split("|")[1:3]): line.split(" | ") for line in lines[4:]}
+    # FROZEN's ACC is 1.5 (seed 0) and 2.0 (seed 1); MODULAR's 1.6 and 2.1: +6.67% and +5.00%, seed 2 unpaired.
+    assert cells[("0.001", "MODULAR")][-2] == "+5.83 ± 0.83 [+5.00, +6.67] (2 seeds)"
+    assert cells[("0.001", "FROZEN")][-2] == "+0.00 ± 0.00 [+0.00, +0.00] (2 seeds)"
+    assert cells[("0.01", "MODULAR")][-1].rstrip(" |") == "–"  # no FROZEN under these settings
+    with pytest.raises(ValueError, match="--versus naive: no such condition .*frozen, modular"):
+        cl_table([frozen, modular], against="naive")

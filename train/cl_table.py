@@ -86,7 +86,7 @@ def pool(payloads: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]]) 
     aside: a rerun reproduces the numbers, not the minutes)."""
     rows: dict[tuple[str, str], Row] = {}
     for payload, config in zip(payloads, configs):
-        settings = json.dumps({k: v for k, v in config.items() if k not in RESULT_NEUTRAL | SHOWN}, sort_keys=True)
+        settings = _settings_key(config)
         for cond, by_seed in payload["results"].items():
             row = rows.setdefault((cond, settings), Row(config, cond, {}))
             for seed, result in by_seed.items():
@@ -103,23 +103,50 @@ def pool(payloads: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]]) 
     return list(rows.values())
 
 
+def _settings_key(config: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in config.items() if k not in RESULT_NEUTRAL | SHOWN}, sort_keys=True)
+
+
 def _numbers(result: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in result.items() if k != "wall_s"}, sort_keys=True)
 
 
-def transfer_table(rows: Sequence[Row], shown: Sequence[str]) -> str:
-    """Per row: the transfer metrics as mean ± std [min, max] over its seeds."""
+def versus(row: Row, reference: Row | None, key: str) -> str:
+    """Paired over the seeds both rows have: 100·(x − x_ref)/x_ref of a loss (`acc`, or the
+    task-agnostic `agnostic`), as mean ± std [min, max]; negative = lower loss than the reference."""
+    if reference is None:
+        return "–"
+    get = (lambda r: r["agnostic"]["acc"]) if key == "agnostic" else (lambda r: r[key])  # noqa: E731
+    seeds = [s for s in row.by_seed if s in reference.by_seed]
+    if not seeds:
+        return "– (no common seed)"
+    ratios = [get(row.by_seed[s]) / get(reference.by_seed[s]) - 1 for s in seeds]
+    return spread(ratios, 100, digits=2) + f" ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+
+
+def transfer_table(rows: Sequence[Row], shown: Sequence[str], against: str | None = None) -> str:
+    """Per row: the transfer metrics as mean ± std [min, max] over its seeds; with `against` a
+    condition, also both ACCs relative to that condition's under the same settings, per seed."""
     head = [*shown, "condition", "seeds", "mean drift %", "ACC", "BWT", "FWT", "task-agnostic ACC",
             "routing accuracy", "wall min"]
-    lines = [f"Mean ± std [min, max] over seeds; mean drift over the earlier domains. {METRICS_LEGEND} Wall: "
-             "minutes per sequence (training, evaluation, checkpoints), mean over seeds.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for config, cond, by_seed in rows:
+    legend = (f"Mean ± std [min, max] over seeds; mean drift over the earlier domains. {METRICS_LEGEND} Wall: "
+              "minutes per sequence (training, evaluation, checkpoints), mean over seeds.")
+    if against:
+        head += [f"ACC vs {against.upper()} %", f"task-agnostic ACC vs {against.upper()} %"]
+        legend += (f" ACC vs {against.upper()}: per seed, (ACC − ACC of {against.upper()}) / ACC of {against.upper()} "
+                   "under the same settings and seed, over the seeds both have; negative = lower loss.")
+    references = {_settings_key(row.config): row for row in rows if row.condition == against}
+    lines = [legend, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in rows:
+        config, cond, by_seed = entry
         runs = list(by_seed.values())
         row = [*(str(config.get(k)) for k in shown), cond.upper(), ",".join(by_seed),
                spread([np.mean(r["drift"]) for r in runs], 100, digits=2), spread([r["acc"] for r in runs], signed=False),
                spread([r["bwt"] for r in runs]), spread([r["fwt"] for r in runs]),
                spread([r["agnostic"]["acc"] for r in runs], signed=False), _routing(runs), _wall(runs)]
+        if against:
+            reference = references.get(_settings_key(config))
+            row += [versus(entry, reference, "acc"), versus(entry, reference, "agnostic")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -142,9 +169,13 @@ def load(run_dirs: Sequence[Path]) -> tuple[list[str], list[dict[str, Any]], lis
     return names, configs, pool(payloads, configs)
 
 
-def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None) -> str:
-    """The markdown tables of `run_dirs` (each a finished `crma cl` RUN)."""
+def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None, against: str | None = None) -> str:
+    """The markdown tables of `run_dirs` (each a finished `crma cl` RUN); `against` a condition
+    adds each row's ACCs relative to it (`versus`), which must be in the runs."""
     names, configs, rows = load(run_dirs)
+    if against and not any(row.condition == against for row in rows):
+        raise ValueError(f"--versus {against}: no such condition in the runs (they have "
+                         f"{', '.join(sorted({row.condition for row in rows}))})")
     shown = list(settings) if settings else varying_settings(configs)
     head = [*shown, "condition", "seeds", "base loss", "L[j][j] after training j", "L[K][j] at the end", "ACC", "BWT", "FWT",
             "‖α(Mᵀ−I)‖ init → after each domain", "‖h′−h‖/‖h‖ init → after each domain"]
@@ -161,7 +192,7 @@ def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None) ->
                *(f"{_mean([r[k] for r in runs]):+.4f}" if k != "acc" else f"{_mean([r[k] for r in runs]):.4f}"
                  for k in ("acc", "bwt", "fwt")), disp, hidden]
         lines.append("| " + " | ".join(row) + " |")
-    return transfer_table(rows, shown) + "\n" + "\n".join(lines) + "\n"
+    return transfer_table(rows, shown, against) + "\n" + "\n".join(lines) + "\n"
 
 
 def cl_plots(run_dirs: Sequence[Path], out: Path, settings: Sequence[str] | None = None) -> list[Path]:

@@ -129,7 +129,7 @@ def cmd_cl_table(args: argparse.Namespace) -> int:
     from crma_jax.train.cl_table import cl_plots, cl_table
 
     settings = args.settings.split(",") if args.settings else None
-    table = cl_table(args.runs, settings)
+    table = cl_table(args.runs, settings, args.versus)
     plots = cl_plots(args.runs, args.plots, settings) if args.plots else []
     print(table, end="")
     for path in plots:
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "runs with the same settings pool their seeds")
     p.add_argument("runs", nargs="+", type=Path, help="finished `crma cl` run directories")
     p.add_argument("--settings", help="comma-separated config keys to show (default: those that differ between runs)")
+    p.add_argument("--versus", metavar="CONDITION",
+                   help="add each row's ACCs relative to CONDITION's (e.g. frozen), paired per seed")
     p.add_argument("--plots", type=Path, metavar="DIR",
                    help="also draw the pooled heatmaps, drift and ACC/BWT plots into DIR (new or empty)")
     p.set_defaults(fn=cmd_cl_table)
