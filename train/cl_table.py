@@ -6,10 +6,9 @@ condition's seeds may come from several invocations; a seed found in two runs is
 both hold the same results, and is an error otherwise. The first table gives the transfer
 metrics as mean ± std [min, max] over seeds: mean drift, ACC, BWT, FWT, the task-agnostic ACC,
 (for routed methods) how often routing picked the right LoRA, and the minutes per sequence.
-The second gives
-the mean starting and final holdout losses per domain, and how far the CRMA substrate sat from
-the identity at init and after each domain (mean over layers of ‖α(Mᵀ − I)‖_F) with the mean
-‖h′ − h‖/‖h‖ it made on the holdout. Every number is read from RUN/results.json and
+The second gives the mean starting and final holdout losses per domain, and how far the CRMA
+substrate sat from the identity at init and after each domain (mean over layers of
+‖α(Mᵀ − I)‖_F) with the mean ‖h′ − h‖/‖h‖ it made on the holdout. Every number is read from RUN/results.json and
 RUN/config.yaml, so a table in RESULTS.md is the output of this command over the runs it names.
 """
 
