@@ -170,40 +170,143 @@ def plan_step_memory(config: ModelConfig, *, batch_size: int = 1, seq_len: int =
                      dtype: Any = jnp.bfloat16, compute_dtype: Any = jnp.bfloat16,
                      lora: LoraConfig | None = LoraConfig(rank=8), crma: CRMAConfig | None = CRMAConfig(rank=4),
                      accum_steps: int = 1, backend: str | None = None, mesh_shape: Sequence[int] = (1, 1, 1),
-                     **model_options: Any) -> MemoryPlan:
+                     devices: Sequence[Any] | None = None, **model_options: Any) -> MemoryPlan:
     """Compile one training step of `config` from abstract shapes and return XLA's buffer plan.
 
     `model_options` are further `Decoder` attributes (e.g. `remat="full"`). The step is the
     library's (`make_train_step` + `jit_train_step`, ZClip + per-label AdamW) on a
-    (data, fsdp, model) mesh of `mesh_shape` over the first devices of `backend` (default: JAX's
-    default backend); `batch_size` is the global batch. With more than one device the figures
-    are per device (XLA plans the partitioned program of one device), `weights` included.
+    (data, fsdp, model) mesh of `mesh_shape` over the first of `devices` (default: those of
+    `backend`, else JAX's default backend; `crma_jax.targets.target_devices` gives a TPU or GPU
+    target's devices on a host without them); `batch_size` is the global batch. With more than
+    one device the figures are per device (XLA plans the partitioned program of one device),
+    `weights` included.
     """
-    devices = jax.devices(backend) if backend else jax.devices()
+    devices = list(devices) if devices is not None else (jax.devices(backend) if backend else jax.devices())
+    model = Decoder(config, dtype=compute_dtype, lora=lora, crma=crma, **model_options)
+    compiled, frozen, frozen_shardings = compile_step_from_shapes(
+        model, devices, mesh_shape, batch_size=batch_size, seq_len=seq_len, quant=quant, dtype=dtype,
+        accum_steps=accum_steps)
+    return memory_plan_of(compiled, frozen, frozen_shardings)
+
+
+def memory_plan_of(compiled: Any, frozen: Any, frozen_shardings: Any) -> MemoryPlan:
+    """The `MemoryPlan` of a compiled step; `weights` is the per-device share of the frozen base."""
+    analysis = compiled.memory_analysis()
+    weights = sum(math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                  for leaf, sharding in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_shardings)))
+    return MemoryPlan(argument=analysis.argument_size_in_bytes, output=analysis.output_size_in_bytes,
+                      alias=analysis.alias_size_in_bytes, temp=analysis.temp_size_in_bytes, weights=weights)
+
+
+def compile_step_from_shapes(model: Decoder, devices: Sequence[Any], mesh_shape: Sequence[int], *, batch_size: int,
+                             seq_len: int, quant: str | None, dtype: Any, accum_steps: int = 1,
+                             optimizer: Any = None) -> tuple[Any, Any, Any]:
+    """The compiled training step of `model` over a `mesh_shape` mesh of `devices`, built from
+    ShapeDtypeStructs only: (compiled step, the frozen base's structs, their shardings).
+
+    The base is stored in `dtype` (quantized when `quant` is set) as `crma train` stores it on
+    the devices' platform; `optimizer` defaults to ZClip + per-label AdamW with fixed rates (the
+    rates change no buffer)."""
     need = math.prod(mesh_shape)
+    if len(mesh_shape) != 3 or min(mesh_shape) < 1:
+        raise ValueError(f"mesh {tuple(mesh_shape)}: need (data, fsdp, model), three positive sizes")
     if need > len(devices):
         hint = (" (simulate CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N, set before jax "
                 "is imported)") if devices[0].platform == "cpu" else ""
         raise ValueError(f"mesh {tuple(mesh_shape)} needs {need} devices; {devices[0].platform} has {len(devices)}{hint}")
     if batch_size % (mesh_shape[0] * mesh_shape[1]):
         raise ValueError(f"batch size {batch_size} does not split over data x fsdp = {mesh_shape[0] * mesh_shape[1]}")
-    device = devices[0]
-    model = Decoder(config, dtype=compute_dtype, lora=lora, crma=crma, **model_options)
-    frozen = abstract_base(model, dtype, quant, device.platform)
+    frozen = abstract_base(model, dtype, quant, devices[0].platform)
     trainable = jax.eval_shape(lambda p: init_adapters(model, p, jax.random.PRNGKey(0)), frozen)
-    lr = {"lora_a": 1e-4, "lora_b": 1e-4, "crma_mix": 1e-3, "crma_gate": 1e-2}
-    optimizer = make_optimizer(param_labels(trainable), lr, total_steps=1000)
+    if optimizer is None:
+        lr = {"lora_a": 1e-4, "lora_b": 1e-4, "crma_mix": 1e-3, "crma_gate": 1e-2}
+        optimizer = make_optimizer(param_labels(trainable), lr, total_steps=1000)
     opt_state = jax.eval_shape(optimizer.init, trainable)
     step = make_train_step(model, optimizer, accum_steps)
     mesh = make_mesh(mesh_shape, devices[:need])
-    compiled_step, shardings = jit_train_step(step, mesh, trainable, opt_state, frozen)
+    jitted, shardings = jit_train_step(step, mesh, trainable, opt_state, frozen)
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32) for k in BATCH_KEYS}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    analysis = compiled_step.lower(trainable, opt_state, frozen, batch, rng, {}).compile().memory_analysis()
-    weights = sum(math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-                  for leaf, sharding in zip(jax.tree.leaves(frozen), jax.tree.leaves(shardings["frozen"])))
-    return MemoryPlan(argument=analysis.argument_size_in_bytes, output=analysis.output_size_in_bytes,
-                      alias=analysis.alias_size_in_bytes, temp=analysis.temp_size_in_bytes, weights=weights)
+    compiled = jitted.lower(trainable, opt_state, frozen, batch, rng, {}).compile()
+    return compiled, frozen, shardings["frozen"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetPlan:
+    """A step planned for an accelerator target by that target's compiler, per chip.
+
+    `policy` is the remat policy planned: for "auto", the fastest whose step fits by the rule
+    `crma train --remat auto` applies at run time (its allocations beyond the resident arguments
+    within `HEADROOM` of what the chip has left once they are loaded), else the leanest tried.
+    `plan` is that policy's buffer plan, None when the compiler itself refused the program for
+    want of memory (a TPU compile does; `error` then holds its message). `needed` maps each
+    tried policy to its bytes beyond the arguments (None: refused). `usable` is what one chip's
+    allocator may hand out (`Target.usable_bytes`).
+    """
+
+    target: Any  # crma_jax.targets.Target
+    mesh_shape: tuple[int, int, int]
+    policy: str
+    plan: MemoryPlan | None
+    needed: dict[str, int | None]
+    usable: int
+    compile_seconds: float
+    error: str | None = None
+
+    @property
+    def fits(self) -> bool:
+        if self.plan is None:
+            return False
+        free = self.usable - self.plan.argument
+        return step_bytes_of(self.plan) <= HEADROOM * free
+
+
+def step_bytes_of(plan: MemoryPlan) -> int:
+    """`step_bytes` of a `MemoryPlan`: what a step allocates beyond its resident arguments."""
+    return plan.temp + plan.output - plan.alias
+
+
+def _out_of_memory(error: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error)
+
+
+def plan_for_target(config: ModelConfig, target: Any, *, remat: str = "auto", mesh_shape: Sequence[int] | None = None,
+                    batch_size: int = 1, seq_len: int = 2048, quant: str | None = "nf4", dtype: Any = jnp.bfloat16,
+                    compute_dtype: Any = jnp.bfloat16, lora: LoraConfig | None = LoraConfig(rank=8),
+                    crma: CRMAConfig | None = CRMAConfig(rank=4), accum_steps: int = 1, optimizer: Any = None,
+                    devices: Sequence[Any] | None = None, **model_options: Any) -> TargetPlan:
+    """Compile one training step for `target` (a `crma_jax.targets.Target`) with its own
+    compiler and plan it per chip. `mesh_shape` defaults to FSDP over every chip
+    (1, chips, 1); `remat` is a policy name or "auto" (policies fastest first, up to the first
+    that fits). `devices` defaults to `target_devices(target)` (call `targets.prepare_host()`
+    first). A compiler that rejects the program as too large for the chip is recorded, not
+    raised: the plan then does not fit."""
+    import time
+
+    from crma_jax.targets import target_devices
+
+    devices = list(devices) if devices is not None else target_devices(target)
+    mesh = tuple(mesh_shape) if mesh_shape is not None else (1, len(devices), 1)
+    model = Decoder(config, dtype=compute_dtype, lora=lora, crma=crma, **model_options)
+    usable = target.usable_bytes()
+    needed: dict[str, int | None] = {}
+    plan = error = None
+    t0 = time.perf_counter()
+    for policy in REMAT_BY_SPEED if remat == "auto" else (remat,):
+        try:
+            compiled = compile_step_from_shapes(model.clone(remat=policy), devices, mesh, batch_size=batch_size,
+                                                seq_len=seq_len, quant=quant, dtype=dtype, accum_steps=accum_steps,
+                                                optimizer=optimizer)
+        except Exception as e:  # noqa: BLE001 - XLA raises its runtime error type for an oversized program
+            if not _out_of_memory(e):
+                raise
+            needed[policy], plan, error = None, None, str(e).splitlines()[0]
+            continue
+        plan, error = memory_plan_of(*compiled), None
+        needed[policy] = step_bytes_of(plan)
+        if needed[policy] <= HEADROOM * (usable - plan.argument):
+            break
+    return TargetPlan(target, mesh, policy, plan, needed, usable, time.perf_counter() - t0, error)
 
 
 def arch_config(arch: str) -> ModelConfig:

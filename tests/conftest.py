@@ -16,6 +16,9 @@ os.environ["XLA_FLAGS"] = " ".join(
     [re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")).strip(), DEVICE_FLAG]
 ).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The test install brings libtpu and the CUDA plugin for the accelerator-target tests; tests and
+# the programs they start run on the CPU backend and never look for those devices.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402

@@ -1,0 +1,163 @@
+"""Accelerator targets: a training step compiled by the real TPU and GPU compilers on this
+CPU-only host (`crma_jax.targets`, `plan_for_target`, `crma bench memory --target`).
+
+libtpu and the CUDA plugin come with the test install (`crma-jax[aot]`), so these run in CI;
+nothing here needs a TPU or a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from crma_jax import memory_plan, targets
+from crma_jax.config import ModelConfig
+from crma_jax.memory_plan import abstract_base, plan_for_target
+from crma_jax.model import Decoder
+from crma_jax.train.cli import main
+
+targets.prepare_host()  # conftest already pins the CPU backend; libtpu must not look for a TPU VM
+
+# Tile-friendly sizes (multiples of 128), so a TPU's (8, 128) tiling pads nothing but the adapters.
+SMALL = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+CONFIG = ModelConfig.from_hf(SMALL)
+
+
+@pytest.fixture(scope="module")
+def devices():
+    return {name: targets.target_devices(targets.resolve_target(name)) for name in ("v5e-4", "v4-8", "h100", "h100x8")}
+
+
+def plan(name, devices, **kw):
+    options = dict(remat="full", seq_len=256, batch_size=4, quant="nf4", attention="blockwise")
+    return plan_for_target(CONFIG, targets.resolve_target(name), devices=devices[name], **{**options, **kw})
+
+
+def test_every_target_is_a_topology_its_compiler_accepts():
+    for name, target in targets.TARGETS.items():
+        devices = targets.target_devices(target)
+        assert len(devices) == target.chips, name
+        assert {d.platform for d in devices} == {target.platform}, name
+    assert targets.target_devices(targets.resolve_target("v5e-16"))[0].device_kind == "TPU v5 lite"
+    assert "H100" in targets.target_devices(targets.resolve_target("h100"))[0].device_kind
+    with pytest.raises(ValueError, match="unknown --target 'v9-8'.*v5e-1"):
+        targets.resolve_target("v9-8")
+
+
+def test_a_gpu_target_can_use_only_the_memory_jax_preallocates(monkeypatch):
+    h100 = targets.resolve_target("h100")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert h100.usable_bytes() == int(0.75 * h100.chip.hbm_bytes)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    assert h100.usable_bytes() == int(0.9 * h100.chip.hbm_bytes)
+    assert targets.resolve_target("v5e-1").usable_bytes() == targets.CHIPS["v5e"].hbm_bytes
+
+
+def _argument_bytes(model, platform, mesh_chips, batch_size, seq_len):
+    """What one chip must hold as arguments if FSDP splits the base `mesh_chips` ways (each leaf's
+    shard, as the sharding rules give it) and replicates adapters and optimizer state."""
+    from crma_jax.adapters import init_adapters, param_labels
+    from crma_jax.optim import make_optimizer
+    from crma_jax.sharding import make_mesh, param_shardings
+
+    frozen = abstract_base(model, jnp.bfloat16, "nf4", platform)
+    mesh = make_mesh((1, mesh_chips, 1), jax.devices("cpu")[:mesh_chips])
+    shards = jax.tree.leaves(param_shardings(frozen, mesh))
+    base = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(jax.tree.leaves(frozen), shards))
+    trainable = jax.eval_shape(lambda p: init_adapters(model, p, jax.random.PRNGKey(0)), frozen)
+    opt = make_optimizer(param_labels(trainable), dict.fromkeys(("lora_a", "lora_b", "crma_mix", "crma_gate"), 1e-3),
+                         total_steps=10)
+    replicated = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((trainable, jax.eval_shape(opt.init, trainable))))
+    batch = 4 * (batch_size // mesh_chips) * seq_len * 4  # four int32 (B, T) arrays, split over fsdp
+    return base + replicated + batch + 8  # + the rng key
+
+
+def test_per_chip_arguments_are_the_shards_of_base_adapters_and_optimizer(devices):
+    model = Decoder(CONFIG, lora=memory_plan.LoraConfig(rank=8), crma=memory_plan.CRMAConfig(rank=4))
+    one = plan("h100", devices)
+    eight = plan("h100x8", devices, batch_size=8)
+    assert one.mesh_shape == (1, 1, 1) and eight.mesh_shape == (1, 8, 1)
+    # GPU buffers are unpadded: the compiler's argument bytes are the analytic shards, less a few
+    # scalars of optimizer state that the step never reads (jit drops unused arguments).
+    assert one.plan.argument == pytest.approx(_argument_bytes(model, "gpu", 1, 4, 256), abs=64)
+    assert eight.plan.argument == pytest.approx(_argument_bytes(model, "gpu", 8, 8, 256), abs=64)
+    assert eight.plan.weights < one.plan.weights / 6  # FSDP really splits the base
+    # A TPU pads small minor dimensions to its (8, 128) tiles (LoRA's r=8 columns): at least the
+    # shards, and the split shows the same way.
+    four = plan("v5e-4", devices)
+    expected = _argument_bytes(model, "tpu", 4, 4, 256)
+    assert expected - 64 <= four.plan.argument < 2 * expected
+    assert four.plan.weights < one.plan.weights / 3
+
+
+@pytest.mark.parametrize("name", ["v5e-4", "h100"])
+def test_nf4_and_blockwise_attention_lower_and_remat_orders_memory(name, devices):
+    # Long enough rows that activations, not the loss head, dominate the temporaries.
+    full = plan(name, devices, remat="full", seq_len=2048)
+    none = plan(name, devices, remat="none", seq_len=2048)
+    assert full.plan.temp < 0.7 * none.plan.temp, (full.plan, none.plan)
+    assert full.fits and full.policy == "full" and full.error is None
+    bf16 = plan(name, devices, remat="full", seq_len=2048, quant=None)
+    # The kernels reach the device as 4-bit codes. A GPU stores them unpadded; a TPU pads the
+    # stacked (layers, codes) arrays of this 2-layer model to its 32-row uint8 tiles.
+    assert full.plan.argument < bf16.plan.argument
+    if name == "h100":
+        assert bf16.plan.argument - full.plan.argument >= 0.9 * (bf16.plan.weights - full.plan.weights)
+
+
+def test_a_v4_megacore_slice_compiles_one_device_per_chip(devices):
+    result = plan("v4-8", devices)
+    assert len(devices["v4-8"]) == 4 and result.mesh_shape == (1, 4, 1)
+    assert result.fits and result.plan.weights < result.plan.argument
+
+
+def test_a_step_that_does_not_fit_is_reported_and_auto_ends_at_the_leanest(devices):
+    tiny = dataclasses.replace(targets.resolve_target("h100"), chip=dataclasses.replace(
+        targets.CHIPS["h100"], hbm_bytes=2**20))
+    result = plan_for_target(CONFIG, tiny, remat="auto", devices=devices["h100"], seq_len=256, batch_size=4)
+    assert not result.fits
+    assert result.policy == "full" and list(result.needed) == list(memory_plan.REMAT_BY_SPEED)
+    roomy = plan_for_target(CONFIG, targets.resolve_target("h100"), remat="auto", devices=devices["h100"], seq_len=256,
+                            batch_size=4)
+    assert roomy.fits and roomy.policy == "none" and list(roomy.needed) == ["none"]
+
+
+def test_a_compiler_that_refuses_the_program_for_memory_is_a_plan_that_does_not_fit(monkeypatch, devices):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                           "temporaries (19.54G) exceeds available HBM (15.75G).\nmore lines")
+
+    monkeypatch.setattr(memory_plan, "compile_step_from_shapes", refuse)
+    result = plan("v5e-4", devices, remat="auto")
+    assert not result.fits and result.plan is None
+    assert result.needed == dict.fromkeys(memory_plan.REMAT_BY_SPEED)
+    assert result.error.startswith("RESOURCE_EXHAUSTED") and "\n" not in result.error
+
+    def other(*args, **kwargs):
+        raise RuntimeError("INVALID_ARGUMENT: something else")
+
+    monkeypatch.setattr(memory_plan, "compile_step_from_shapes", other)
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        plan("v5e-4", devices)
+
+
+def test_bench_memory_target_rows_and_errors_before_output(tmp_path, capsys, devices):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SMALL))
+    assert main(["bench", "memory", "--arch", str(path), "--target", "h100", "--seq-len", "256", "--batch-size", "2",
+                 "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 1 and rows[0]["target"] == "h100" and rows[0]["fits"] is True
+    assert rows[0]["remat"] == "auto -> none" and rows[0]["total"] > 0
+    assert main(["bench", "memory", "--arch", str(path), "--target", "v9-8"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "unknown --target 'v9-8'" in captured.err
+    assert main(["bench", "memory", "--arch", str(path), "--backend", "gpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--backend gpu: not present" in captured.err
