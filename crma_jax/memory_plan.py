@@ -198,15 +198,20 @@ def memory_plan_of(compiled: Any, frozen: Any, frozen_shardings: Any) -> MemoryP
                       alias=analysis.alias_size_in_bytes, temp=analysis.temp_size_in_bytes, weights=weights)
 
 
+def _default_optimizer(trainable: Any) -> Any:
+    lr = {"lora_a": 1e-4, "lora_b": 1e-4, "crma_mix": 1e-3, "crma_gate": 1e-2}
+    return make_optimizer(param_labels(trainable), lr, total_steps=1000)
+
+
 def compile_step_from_shapes(model: Decoder, devices: Sequence[Any], mesh_shape: Sequence[int], *, batch_size: int,
                              seq_len: int, quant: str | None, dtype: Any, accum_steps: int = 1,
-                             optimizer: Any = None) -> tuple[Any, Any, Any]:
+                             optimizer: Callable[[Any], Any] | None = None) -> tuple[Any, Any, Any]:
     """The compiled training step of `model` over a `mesh_shape` mesh of `devices`, built from
     ShapeDtypeStructs only: (compiled step, the frozen base's structs, their shardings).
 
     The base is stored in `dtype` (quantized when `quant` is set) as `crma train` stores it on
-    the devices' platform; `optimizer` defaults to ZClip + per-label AdamW with fixed rates (the
-    rates change no buffer)."""
+    the devices' platform; `optimizer(trainable structs)` builds the optax transformation (default:
+    ZClip + per-label AdamW with fixed rates, which change no buffer)."""
     need = math.prod(mesh_shape)
     if len(mesh_shape) != 3 or min(mesh_shape) < 1:
         raise ValueError(f"mesh {tuple(mesh_shape)}: need (data, fsdp, model), three positive sizes")
@@ -218,9 +223,7 @@ def compile_step_from_shapes(model: Decoder, devices: Sequence[Any], mesh_shape:
         raise ValueError(f"batch size {batch_size} does not split over data x fsdp = {mesh_shape[0] * mesh_shape[1]}")
     frozen = abstract_base(model, dtype, quant, devices[0].platform)
     trainable = jax.eval_shape(lambda p: init_adapters(model, p, jax.random.PRNGKey(0)), frozen)
-    if optimizer is None:
-        lr = {"lora_a": 1e-4, "lora_b": 1e-4, "crma_mix": 1e-3, "crma_gate": 1e-2}
-        optimizer = make_optimizer(param_labels(trainable), lr, total_steps=1000)
+    optimizer = (optimizer or _default_optimizer)(trainable)
     opt_state = jax.eval_shape(optimizer.init, trainable)
     step = make_train_step(model, optimizer, accum_steps)
     mesh = make_mesh(mesh_shape, devices[:need])
@@ -273,14 +276,15 @@ def _out_of_memory(error: Exception) -> bool:
 def plan_for_target(config: ModelConfig, target: Any, *, remat: str = "auto", mesh_shape: Sequence[int] | None = None,
                     batch_size: int = 1, seq_len: int = 2048, quant: str | None = "nf4", dtype: Any = jnp.bfloat16,
                     compute_dtype: Any = jnp.bfloat16, lora: LoraConfig | None = LoraConfig(rank=8),
-                    crma: CRMAConfig | None = CRMAConfig(rank=4), accum_steps: int = 1, optimizer: Any = None,
-                    devices: Sequence[Any] | None = None, **model_options: Any) -> TargetPlan:
+                    crma: CRMAConfig | None = CRMAConfig(rank=4), accum_steps: int = 1,
+                    optimizer: Callable[[Any], Any] | None = None, devices: Sequence[Any] | None = None,
+                    **model_options: Any) -> TargetPlan:
     """Compile one training step for `target` (a `crma_jax.targets.Target`) with its own
     compiler and plan it per chip. `mesh_shape` defaults to FSDP over every chip
     (1, chips, 1); `remat` is a policy name or "auto" (policies fastest first, up to the first
-    that fits). `devices` defaults to `target_devices(target)` (call `targets.prepare_host()`
-    first). A compiler that rejects the program as too large for the chip is recorded, not
-    raised: the plan then does not fit."""
+    that fits); `optimizer` is as in `compile_step_from_shapes`. `devices` defaults to
+    `target_devices(target)` (call `targets.prepare_host()` first). A compiler that rejects the
+    program as too large for the chip is recorded, not raised: the plan then does not fit."""
     import time
 
     from crma_jax.targets import target_devices

@@ -161,3 +161,21 @@ def test_bench_memory_target_rows_and_errors_before_output(tmp_path, capsys, dev
     assert main(["bench", "memory", "--arch", str(path), "--backend", "gpu"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "--backend gpu: not present" in captured.err
+
+
+def test_train_compile_only_plans_the_command_for_a_target_and_writes_nothing(tiny_models, tmp_path, capsys,
+                                                                              monkeypatch):
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_models["llama"]), "--out", str(out), "--seq-len", "64", "--batch-size", "2",
+            "--quant", "nf4", "--compile-only", "--target", "h100"]
+    assert main(argv) == 0
+    report = capsys.readouterr().out
+    assert "for h100 (1 x NVIDIA H100 SXM 80GB)" in report and "remat none" in report and ": fits" in report
+    assert not out.exists()
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.0000001")  # about 8 KB usable
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "remat full" in captured.out and "does not fit" in captured.out
+    assert "--target h100: the step does not fit one chip" in captured.err and not out.exists()
+    assert main(["train", "--model", str(tiny_models["llama"]), "--out", str(out), "--compile-only"]) == 2
+    assert "--compile-only needs --target" in capsys.readouterr().err

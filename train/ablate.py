@@ -34,7 +34,8 @@ COLUMNS = ("final_loss", "holdout_loss", "peak_grad_norm", "mean_grad_norm", "cl
 
 @dataclasses.dataclass
 class AblateConfig(TrainConfig):
-    cli_exclude = ("crma", "zclip", "seed")  # every arm sets the switches, every seed the seed
+    # every arm sets the switches, every seed the seed; planning is crma train's
+    cli_exclude = ("crma", "zclip", "seed", "compile_only", "target")
 
     out: str = setting("runs/ablate", "output directory (one run per arm and seed inside); new or empty unless --resume")
     seeds: str = setting("0", "comma-separated seeds; every arm runs every seed (the holdout split stays seed 0's)")

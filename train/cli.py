@@ -90,9 +90,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from crma_jax.train.config import TrainConfig, config_from_args
+
+    cfg = config_from_args(args, TrainConfig)
+    if cfg.compile_only:
+        from crma_jax.train.compile_only import compile_only
+
+        compile_only(cfg)
+        return 0
     from crma_jax.train.finetune import train
 
-    summary = train(config_from_args(args, TrainConfig))
+    summary = train(cfg)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -88,6 +88,10 @@ class TrainConfig:
     max_grad_norm: float = setting(0.0, "hard cap on the gradient norm after ZClip; 0 = none")
     max_skipped_steps: int = setting(20, "stop after this many consecutive non-finite gradients")
     mesh: str = setting("1,1,1", "device mesh D,F,M over the (data, fsdp, model) axes")
+    compile_only: bool = setting(False, "compile the step this command would run for --target, print its per-chip "
+                                        "memory plan, write nothing; exit 2 if it does not fit")
+    target: str = setting("", "with --compile-only: the accelerator to compile for (e.g. a10g, h100, v5e-8; see crma "
+                              "bench memory -h), by its own compiler on this machine (needs crma-jax[aot])")
     remat: str = setting("auto", "what each layer keeps for the backward pass: none, minimal, save_dot_except_mlp, "
                          "save_qkv_proj, full (its input only), or auto (the fastest of these whose step fits in "
                          "free memory, by XLA's plan); memory and speed only")

@@ -72,7 +72,7 @@ Domain = tuple[PackedData, PackedData, DataSpec]  # (train, holdout, spec)
 class CLConfig(TrainConfig):
     # Every domain is its own source, split into train and holdout alike: one --eval-data or
     # --data-split for all of them would make every column of L the same set.
-    cli_exclude = ("data", "data_config", "data_split", "eval_data", "eval_split")
+    cli_exclude = ("data", "data_config", "data_split", "eval_data", "eval_split", "compile_only", "target")
 
     out: str = setting("runs/cl", "output directory; must be new or empty unless --resume")
     domains: str = setting("legal,code,docs,changelog,shell", "NAME or NAME=PATH, comma-separated, in training order "
