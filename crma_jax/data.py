@@ -341,7 +341,11 @@ class DataSpec:
               cache_dir: str | None = None) -> tuple[PackedData, PackedData]:
         """(train, holdout) packed rows of `split_records`. With `vocab_size`, the tokenizer is
         checked against the model."""
-        records, held = self.split_records(cache_dir)
+        return self.pack(*self.split_records(cache_dir), tokenizer, vocab_size)
+
+    def pack(self, records: Records, held: Records, tokenizer: Any,
+             vocab_size: int | None = None) -> tuple[PackedData, PackedData]:
+        """(train, holdout) packed rows of the records `split_records` returned."""
         train, holdout = tokenize_records(records, tokenizer), tokenize_records(held, tokenizer)
         if vocab_size is not None:
             check_tokenizer(tokenizer, vocab_size, train + holdout)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 _DIGITS = re.compile(r"\d+")
 NEAR_JACCARD = 0.8
@@ -81,7 +82,7 @@ def drop_near_copies(docs: Sequence[str], threshold: float = NEAR_JACCARD) -> li
     return out
 
 
-def fingerprint(docs: Sequence[str]) -> dict[str, object]:
+def fingerprint(docs: Sequence[str]) -> dict[str, Any]:
     """{"documents": n, "sha256": hex} of `docs` in order: equal exactly when the documents are."""
     digest = hashlib.sha256()
     for d in docs:

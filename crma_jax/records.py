@@ -83,16 +83,17 @@ class Records:
         """One field of every row (None where it is absent)."""
         return _column(self.rows, name)
 
-    def keys(self) -> list[str]:
-        """Per row, the content that makes it a duplicate of another row (`crma_jax.dedupe.exact_key`
-        of each text field; the roles and contents of a conversation)."""
+    def keys(self, key: Callable[[str], str] = exact_key) -> list[str]:
+        """Per row, the content that makes it a duplicate of another row: `key` (by default
+        `crma_jax.dedupe.exact_key`) of its text, of each Alpaca field, or of each turn's content
+        with its role. `key=str` gives the content exactly as trained on."""
         f = self.fields
         if self.style == "text":
-            return [exact_key(t) for t in self.column(f.text)]
+            return [key(t) for t in self.column(f.text)]
         if self.style == "chat":
-            return [json.dumps([[t["role"], exact_key(t["content"])] for t in m]) for m in self.column(f.messages)]
+            return [json.dumps([[t["role"], key(t["content"])] for t in m]) for m in self.column(f.messages)]
         parts = zip(self.column(f.instruction), self.column(f.input), self.column(f.output))
-        return [json.dumps([exact_key(x or "") for x in row]) for row in parts]
+        return [json.dumps([key(x or "") for x in row]) for row in parts]
 
     def subset(self, keep: Sequence[int]) -> Records:
         """The rows `keep` (indices, in order), with `where` still naming their place in the source."""

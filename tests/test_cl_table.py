@@ -132,3 +132,19 @@ def test_versus_is_paired_per_seed_under_the_same_settings(tmp_path):
     assert cells[("0.01", "MODULAR")][-1].rstrip(" |") == "–"  # no FROZEN under these settings
     with pytest.raises(ValueError, match="--versus naive: no such condition .*frozen, modular"):
         cl_table([frozen, modular], against="naive")
+
+
+def test_runs_over_different_documents_are_not_pooled(tmp_path):
+    first = _run(tmp_path, "first", 1e-3, {"0": [[2.0, 1.5], [2.2, 1.0]]})
+    second = _run(tmp_path, "second", 1e-3, {"1": [[2.2, 1.5], [2.4, 1.2]]})
+    prints = {"a": {"train": {"documents": 9, "sha256": "x"}, "holdout": {"documents": 1, "sha256": "y"}},
+              "b": {"train": {"documents": 9, "sha256": "z"}, "holdout": {"documents": 1, "sha256": "w"}}}
+    for run, fp in ((first, prints), (second, prints)):
+        payload = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({**payload, "fingerprints": fp}))
+    assert "MODULAR | 0,1 |" in cl_table([first, second])  # the same documents: pooled
+    changed = {**prints, "b": {**prints["b"], "holdout": {"documents": 1, "sha256": "other"}}}
+    payload = json.loads((second / "results.json").read_text())
+    (second / "results.json").write_text(json.dumps({**payload, "fingerprints": changed}))
+    with pytest.raises(ValueError, match=r"first and .*second trained on different documents .*fingerprints differ: b\)"):
+        cl_table([first, second])

@@ -273,3 +273,30 @@ def test_olora_sequence_exports_the_sum_of_its_domains_loras(tiny_lm, finished, 
     with torch.no_grad():
         theirs = peft(torch.tensor(ids)).logits.numpy()
     assert np.abs(theirs - ours).max() <= 1e-4
+
+
+def test_fingerprints_record_every_domain_and_a_changed_document_is_refused_on_resume(tiny_lm, domains, tmp_path,
+                                                                                      capsys):
+    from crma_jax.dedupe import fingerprint
+
+    copies = []
+    for d in domains[:2]:
+        name, _, path = d.partition("=")
+        (tmp_path / f"{name}.jsonl").write_text(Path(path).read_text())
+        copies.append(f"{name}={tmp_path / f'{name}.jsonl'}")
+    out = tmp_path / "fp"
+    args = _args(tiny_lm, copies, out, extra=("--conditions", "naive", "--steps", "2", "--no-plots"))
+    assert main(args) == 0
+    prints = json.loads((out / "results.json").read_text())["fingerprints"]
+    assert list(prints) == ["greek", "counts"]
+    texts = [json.loads(line)["text"] for line in (tmp_path / "greek.jsonl").read_text().splitlines()]
+    both = prints["greek"]["train"]["documents"] + prints["greek"]["holdout"]["documents"]
+    assert both == len(set(texts)) == 40
+    # Change one document: the fingerprint changes, and the run will not resume on it.
+    lines = (tmp_path / "greek.jsonl").read_text().splitlines()
+    lines[5] = json.dumps({"text": texts[5] + " omega"})
+    (tmp_path / "greek.jsonl").write_text("\n".join(lines))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    assert "domain 'greek' is not the documents this run started on" in capsys.readouterr().err
+    assert fingerprint(texts) != fingerprint([*texts[:5], texts[5] + " omega", *texts[6:]])

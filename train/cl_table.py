@@ -2,7 +2,8 @@
 
 Each row is one condition over its seeds, after the settings that differ between the runs (or
 those named with --settings). Runs with the same settings pool their seeds into one row, so a
-condition's seeds may come from several invocations; a seed found in two runs is kept once if
+condition's seeds may come from several invocations, provided every domain's documents are the
+same (their fingerprints in results.json agree; `check_same_documents`); a seed found in two runs is kept once if
 both hold the same results, and is an error otherwise. The first table gives the transfer
 metrics as mean ± std [min, max] over seeds: mean drift, ACC, BWT, FWT, the task-agnostic ACC,
 (for routed methods) how often routing picked the right LoRA, and the minutes per sequence.
@@ -165,7 +166,21 @@ def load(run_dirs: Sequence[Path]) -> tuple[list[str], list[dict[str, Any]], lis
     for payload, config in zip(payloads, configs):
         if payload["domains"] != names:
             raise ValueError(f"{config.get('out')}: domains {payload['domains']} differ from {names}")
+    check_same_documents(run_dirs, payloads)
     return names, configs, pool(payloads, configs)
+
+
+def check_same_documents(run_dirs: Sequence[Path], payloads: Sequence[dict[str, Any]]) -> None:
+    """ValueError naming both runs and the domain when two runs' domains are not the same
+    documents (their fingerprints differ; a run from before fingerprints has none)."""
+    first = payloads[0].get("fingerprints")
+    for run, payload in zip(run_dirs[1:], payloads[1:]):
+        prints = payload.get("fingerprints")
+        if prints == first:
+            continue
+        differ = [n for n in payloads[0]["domains"] if (first or {}).get(n) != (prints or {}).get(n)]
+        raise ValueError(f"{run_dirs[0]} and {run} trained on different documents (domain fingerprints differ: "
+                         f"{', '.join(differ)}); their results cannot be pooled")
 
 
 def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None, against: str | None = None) -> str:

@@ -54,6 +54,7 @@ from crma_jax.lora import LORA_INPUTS
 from crma_jax.convert.adapter_files import load_adapters
 from crma_jax.crma import mix_displacement
 from crma_jax.data import DataSpec, PackedData, split_holdout
+from crma_jax.dedupe import fingerprint
 from crma_jax.domains import FACTS_PREFIX, is_builtin
 from crma_jax.evaluate import crma_effect, eval_batches, route
 from crma_jax.facts import Fact, answer_questions, domain_facts, questions
@@ -373,6 +374,31 @@ def agnostic_eval(cfg: CLConfig, method: Method, session: Session, names: list[s
     return out
 
 
+def build_domains(cfg: CLConfig, sources: dict[str, str], tokenizer: Any) -> tuple[dict[str, Domain], dict[str, Any]]:
+    """Every domain's (train, holdout, spec), split once for every condition and seed (the
+    holdout never depends on the seed), and its fingerprint: {"train", "holdout"} each the
+    `crma_jax.dedupe.fingerprint` of the documents exactly as trained on or evaluated."""
+    domains, fingerprints = {}, {}
+    for n, src in sources.items():
+        spec = data_spec(cfg, source=src, split_seed=0)
+        train_records, held_records = spec.split_records()
+        domains[n] = (*spec.pack(train_records, held_records, tokenizer), spec)
+        fingerprints[n] = {"train": fingerprint(train_records.keys(str)), "holdout": fingerprint(held_records.keys(str))}
+    return domains, fingerprints
+
+
+def check_fingerprints(out: Path, fingerprints: dict[str, Any]) -> None:
+    """When OUT/fingerprints.json exists (a resumed run), check that the domains are still the
+    documents the run started on (ValueError naming the domain)."""
+    path = out / "fingerprints.json"
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        for name, fp in fingerprints.items():
+            if recorded.get(name) != fp:
+                raise ValueError(f"{out}: domain {name!r} is not the documents this run started on ({path}: "
+                                 f"{recorded.get(name)}, now {fp}); start a new run")
+
+
 def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
     """Every condition x seed over the domains; writes results.json/.md and the plots.
 
@@ -390,6 +416,7 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
     writer = distributed.is_writer()
     results: dict[str, dict[int, dict[str, Any]]] = {}
     domains: dict[str, Domain] | None = None
+    fingerprints: dict[str, Any] = {}
     sessions: dict[bool, Session] = {}
     for cond in conditions:
         # The methods without CRMA share one session, those with it another: all seeds and
@@ -399,17 +426,17 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
             sessions[with_crma] = open_session(dataclasses.replace(cfg, crma=with_crma), load_data=False)
         session = sessions[with_crma]
         if domains is None:
-            # One split for every condition and seed: the holdout never depends on the seed.
-            domains = {}
-            for n, src in sources.items():
-                spec = data_spec(cfg, source=src, split_seed=0)
-                domains[n] = (*spec.build(session.tokenizer), spec)
+            domains, fingerprints = build_domains(cfg, sources, session.tokenizer)
+            check_fingerprints(out, fingerprints)
             write_config(out, cfg)  # model and data loaded: the run directory is claimed
+            if writer:
+                (out / "fingerprints.json").write_text(json.dumps(fingerprints, indent=2))
         for seed in seeds:
             results.setdefault(cond, {})[seed] = run_sequence(cfg, cond, seed, domains, session, on_checkpoint)
     names = list(sources)
     summary = summarize(results)
-    payload = {"domains": names, "conditions": conditions, "seeds": seeds, "results": results, "summary": summary}
+    payload = {"domains": names, "conditions": conditions, "seeds": seeds, "fingerprints": fingerprints,
+               "results": results, "summary": summary}
     if writer:
         (out / "results.json").write_text(json.dumps(payload, indent=2))
         (out / "results.md").write_text(markdown_table(summary, names, seeds))
