@@ -112,20 +112,38 @@ def ewc_accumulate(fisher_sum: Any, anchor: Any, fisher: Any, theta: Any) -> tup
     return total, mean
 
 
-def diagonal_fisher(grad_fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]) -> Any:
-    """The empirical diagonal Fisher: the mean over `batches` of grad_fn(params, batch)², per leaf.
+def per_sequence_grads(mean_loss: Callable[[Any, Any], jax.Array]) -> Callable[[Any, Any], tuple[Any, jax.Array]]:
+    """grad_fn(params, batch) -> (grads, weights) for `diagonal_fisher`, from `mean_loss(params,
+    batch)`, the mean token loss of a (B, T) batch: grads[leaf] is (B, *leaf.shape), each row's
+    gradient of its own mean token loss (`jax.vmap` over the rows, each a batch of one); weights
+    (B,) float32 is 1 for a row with targets (`loss_mask`), 0 for a padding row."""
+    def one(params: Any, row: Any) -> Any:
+        return jax.grad(mean_loss)(params, jax.tree.map(lambda x: x[None], row))
 
-    `grad_fn` returns the gradient of the batch's mean token loss (a tree like `params`). This is
-    the batch-level estimate (squared mean gradients), the usual cheap stand-in for per-example
-    squares.
+    def grad_fn(params: Any, batch: Any) -> tuple[Any, jax.Array]:
+        grads = jax.vmap(one, in_axes=(None, 0))(params, batch)
+        return grads, (jnp.sum(batch["loss_mask"], axis=1) > 0).astype(jnp.float32)
+
+    return grad_fn
+
+
+def diagonal_fisher(grad_fn: Callable[[Any, Any], tuple[Any, jax.Array]], params: Any, batches: Iterable[Any]) -> Any:
+    """The empirical diagonal Fisher: the mean over every sequence of `batches` of its squared
+    gradient, per leaf (float32, shaped like `params`).
+
+    grad_fn(params, batch) -> (grads, weights) as `per_sequence_grads` makes them: per-row
+    gradients with a leading (B,) axis and (B,) weights, 1 for the rows that count. Squaring each
+    sequence's own gradient, not the batch mean's, is what makes this the Fisher: the square of a
+    mean of B independent gradients is about B times smaller.
     """
-    total, n = None, 0
+    total, n = None, 0.0
     for batch in batches:
-        sq = jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), grad_fn(params, batch))
+        grads, weights = grad_fn(params, batch)
+        sq = jax.tree.map(lambda g: jnp.tensordot(weights, jnp.square(g.astype(jnp.float32)), axes=1), grads)
         total = sq if total is None else jax.tree.map(jnp.add, total, sq)
-        n += 1
-    if total is None:
-        raise ValueError("diagonal_fisher needs at least one batch")
+        n += float(jnp.sum(weights))
+    if total is None or n == 0:
+        raise ValueError("diagonal_fisher needs at least one sequence with targets")
     return jax.tree.map(lambda t: t / n, total)
 
 

@@ -49,11 +49,12 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from crma_jax import distributed
-from crma_jax.cl import METHODS, EWC, InfLoRA, Memory, Method, OLoRA, diagonal_fisher, replay, transfer_metrics
+from crma_jax.cl import METHODS, EWC, InfLoRA, Memory, Method, OLoRA, diagonal_fisher, per_sequence_grads, replay, \
+    transfer_metrics
 from crma_jax.lora import LORA_INPUTS
 from crma_jax.convert.adapter_files import load_adapters
 from crma_jax.crma import mix_displacement
-from crma_jax.data import DataSpec, PackedData, split_holdout
+from crma_jax.data import BatchIterator, DataSpec, PackedData, split_holdout
 from crma_jax.dedupe import fingerprint
 from crma_jax.domains import FACTS_PREFIX, is_builtin
 from crma_jax.evaluate import crma_effect, eval_batches, route
@@ -85,7 +86,8 @@ class CLConfig(TrainConfig):
     replay_fraction: float = setting(0.1, "REPLAY: share of each later domain's training rows drawn from earlier "
                                           "domains (TRACE: 0.1)")
     ewc_lambda: float = setting(400.0, "EWC: λ of the penalty λ/2·Σ F(θ − θ*)² (TRACE: 400)")
-    fisher_batches: int = setting(16, "EWC and InfLoRA: training batches per domain for the diagonal Fisher and the "
+    fisher_batches: int = setting(16, "EWC and InfLoRA: training batches per domain, drawn shuffled from the whole "
+                                      "domain, for the diagonal Fisher (per-sequence squared gradients) and the "
                                       "inputs' Gram matrices")
     olora_lambda: float = setting(0.5, "O-LoRA: λ₁ of the orthogonality penalty λ₁·Σ|A_oldᵀ·A_new| (official: 0.5)")
     inflora_threshold: float = setting(0.97, "InfLoRA: share of each domain's input energy the subspace of earlier "
@@ -158,28 +160,30 @@ def mix_replay(current: PackedData, earlier: list[PackedData], fraction: float, 
 
 
 def task_stats(names: tuple[str, ...], session: Session, method: Method, lora: Any, memory: Memory,
-               data: PackedData, batches: int) -> dict[str, Any]:
-    """The statistics `names` ("fisher", "input_gram") of one domain's training data."""
-    return {name: TASK_STATS[name](session, method, lora, memory, data, batches) for name in names}
+               data: PackedData, batches: int, seed: int) -> dict[str, Any]:
+    """The statistics `names` ("fisher", "input_gram") of one domain's training data, each over
+    the same `batches` full batches drawn in a seeded shuffled order from the whole domain (not
+    the first rows, which would be the first documents only)."""
+    if not names:
+        return {}
+    chosen = list(itertools.islice(BatchIterator(data, session.cfg.batch_size, seed=seed, epochs=1), batches))
+    return {name: TASK_STATS[name](session, method, lora, memory, chosen) for name in names}
 
 
-def task_fisher(session: Session, method: Method, lora: Any, memory: Memory, data: PackedData, batches: int) -> Any:
-    """EWC's diagonal Fisher of `lora` on up to `batches` training batches of one domain."""
-    @jax.jit
-    def grad(l: Any, batch: Any) -> Any:
-        def mean_loss(x: Any) -> jax.Array:
-            total, (count, _) = forward_loss(session.model, {"params": session.frozen, "lora": x}, batch, None)
-            return total / jnp.maximum(count, 1.0)
-        return jax.grad(mean_loss)(l)
+def task_fisher(session: Session, method: Method, lora: Any, memory: Memory, batches: list[Any]) -> Any:
+    """EWC's diagonal Fisher of `lora`: the mean squared gradient of each sequence's own mean
+    token loss, over every sequence of `batches` (`crma_jax.cl.diagonal_fisher`)."""
+    def mean_loss(x: Any, batch: Any) -> jax.Array:
+        total, (count, _) = forward_loss(session.model, {"params": session.frozen, "lora": x}, batch, None)
+        return total / jnp.maximum(count, 1.0)
 
-    chosen = itertools.islice(eval_batches(data, session.cfg.batch_size), batches)
-    return diagonal_fisher(lambda p, b: grad(p, session.place(b)), lora, chosen)
+    grads = jax.jit(per_sequence_grads(mean_loss))
+    return diagonal_fisher(lambda p, b: grads(p, session.place(b)), lora, batches)
 
 
-def task_input_grams(session: Session, method: Method, lora: Any, memory: Memory, data: PackedData,
-                     batches: int) -> Any:
-    """XᵀX of every LoRA target's inputs (L, in, in), summed over up to `batches` full training
-    batches of one domain, on the model the method trains (its forward LoRA on the base)."""
+def task_input_grams(session: Session, method: Method, lora: Any, memory: Memory, batches: list[Any]) -> Any:
+    """XᵀX of every LoRA target's inputs (L, in, in), summed over `batches`, on the model the
+    method trains (its forward LoRA on the base)."""
     @jax.jit
     def grams(forward: Any, batch: Any) -> Any:
         _, state = session.model.apply({"params": session.frozen, "lora": forward}, batch["input_ids"],
@@ -187,13 +191,12 @@ def task_input_grams(session: Session, method: Method, lora: Any, memory: Memory
                                        method="hidden", mutable=[LORA_INPUTS])
         return jax.tree.map(lambda sown: sown[0], state[LORA_INPUTS], is_leaf=lambda x: isinstance(x, tuple))
 
-    full = (b for b in eval_batches(data, session.cfg.batch_size) if b["segment_ids"].any(axis=1).all())
     total = None
-    for batch in itertools.islice(full, batches):
+    for batch in batches:
         g = grams(method.forward_lora(lora, memory), session.place(batch))
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     if total is None:
-        raise ValueError(f"no full batch of {session.cfg.batch_size} rows to measure the inputs on")
+        raise ValueError(f"no batch of {session.cfg.batch_size} rows to measure the inputs on")
     # {module: {proj: {"gram": G}}} -> {module: {proj: G}}, the layout of a LoRA set's pairs
     return jax.tree.map(lambda node: node["gram"], total, is_leaf=lambda x: isinstance(x, dict) and "gram" in x)
 
@@ -268,7 +271,8 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         start = fresh[i] if method.fresh_lora or not trained else trained[-1]
         train_rows, holdout, spec = domains[name]
         if method.stats_before:
-            stats = task_stats(method.stats_before, session, method, start, memory, train_rows, cfg.fisher_batches)
+            stats = task_stats(method.stats_before, session, method, start, memory, train_rows, cfg.fisher_batches,
+                               seed * 1000 + i)
             start = method.start(start, memory, stats)
         session.trainable = {"lora": start, **({"crma": crma} if method.crma else {})}
         earlier = [domains[n][0] for n in names[:i]]
@@ -281,7 +285,8 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         progress["zclip"] = [np.asarray(x).tolist() for x in session.zclip_state]  # JSON, resumable
         lora = session.trainable["lora"]
         crma = session.trainable.get("crma")
-        stats = task_stats(method.stats_after, session, method, lora, memory, train_rows, cfg.fisher_batches)
+        stats = task_stats(method.stats_after, session, method, lora, memory, train_rows, cfg.fisher_batches,
+                           seed * 1000 + i)
         memory = method.remember(memory, lora, i, stats)
         trained.append(lora)
         progress["finished"].append(name)
