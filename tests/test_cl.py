@@ -242,3 +242,23 @@ def test_orthogonal_top_follows_the_largest_inputs_outside_the_span():
         a = orthogonal_top(gram, projector, 3)
         np.testing.assert_allclose(projector @ a, 0.0, atol=1e-5)
         np.testing.assert_allclose(a.T @ a, jnp.eye(3), atol=1e-5)
+
+
+def test_frozen_substrate_stops_the_substrates_gradient_once_remembered():
+    from crma_jax.cl import FrozenSubstrate
+
+    method = FrozenSubstrate()
+    lora, crma = _lora(jax.random.PRNGKey(0)), {"mix": jnp.array([1.0, 2.0])}
+    memory = method.init_memory(lora, 3)
+
+    def loss(t, mem):
+        used = method.forward(t, mem)
+        return jnp.sum(used["crma"]["mix"] ** 2) + sum(jnp.sum(x) for x in jax.tree.leaves(used["lora"]))
+
+    trainable = {"lora": lora, "crma": crma}
+    assert float(jnp.abs(jax.grad(loss)(trainable, memory)["crma"]["mix"]).sum()) > 0  # the first task trains it
+    memory = method.remember(memory, lora, 0)
+    g = jax.grad(loss)(trainable, memory)
+    np.testing.assert_array_equal(g["crma"]["mix"], 0.0)  # every later task: frozen
+    assert all(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(g["lora"]))  # the LoRA still trains
+    assert float(loss(trainable, memory)) == float(loss(trainable, method.init_memory(lora, 3)))  # same forward

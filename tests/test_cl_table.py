@@ -148,3 +148,18 @@ def test_runs_over_different_documents_are_not_pooled(tmp_path):
     (second / "results.json").write_text(json.dumps({**payload, "fingerprints": changed}))
     with pytest.raises(ValueError, match=r"first and .*second trained on different documents .*fingerprints differ: b\)"):
         cl_table([first, second])
+
+
+def test_versus_the_new_baselines(tmp_path, capsys):
+    base = _run(tmp_path, "base", 1e-3, {"0": [[2.0, 1.5], [2.0, 1.0]]})
+    payload = json.loads((base / "results.json").read_text())
+    same = payload["results"]["modular"]
+    payload["results"] = {"frozen_substrate": same, "isolated": same}
+    (base / "results.json").write_text(json.dumps(payload))
+    modular = _run(tmp_path, "modular", 1e-3, {"0": [[2.0, 1.5], [2.2, 1.0]]})
+    for against in ("frozen_substrate", "isolated"):
+        assert main(["cl-table", str(base), str(modular), "--versus", against]) == 0
+        lines = capsys.readouterr().out.split("\n\nDomains ")[0].splitlines()
+        assert f"ACC vs {against.upper()}" in lines[0]
+        row = next(line for line in lines if "| MODULAR |" in line)
+        assert "+6.67" in row.split(" | ")[-2]  # ACC 1.6 against 1.5, one seed

@@ -53,7 +53,7 @@ def _args(tiny_lm, domains, out, seeds="0", extra=()):
     return args
 
 
-METHODS = ("naive", "frozen", "modular", "replay", "ewc", "olora", "inflora")
+METHODS = ("naive", "frozen", "modular", "replay", "ewc", "olora", "inflora", "frozen_substrate", "isolated")
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +128,38 @@ def test_each_method_shows_its_defining_behaviour(finished):
     assert all(r["penalty"] == 0.0 for r in read_metrics(out / "inflora" / "seed0" / "counts"))
 
 
+def test_frozen_substrate_and_isolated_share_nothing_after_the_first_domain(finished):
+    """FROZEN_SUBSTRATE's substrate moves in the first domain only; ISOLATED trains a substrate
+    per domain. Neither can change an earlier domain's model, so both drift exactly 0, and both
+    start the first domain exactly as MODULAR does."""
+    from safetensors.numpy import load_file
+
+    out, payload = finished
+    for seed in ("0", "1"):
+        modular = payload["results"]["modular"][seed]
+        for cond in ("frozen_substrate", "isolated"):
+            r = payload["results"][cond][seed]
+            assert r["drift"] == [0.0, 0.0] and r["bwt"] == 0.0, cond
+            assert r["L"][0][0] == pytest.approx(modular["L"][0][0], rel=1e-6), cond
+        fs = payload["results"]["frozen_substrate"][seed]["substrate"]
+        assert fs[0]["mix_displacement"] == fs[1]["mix_displacement"] == fs[2]["mix_displacement"]
+        assert fs[0]["mix_displacement"] != payload["results"]["frozen_substrate"][seed]["substrate_init"]["mix_displacement"]
+    kept = {cond: load_file(str(out / cond / "seed0" / "substrates.safetensors")) for cond in ("frozen_substrate", "isolated")}
+    for key, first in kept["frozen_substrate"].items():
+        if key.startswith("0/"):
+            for t in ("1/", "2/"):
+                np.testing.assert_array_equal(kept["frozen_substrate"][t + key[2:]], first)
+    assert any(not np.array_equal(kept["isolated"]["0/" + k[2:]], v) for k, v in kept["isolated"].items()
+               if k.startswith("2/"))
+
+
 def test_task_agnostic_evaluation(finished):
     _, payload = finished
     for cond in METHODS:
         agnostic = payload["results"][cond]["0"]["agnostic"]
         assert agnostic["prefix_tokens"] == 8 and len(agnostic["loss"]) == 3
         assert all(t > 0 for t in agnostic["scored_tokens"])
-        routed = cond in ("frozen", "modular")
+        routed = cond in ("frozen", "modular", "frozen_substrate", "isolated")
         assert agnostic["routed"] == routed
         if not routed:  # one model: without the task id it is the same model
             assert agnostic["loss"] == agnostic["oracle_loss"] and agnostic["accuracy"] == {}
@@ -231,6 +256,8 @@ def test_drift_helper_and_bad_arguments(tiny_lm, capsys):
     assert "domain named 'olora'" in capsys.readouterr().err
     assert main(["cl", "--model", str(tiny_lm), "--conditions", "inflora", "--weight-decay", "0.01"]) == 2
     assert "--weight-decay 0" in capsys.readouterr().err
+    assert main(["cl", "--model", str(tiny_lm), "--conditions", "frozen_substrate", "--weight-decay", "0.01"]) == 2
+    assert "keeps the substrate fixed after the first domain" in capsys.readouterr().err
     assert main(["cl", "--model", str(tiny_lm), "--seeds", "0,x"]) == 2
     assert "--seeds" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # `--data` means nothing to `crma cl`: refused, not ignored

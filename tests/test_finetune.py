@@ -168,6 +168,25 @@ def test_yaml_config_and_flag_precedence(tiny_lm, data_file, tmp_path, capsys):
     assert not (tmp_path / "bad_run").exists()
 
 
+def test_yaml_values_of_the_wrong_type_are_refused_before_the_run_is_claimed(tiny_lm, data_file, tmp_path, capsys):
+    """YAML 1.1 reads `lr_lora: 1e-3` as the string '1e-3': refused with the key named, before RUN
+    exists, so the corrected rerun into the same --out is not refused as a second run."""
+    run = tmp_path / "run"
+    config = tmp_path / "cfg.yaml"
+    common = (f"model: {tiny_lm}\ndata: {data_file}\nout: {run}\nsteps: 2\nseq_len: 16\nwarmup_steps: 1\n"
+              "plots: false\nreport_to: none\neval_every: 0\nmesh: '1,1,1'\nbatch_size: 2\n")
+    for line, key in (("lr_lora: 1e-3", "lr_lora"), ("lora_rank: '4'", "lora_rank"), ("steps: yes", "steps")):
+        config.write_text(common.replace("steps: 2\n", "") + line + "\n" if key == "steps" else common + line + "\n")
+        assert main(["train", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert f"{config}: {key}:" in err and "internal error" not in err, err
+        assert not run.exists()
+    config.write_text(common + "lr_lora: 1.0e-3\nlr_crma_mix: 1\n")  # an int where a float is asked is fine
+    assert main(["train", "--config", str(config)]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["lr_lora"] == 1e-3 and saved["lr_crma_mix"] == 1.0 and isinstance(saved["lr_crma_mix"], float)
+
+
 # Two LoRA targets keep the compile short; the mechanics under test do not depend on them.
 RESUME = ("--steps", "12", "--checkpoint-every", "4", "--lora-targets", "q_proj,v_proj")
 
