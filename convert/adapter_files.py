@@ -68,9 +68,14 @@ def _unflat(flat: dict[str, np.ndarray]) -> Any:
 def save_adapters(run: Path, adapters: Adapters) -> Path:
     """Write RUN/adapters atomically (`crma_jax.atomic.commit`): a kill at any point leaves the
     old adapters or the new ones, which `load_adapters` then finds."""
+    # A model given as a relative path must still be found from another directory (`crma eval`,
+    # `crma export` run elsewhere): record it resolved; a name that is no path stays as it is.
+    base = adapters.base
+    if Path(base.model).exists():
+        base = dataclasses.replace(base, model=str(Path(base.model).resolve()))
     meta = {
-        "model": adapters.model,
-        "base": dataclasses.asdict(adapters.base),
+        "model": base.model,
+        "base": dataclasses.asdict(base),
         "lora": dataclasses.asdict(adapters.lora) if adapters.lora else None,
         "crma": dataclasses.asdict(adapters.crma) if adapters.crma else None,
         "lora_sets": list(adapters.lora_sets),

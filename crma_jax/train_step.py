@@ -19,10 +19,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from crma_jax.cl import Method
 from crma_jax.crma import DIAGNOSTICS, crma_diagnostics
+from crma_jax.data import BATCH_KEYS  # noqa: F401 - the batch layout the step takes, re-exported
 from crma_jax.sharding import DEFAULT_RULES, param_shardings
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 
 
 def forward_loss(model: Any, variables: dict[str, Any], batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Any]:

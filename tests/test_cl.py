@@ -169,7 +169,8 @@ def test_routed_methods_need_a_task_id_and_start_untrained_tasks_fresh():
     with pytest.raises(ValueError, match="routing"):
         frozen().eval_lora(trained, {}, None, fresh)
     assert naive().eval_lora(trained, {}, None, fresh) is trained[0]
-    assert set(METHODS) == {"naive", "frozen", "modular", "replay", "ewc", "olora", "inflora"}
+    assert set(METHODS) == {"naive", "frozen", "modular", "replay", "ewc", "olora", "inflora", "frozen_substrate",
+                            "isolated"}
     assert METHODS["modular"]().crma and not METHODS["replay"]().crma and METHODS["replay"]().replay == 0.1
 
 

@@ -59,7 +59,7 @@ from crma_jax.cl import METHODS, EWC, FrozenSubstrate, InfLoRA, Memory, Method, 
 from crma_jax.lora import LORA_INPUTS
 from crma_jax.convert.adapter_files import load_adapters
 from crma_jax.crma import mix_displacement
-from crma_jax.data import BatchIterator, DataSpec, PackedData, split_holdout
+from crma_jax.data import BATCH_KEYS, BatchIterator, DataSpec, PackedData, split_holdout
 from crma_jax.dedupe import fingerprint
 from crma_jax.domains import FACTS_PREFIX, is_builtin
 from crma_jax.evaluate import crma_effect, eval_batches, route
@@ -148,19 +148,12 @@ METHOD_SETTINGS: dict[str, Callable[[CLConfig], Method]] = {
 }
 
 
-def drift(matrix: list[list[float | None]]) -> list[float]:
-    """drift_j = (L[K][j] − L[j][j]) / L[j][j] for every domain j before the last."""
-    last = len(matrix) - 1
-    return [(matrix[last][j] - matrix[j][j]) / matrix[j][j] for j in range(last)]
-
-
 def mix_replay(current: PackedData, earlier: list[PackedData], fraction: float, seed: int) -> PackedData:
     """`current`'s rows plus rows drawn (without replacement where possible) from `earlier`, so
     that they make up `fraction` of the result; the mix is shuffled by the training iterator."""
     if not earlier or fraction <= 0:
         return current
-    pool = {k: np.concatenate([getattr(d, k) for d in earlier]) for k in ("input_ids", "segment_ids", "positions",
-                                                                          "loss_mask")}
+    pool = {k: np.concatenate([getattr(d, k) for d in earlier]) for k in BATCH_KEYS}
     n_pool, n_extra = pool["input_ids"].shape[0], round(fraction / (1 - fraction) * current.num_rows)
     rng = np.random.default_rng(seed)
     picked = rng.choice(n_pool, n_extra, replace=n_extra > n_pool)

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crma_jax import CRMAConfig, LoraConfig, distributed, load_pretrained, param_labels
-from crma_jax.adapters import init_adapters, store_as_bits
+from crma_jax.adapters import TRAINABLE, init_adapters, store_as_bits
 from crma_jax.cl import Memory, Method
 from crma_jax.convert.adapter_files import Adapters, BaseSpec, save_adapters
 from crma_jax.convert.smollm2 import resolve_model_path
@@ -39,7 +39,6 @@ from crma_jax.train.metrics import MetricsWriter
 from crma_jax.train.run_dir import begin_run, settings_of, write_config
 from crma_jax.train_step import BATCH_KEYS, batch_sharding, jit_train_step, make_train_step
 
-TRAINABLE = ("lora", "crma")
 # Called right after a checkpoint save of `step` has started (Orbax saves asynchronously; call
 # `manager.wait_until_finished()` for the committed checkpoint). Tests inject faults here.
 OnCheckpoint = Callable[[int, Any], None]
