@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crma_jax.cl import (METHODS, EWC, InfLoRA, OLoRA, concat_lora, diagonal_fisher, per_sequence_grads, ewc_accumulate, ewc_penalty,
-                         frozen, gpm_extend, naive, olora_penalty, orthogonal_top, transfer_metrics)
+from crma_jax.cl import (METHODS, EWC, InfLoRA, OLoRA, concat_lora, diagonal_fisher, ewc_accumulate, ewc_penalty,
+                         frozen, gpm_extend, naive, olora_penalty, orthogonal_top, per_sequence_grads,
+                         transfer_metrics)
 
 LAYERS, D_IN, D_OUT = 2, 6, 5
 

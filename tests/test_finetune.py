@@ -315,6 +315,31 @@ def test_auto_remat_falls_back_to_the_leanest_policy_when_memory_is_short(tiny_l
     assert "remat 'full'" in out.err and "does not fit either" in out.err and "tried: none" in out.err
 
 
+def test_auto_remat_is_recorded_and_a_resumed_run_keeps_it(tiny_lm, data_file, tmp_path, capsys, monkeypatch):
+    """--remat auto picks from free memory once; --resume compiles the recorded policy only, even
+    when memory now looks different, so a resumed run (or a peer process) runs the same program."""
+    run = tmp_path / "run"
+    monkeypatch.setattr(finetune, "free_bytes", lambda devices: 1)  # short of memory: "full"
+    assert main(_argv(tiny_lm, data_file, run, "--steps", "2", "--warmup-steps", "0", "--checkpoint-every", "1")) == 0
+    assert json.loads((run / "remat.json").read_text()) == {"policy": "full"}
+    tried = []
+    real = finetune.fastest_fitting
+    monkeypatch.setattr(finetune, "free_bytes", lambda devices: 1 << 40)  # plenty now: auto would pick "none"
+    monkeypatch.setattr(finetune, "fastest_fitting", lambda f, free, policies: tried.append(policies) or real(f, free,
+                                                                                                            policies))
+    capsys.readouterr()
+    assert main(_argv(tiny_lm, data_file, run, "--steps", "2", "--warmup-steps", "0", "--checkpoint-every", "1",
+                      "--resume")) == 0
+    assert tried == [("full",)] and json.loads(capsys.readouterr().out)["remat"] == "full"
+
+
+def test_each_process_measures_only_its_own_devices(tiny_lm, data_file, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(finetune, "free_bytes", lambda devices: seen.append(list(devices)) or 1 << 40)
+    assert main(_argv(tiny_lm, data_file, tmp_path / "run", "--steps", "1", "--warmup-steps", "0")) == 0
+    assert seen and all(d.process_index == jax.process_index() for devices in seen for d in devices)
+
+
 @pytest.mark.parametrize("what", ["missing_data", "empty_data", "missing_model"])
 def test_bad_input_exits_2_naming_the_path(what, tiny_lm, data_file, tmp_path, capsys):
     run = tmp_path / "run"

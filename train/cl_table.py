@@ -3,14 +3,15 @@
 Each row is one condition over its seeds, after the settings that differ between the runs (or
 those named with --settings). Runs with the same settings pool their seeds into one row, so a
 condition's seeds may come from several invocations, provided every domain's documents are the
-same (their fingerprints in results.json agree; `check_same_documents`); a seed found in two runs is kept once if
-both hold the same results, and is an error otherwise. The first table gives the transfer
-metrics as mean ± sample std [min, max] over seeds (`crma_jax.train.stats`): mean drift, ACC, BWT, FWT, the task-agnostic ACC,
-(for routed methods) how often routing picked the right LoRA, and the minutes per sequence.
-The second gives the mean starting and final holdout losses per domain, and how far the CRMA
-substrate sat from the identity at init and after each domain (mean over layers of
-‖α(Mᵀ − I)‖_F) with the mean ‖h′ − h‖/‖h‖ it made on the holdout. Every number is read from RUN/results.json and
-RUN/config.yaml, so a table in RESULTS.md is the output of this command over the runs it names.
+same (their fingerprints in results.json agree; `check_same_documents`); a seed found in two
+runs is kept once if both hold the same results, and is an error otherwise. The first table
+gives the transfer metrics as mean ± sample std [min, max] over seeds (`crma_jax.train.stats`):
+mean drift, ACC, BWT, FWT, the task-agnostic ACC, (for routed methods) how often routing picked
+the right LoRA, and the minutes per sequence. The second gives the mean starting and final
+holdout losses per domain, and how far the CRMA substrate sat from the identity at init and
+after each domain (mean over layers of ‖α(Mᵀ − I)‖_F) with the mean ‖h′ − h‖/‖h‖ it made on the
+holdout. Every number is read from RUN/results.json and RUN/config.yaml, so a table in
+RESULTS.md is the output of this command over the runs it names.
 """
 
 from __future__ import annotations

@@ -41,38 +41,33 @@ interrupted `crma cl --resume` restarts at the domain it stopped in.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from crma_jax import distributed
-from crma_jax.cl import METHODS, EWC, FrozenSubstrate, InfLoRA, Memory, Method, OLoRA, diagonal_fisher, per_sequence_grads, replay, \
-    transfer_metrics
-from crma_jax.lora import LORA_INPUTS
+from crma_jax.cl import METHODS, EWC, FrozenSubstrate, InfLoRA, Memory, Method, OLoRA, replay, transfer_metrics
 from crma_jax.convert.adapter_files import load_adapters
 from crma_jax.crma import mix_displacement
-from crma_jax.data import BATCH_KEYS, BatchIterator, DataSpec, PackedData, split_holdout
-from crma_jax.dedupe import fingerprint
+from crma_jax.data import PackedData, split_holdout
 from crma_jax.domains import FACTS_PREFIX, is_builtin
-from crma_jax.evaluate import crma_effect, eval_batches, route
+from crma_jax.evaluate import crma_effect, route
 from crma_jax.facts import Fact, answer_questions, domain_facts, questions
+from crma_jax.train.cl_data import Domain, build_domains, check_fingerprints, mix_replay  # noqa: F401 - re-exported
 from crma_jax.train.cl_results import markdown_table, summarize
+from crma_jax.train.cl_stats import task_stats
 from crma_jax.train.config import TrainConfig, parse_seeds, setting
-from crma_jax.train.finetune import OnCheckpoint, Session, data_spec, evaluate_holdout, fresh_adapters, \
-    open_session, save_run_adapters, train
+from crma_jax.train.finetune import OnCheckpoint, Session, evaluate_holdout, fresh_adapters, open_session, \
+    save_run_adapters, train
 from crma_jax.train.run_dir import begin_run, commit, recover, write_config
-from crma_jax.train_step import forward_loss
 
 CONDITIONS = tuple(METHODS)
-Domain = tuple[PackedData, PackedData, DataSpec]  # (train, holdout, spec)
 
 
 @dataclasses.dataclass
@@ -146,63 +141,6 @@ METHOD_SETTINGS: dict[str, Callable[[CLConfig], Method]] = {
     "olora": lambda cfg: OLoRA(lam=cfg.olora_lambda),
     "inflora": lambda cfg: InfLoRA(threshold=cfg.inflora_threshold),
 }
-
-
-def mix_replay(current: PackedData, earlier: list[PackedData], fraction: float, seed: int) -> PackedData:
-    """`current`'s rows plus rows drawn (without replacement where possible) from `earlier`, so
-    that they make up `fraction` of the result; the mix is shuffled by the training iterator."""
-    if not earlier or fraction <= 0:
-        return current
-    pool = {k: np.concatenate([getattr(d, k) for d in earlier]) for k in BATCH_KEYS}
-    n_pool, n_extra = pool["input_ids"].shape[0], round(fraction / (1 - fraction) * current.num_rows)
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(n_pool, n_extra, replace=n_extra > n_pool)
-    return PackedData(**{k: np.concatenate([getattr(current, k), v[picked]]) for k, v in pool.items()})
-
-
-def task_stats(names: tuple[str, ...], session: Session, method: Method, lora: Any, memory: Memory,
-               data: PackedData, batches: int, seed: int) -> dict[str, Any]:
-    """The statistics `names` ("fisher", "input_gram") of one domain's training data, each over
-    the same `batches` full batches drawn in a seeded shuffled order from the whole domain (not
-    the first rows, which would be the first documents only)."""
-    if not names:
-        return {}
-    chosen = list(itertools.islice(BatchIterator(data, session.cfg.batch_size, seed=seed, epochs=1), batches))
-    return {name: TASK_STATS[name](session, method, lora, memory, chosen) for name in names}
-
-
-def task_fisher(session: Session, method: Method, lora: Any, memory: Memory, batches: list[Any]) -> Any:
-    """EWC's diagonal Fisher of `lora`: the mean squared gradient of each sequence's own mean
-    token loss, over every sequence of `batches` (`crma_jax.cl.diagonal_fisher`)."""
-    def mean_loss(x: Any, batch: Any) -> jax.Array:
-        total, (count, _) = forward_loss(session.model, {"params": session.frozen, "lora": x}, batch, None)
-        return total / jnp.maximum(count, 1.0)
-
-    grads = jax.jit(per_sequence_grads(mean_loss))
-    return diagonal_fisher(lambda p, b: grads(p, session.place(b)), lora, batches)
-
-
-def task_input_grams(session: Session, method: Method, lora: Any, memory: Memory, batches: list[Any]) -> Any:
-    """XᵀX of every LoRA target's inputs (L, in, in), summed over `batches`, on the model the
-    method trains (its forward LoRA on the base)."""
-    @jax.jit
-    def grams(forward: Any, batch: Any) -> Any:
-        _, state = session.model.apply({"params": session.frozen, "lora": forward}, batch["input_ids"],
-                                       positions=batch["positions"], segment_ids=batch["segment_ids"],
-                                       method="hidden", mutable=[LORA_INPUTS])
-        return jax.tree.map(lambda sown: sown[0], state[LORA_INPUTS], is_leaf=lambda x: isinstance(x, tuple))
-
-    total = None
-    for batch in batches:
-        g = grams(method.forward_lora(lora, memory), session.place(batch))
-        total = g if total is None else jax.tree.map(jnp.add, total, g)
-    if total is None:
-        raise ValueError(f"no batch of {session.cfg.batch_size} rows to measure the inputs on")
-    # {module: {proj: {"gram": G}}} -> {module: {proj: G}}, the layout of a LoRA set's pairs
-    return jax.tree.map(lambda node: node["gram"], total, is_leaf=lambda x: isinstance(x, dict) and "gram" in x)
-
-
-TASK_STATS = {"fisher": task_fisher, "input_gram": task_input_grams}
 
 
 def _save_memory(path: Path, memory: Memory) -> None:
@@ -400,31 +338,6 @@ def agnostic_eval(cfg: CLConfig, method: Method, session: Session, names: list[s
             out["accuracy"][n] = r.accuracy
     out["acc"] = float(np.mean(out["loss"]))
     return out
-
-
-def build_domains(cfg: CLConfig, sources: dict[str, str], tokenizer: Any) -> tuple[dict[str, Domain], dict[str, Any]]:
-    """Every domain's (train, holdout, spec), split once for every condition and seed (the
-    holdout never depends on the seed), and its fingerprint: {"train", "holdout"} each the
-    `crma_jax.dedupe.fingerprint` of the documents exactly as trained on or evaluated."""
-    domains, fingerprints = {}, {}
-    for n, src in sources.items():
-        spec = data_spec(cfg, source=src, split_seed=0)
-        train_records, held_records = spec.split_records()
-        domains[n] = (*spec.pack(train_records, held_records, tokenizer), spec)
-        fingerprints[n] = {"train": fingerprint(train_records.keys(str)), "holdout": fingerprint(held_records.keys(str))}
-    return domains, fingerprints
-
-
-def check_fingerprints(out: Path, fingerprints: dict[str, Any]) -> None:
-    """When OUT/fingerprints.json exists (a resumed run), check that the domains are still the
-    documents the run started on (ValueError naming the domain)."""
-    path = out / "fingerprints.json"
-    if path.exists():
-        recorded = json.loads(path.read_text())
-        for name, fp in fingerprints.items():
-            if recorded.get(name) != fp:
-                raise ValueError(f"{out}: domain {name!r} is not the documents this run started on ({path}: "
-                                 f"{recorded.get(name)}, now {fp}); start a new run")
 
 
 def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
