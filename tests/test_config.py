@@ -48,3 +48,13 @@ def test_gemma2_windows_alternate_and_mistral_windows_everywhere():
 def test_gqa_must_divide():
     with pytest.raises(ValueError, match="not a multiple"):
         ModelConfig.from_hf(_llama(num_attention_heads=3, num_key_value_heads=2))
+
+
+def test_legacy_gemma_gelu_is_the_tanh_form_as_in_transformers():
+    from transformers import GemmaConfig
+
+    legacy = _llama(model_type="gemma", hidden_act="gelu", hidden_activation=None)
+    assert GemmaConfig(hidden_act="gelu").hidden_act == "gelu_pytorch_tanh"  # what transformers runs
+    assert ModelConfig.from_hf(legacy).activation == "gelu_tanh"
+    # Only Gemma has that legacy reading: elsewhere "gelu" is the exact erf GELU.
+    assert ModelConfig.from_hf(_llama(hidden_act="gelu")).activation == "gelu"
