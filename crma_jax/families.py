@@ -40,7 +40,8 @@ class Family:
     `fused` lists HF modules that hold several of our projections stacked along the output
     rows (Phi-3's `self_attn.qkv_proj` = q, k, v); the loader splits them and exports fuse them
     back. `gguf_arch` is llama.cpp's `general.architecture`; `gguf_permute_qk` says whether its
-    converter reordered q/k rows for interleaved RoPE (llama-style archs only).
+    converter reordered q/k rows for interleaved RoPE (llama-style archs only; Qwen, Gemma and
+    Phi-3 use rotate-half "NeoX" RoPE and are stored as in HF).
     """
 
     architecture: str
@@ -59,6 +60,7 @@ class Family:
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
     gguf_arch: str | None = None
     gguf_permute_qk: bool = False
+    gguf_norm_offset: float = 0.0  # llama.cpp stores Gemma's RMSNorm weights as w + 1
 
     def biases_from_hf(self, hf: Mapping[str, Any]) -> tuple[str, ...]:
         """The projections with a bias, from the family's fixed ones and the HF flags."""
@@ -81,7 +83,8 @@ FAMILIES: dict[str, Family] = {
                      sliding_window=True, default_layer_types=_gemma2_layer_types, **_GEMMA),
     "gemma3_text": Family("Gemma3ForCausalLM", sandwich_norms=True, softcaps=True, query_pre_attn_scalar=True,
                           qk_norm=True, local_rope=True, rope_theta=1e6, sliding_window=True,
-                          default_layer_types=_gemma3_layer_types, gguf_arch="gemma3", **_GEMMA),
+                          default_layer_types=_gemma3_layer_types, gguf_arch="gemma3", gguf_norm_offset=1.0,
+                          **_GEMMA),
     "qwen2": Family("Qwen2ForCausalLM", fixed_biases=("q_proj", "k_proj", "v_proj"), bias_flags=False,
                     sliding_window=True, window_flag="use_sliding_window", default_layer_types=_qwen_layer_types,
                     gguf_arch="qwen2"),

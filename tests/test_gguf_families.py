@@ -1,0 +1,97 @@
+"""GGUF files of every family with a llama.cpp architecture (llama, qwen2, qwen3, gemma3, phi3),
+in the storage types real files use, against transformers on the same weights in fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_tiny_hf
+from gguf_files import Q, write_gguf_from_hf
+
+import crma_jax
+from crma_jax.gguf_checkpoint import GGUFSource
+from conftest import hf_logits
+
+# K-quants pack 256 values per block: every row length (d, heads x head_dim, d_ff) is 256 here.
+K_SHAPES = dict(hidden_size=256, intermediate_size=256, head_dim=64)
+# Phi-3's LongRoPE factor lists need head_dim / 2 entries; llama.cpp writes no
+# query_pre_attn_scalar, and derives Gemma-3's from head_dim.
+EXTRA = {
+    "phi3": dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                      short_factor=[1.0 + 0.1 * i for i in range(32)],
+                                      long_factor=[1.0 + 0.5 * i for i in range(32)])),
+    "gemma3": dict(query_pre_attn_scalar=64),
+}
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma3", "phi3"]
+CLAIMED = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+def q4_k_m(name: str) -> Q:
+    """A Q4_K_M-like mix: Q4_K for most projections, Q5_K and Q6_K for some, Q8_0 embeddings."""
+    if name.startswith(("token_embd", "output")):
+        return Q.Q8_0
+    if "attn_v" in name or "ffn_down" in name:
+        return Q.Q6_K
+    if "attn_output" in name:
+        return Q.Q5_K
+    return Q.Q4_K
+
+
+def _model(tmp_path, arch, qtype_of):
+    hf = make_tiny_hf(arch, tmp_path / arch, seed=3, **K_SHAPES, **EXTRA.get(arch, {}))
+    return hf, write_gguf_from_hf(hf, tmp_path / f"{arch}.gguf", qtype_of)
+
+
+def _max_error(hf, gguf_path, batch):
+    """max |ours - transformers| / max |transformers| over the real positions of a padded batch
+    (the random K-quant weights give logits up to ~15, where fp32 op order alone differs ~1e-4)."""
+    ids, mask = batch
+    ref = hf_logits(hf, ids, mask)
+    model, params = crma_jax.load_pretrained(gguf_path)
+    ours = np.asarray(model.apply({"params": params}, ids, attention_mask=mask))
+    assert np.abs(ref).max() > 1.0
+    return np.abs(ours - ref)[mask.astype(bool)].max() / np.abs(ref).max()
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_q4_k_m_style_file_matches_transformers(arch, tmp_path, batch):
+    hf, path = _model(tmp_path, arch, q4_k_m)
+    src = GGUFSource(path)
+    stored = {t.tensor_type for t in src._reader.tensors}
+    assert {Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0} <= stored
+    assert _max_error(hf, path, batch) < 1e-4
+
+
+@pytest.mark.parametrize("qtype", CLAIMED, ids=lambda q: q.name)
+def test_every_claimed_storage_type(qtype, tmp_path, batch):
+    hf, path = _model(tmp_path, "qwen3", lambda name: qtype)
+    assert _max_error(hf, path, batch) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_written_files_follow_llama_cpp_as_transformers_reads_them(arch, tmp_path):
+    """transformers' own GGUF loader reads our test files back to the HF weights (q/k permuted
+    for llama only, Gemma norms stored + 1), so the files are what llama.cpp would write."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    hf, path = _model(tmp_path, arch, q4_k_m)
+    theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    want = load_file(hf / "model.safetensors")
+    got = {k: v.detach().numpy() for k, v in theirs.state_dict().items() if k in want}
+    assert set(got) == set(want)
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_gemma3_and_phi3_configs_from_metadata(tmp_path):
+    _, g3 = _model(tmp_path, "gemma3", lambda name: Q.F32)
+    cfg = crma_jax.ModelConfig.from_hf(GGUFSource(g3).hf_config())
+    assert cfg.windows == (5,) * 5 + (None, 5) and cfg.layer_ropes == (1,) * 5 + (0, 1)
+    assert (cfg.rope.theta, cfg.rope.kind, cfg.rope.factor, cfg.local_rope.theta) == (1e6, "linear", 8.0, 1e4)
+    _, p3 = _model(tmp_path, "phi3", lambda name: Q.F32)
+    src = GGUFSource(p3)
+    assert "model.layers.0.self_attn.qkv_proj.weight" in src.keys()
+    rope = crma_jax.ModelConfig.from_hf(src.hf_config()).rope
+    assert rope.kind == "longrope" and rope.original_max_position_embeddings == 8 and rope.long_factor[1] == 1.5
