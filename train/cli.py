@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from crma_jax.convert.smollm2 import resolve_model_path
+from crma_jax.convert.hub import resolve_model_path
 from crma_jax.errors import CheckpointError
 
 BAD_INPUT = (CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, RuntimeError)
