@@ -93,3 +93,18 @@ def test_gemma2_windows_alternate_and_mistral_windows_everywhere():
 def test_gqa_must_divide():
     with pytest.raises(ValueError, match="not a multiple"):
         ModelConfig.from_hf(_llama(num_attention_heads=3, num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("arch,billions", [("llama3.1-8b", 8.030), ("qwen3-8b", 8.191), ("qwen2.5-7b", 7.616),
+                                           ("gemma3-12b", 11.766)])
+def test_published_configs_give_the_published_parameter_counts(arch, billions):
+    """The memory planner's entries for the 2026 families, parsed by `from_hf`, build decoders
+    with their models' parameter counts (Gemma-3-12B: the text decoder only)."""
+    import jax
+
+    from crma_jax.hf_params import abstract_params
+    from crma_jax.memory_plan import arch_config
+    from crma_jax.model import Decoder
+
+    count = sum(x.size for x in jax.tree.leaves(abstract_params(Decoder(arch_config(arch)))))
+    assert count / 1e9 == pytest.approx(billions, abs=5e-4)
