@@ -32,6 +32,8 @@ GGUF_ARCHITECTURES = {fam.gguf_arch: model_type for model_type, fam in FAMILIES.
 _ROPE_FREQS = "rope_freqs.weight"
 _ROPE_LONG, _ROPE_SHORT = "rope_factors_long.weight", "rope_factors_short.weight"
 _ROPE_TENSORS = (_ROPE_FREQS, _ROPE_LONG, _ROPE_SHORT)
+# Storage types read (dequantized by `gguf.quants`), each checked against transformers in the tests.
+ACCEPTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -241,6 +243,9 @@ class GGUFSource:
         t = self._tensors.get(name)
         if t is None:
             raise CheckpointError(f"{self.path}: no tensor {name!r} in this GGUF file")
+        if t.tensor_type.name not in ACCEPTED_TYPES:
+            raise CheckpointError(f"{self.path}: tensor {t.name!r} is stored as {t.tensor_type.name}; "
+                                  f"supported: {', '.join(ACCEPTED_TYPES)}")
         try:
             flat = self._dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:

@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 Q = gguf.GGMLQuantizationType
 # Byte offsets of each block's float16 scale fields (d, and dmin/m where the type has one).
 SCALE_OFFSETS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
-                 Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+                 Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,)}
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 
 

@@ -144,3 +144,10 @@ def test_gemma3_270m_chunks_are_checked_before_caching(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="SHA-256"):
         gemma3_270m.gemma3_270m_gguf(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_an_unclaimed_storage_type_is_refused_by_name(tmp_path):
+    """IQ4_NL: a type `gguf` could dequantize, but that no test checks: refused, not guessed."""
+    hf, path = _model(tmp_path, "qwen3", lambda name: Q.IQ4_NL if name == "blk.1.ffn_up.weight" else Q.Q8_0)
+    with pytest.raises(crma_jax.CheckpointError, match=r"blk\.1\.ffn_up\.weight.*IQ4_NL"):
+        crma_jax.load_pretrained(path)
