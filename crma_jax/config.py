@@ -1,8 +1,8 @@
 """`ModelConfig`: one typed description of every supported decoder, parsed from an HF config.
 
 The decoder in `model.py` reads only this dataclass, never a raw HF dict, so every architecture
-difference (Gemma's norm, Gemma-2's soft-capping, Qwen3's q/k norm, Phi-3's fused projections)
-is one named field here. Which HF model types exist and what each turns on is the declarative
+difference (Gemma's norm, Gemma-2's soft-capping, Qwen3's q/k norm, Gemma-3's local RoPE) is
+one named field here. Which HF model types exist and what each turns on is the declarative
 `FAMILIES` table (`crma_jax.families`); nothing else branches on `model_type`.
 """
 

@@ -93,9 +93,3 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family("Phi3ForCausalLM", sliding_window=True, bias_flags=False, fused=_PHI3_FUSED, gguf_arch="phi3"),
 }
 
-
-def family_of(model_type: str | None) -> Family:
-    """The `Family` of an HF `model_type`; ValueError naming the supported ones otherwise."""
-    if model_type not in FAMILIES:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(FAMILIES)}")
-    return FAMILIES[model_type]

@@ -183,7 +183,7 @@ class GGUFSource:
         if self._family.window_flag:
             out[self._family.window_flag] = True
         pattern = self._reader.fields.get(f"{self._arch}.attention.sliding_window_pattern")
-        if pattern is not None and len(pattern.data) == 1:
+        if pattern is not None and pattern.types[0].name != "ARRAY":
             out["sliding_window_pattern"] = int(self._meta(f"{self._arch}.attention.sliding_window_pattern"))
         elif pattern is not None:  # newer files: one bool per layer, true for a sliding layer
             flags = [bool(pattern.parts[i][0]) for i in pattern.data]

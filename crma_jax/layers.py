@@ -100,10 +100,10 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(rope: RopeConfig, head_dim: int, long: bool = False) -> jax.Array:
     """(head_dim // 2,) float32 inverse frequencies, with linear / llama3 / longrope scaling
     (`long`: LongRoPE's factors for sequences beyond the original context)."""
-    inv_freq = 1.0 / (rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if rope.kind == "longrope":
-        factors = jnp.asarray(rope.long_factor if long else rope.short_factor, jnp.float32)
-        return 1.0 / (factors * rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    powers = rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if rope.kind == "longrope":  # the divisor goes inside the reciprocal, as in transformers
+        return 1.0 / (jnp.asarray(rope.long_factor if long else rope.short_factor, jnp.float32) * powers)
+    inv_freq = 1.0 / powers
     if rope.kind == "linear":
         return inv_freq / rope.factor
     if rope.kind == "llama3":

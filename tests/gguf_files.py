@@ -64,9 +64,10 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3", "phi3": "phi3"}
 
 
-def write_gguf_from_hf(hf_dir: Path, out: Path, qtype_of: Any) -> Path:
+def write_gguf_from_hf(hf_dir: Path, out: Path, qtype_of: Any, extra_meta: Any = None) -> Path:
     """Write `hf_dir` as the GGUF `out`, storing each 2-D tensor as `qtype_of(gguf_name)`, and
-    rewrite `hf_dir`'s weights to the values the GGUF holds. Returns `out`."""
+    rewrite `hf_dir`'s weights to the values the GGUF holds. `extra_meta(writer)` may add
+    metadata. Returns `out`."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = ARCH[cfg["model_type"]]
     layers, heads, kv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -89,6 +90,8 @@ def write_gguf_from_hf(hf_dir: Path, out: Path, qtype_of: Any) -> Path:
     _add_rope(w, cfg)
     if cfg.get("sliding_window"):
         w.add_sliding_window(cfg["sliding_window"])
+    if extra_meta is not None:
+        extra_meta(w)
     for i, (hf_name, value) in enumerate(sorted(state.items())):
         base, kind = hf_name.rsplit(".", 1)
         name = f"{names.get_name(base)}.{kind}"

@@ -87,6 +87,15 @@ def test_written_files_follow_llama_cpp_as_transformers_reads_them(arch, tmp_pat
         np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("pattern,windows", [(3, (5, 5, None, 5, 5, None, 5)),
+                                             ([True, False] * 3 + [True], (5, None, 5, None, 5, None, 5))])
+def test_gemma3_window_pattern_metadata_as_a_period_or_per_layer_flags(pattern, windows, tmp_path):
+    hf = make_tiny_hf("gemma3", tmp_path / "g3")
+    path = write_gguf_from_hf(hf, tmp_path / "g3.gguf", lambda name: Q.F32,
+                              lambda w: w.add_sliding_window_pattern(pattern))
+    assert crma_jax.ModelConfig.from_hf(GGUFSource(path).hf_config()).windows == windows
+
+
 def test_gemma3_and_phi3_configs_from_metadata(tmp_path):
     _, g3 = _model(tmp_path, "gemma3", lambda name: Q.F32)
     cfg = crma_jax.ModelConfig.from_hf(GGUFSource(g3).hf_config())
