@@ -108,3 +108,22 @@ def test_published_configs_give_the_published_parameter_counts(arch, billions):
 
     count = sum(x.size for x in jax.tree.leaves(abstract_params(Decoder(arch_config(arch)))))
     assert count / 1e9 == pytest.approx(billions, abs=5e-4)
+
+
+def test_llama_3_2_1b_config_ties_the_128k_head():
+    """Llama-3.2-1B's published config.json: tied 128256-token embeddings, llama3 RoPE with
+    factor 32, 1,235,814,400 parameters."""
+    import jax
+
+    from crma_jax.hf_params import abstract_params
+    from crma_jax.model import Decoder
+
+    cfg = ModelConfig.from_hf(dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192)))
+    params = abstract_params(Decoder(cfg))
+    assert cfg.tie_word_embeddings and "lm_head" not in params and cfg.rope.factor == 32.0
+    assert sum(x.size for x in jax.tree.leaves(params)) == 1_235_814_400
