@@ -20,10 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from crma_jax.config import ModelConfig
 from crma_jax.convert.adapter_files import Adapters, load_adapters
 from crma_jax.convert.convert import atomic_dir
 from crma_jax.convert.peft_export import export_crma, export_merged, export_peft
-from crma_jax.convert.smollm2 import resolve_model_path
+from crma_jax.convert.hub import base_model_name, resolve_model_path
 from crma_jax.lora import LoraConfig, lora_rank, pissa_as_lora, with_rank
 from crma_jax.pretrained import hf_config_of, load_pretrained, load_tokenizer
 
@@ -44,12 +45,14 @@ def export_run(run: Path, out: Path, merged: list[str] | None = None) -> dict[st
     if unknown:
         raise ValueError(f"{run}: no LoRA set named {sorted(unknown)}; have {sorted(adapters.lora_sets)}")
     model_path = resolve_model_path(adapters.model)
+    model_config = ModelConfig.from_hf(hf_config_of(model_path))
     written: dict[str, Any] = {}
 
     def write(d: Path) -> None:
         for name in adapters.lora_sets:
             lora, cfg = plain_lora(adapters, name)
-            export_peft(lora, cfg, d / f"peft_{name}", base_model=adapters.model)
+            export_peft(lora, cfg, d / f"peft_{name}", base_model=base_model_name(adapters.model),
+                        model=model_config)
             written[f"peft_{name}"] = str(out / f"peft_{name}")
         if adapters.crma is not None:
             export_crma(adapters.crma_params, adapters.crma, d / "crma_adapter.safetensors")

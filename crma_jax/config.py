@@ -1,7 +1,9 @@
 """`ModelConfig`: one typed description of every supported decoder, parsed from an HF config.
 
 The decoder in `model.py` reads only this dataclass, never a raw HF dict, so every architecture
-difference (Gemma's norm, Gemma-2's soft-capping, Mistral's window) is one named field here.
+difference (Gemma's norm, Gemma-2's soft-capping, Qwen3's q/k norm, Gemma-3's local RoPE) is
+one named field here. Which HF model types exist and what each turns on is the declarative
+`FAMILIES` table (`crma_jax.families`); nothing else branches on `model_type`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gemma", "gemma2")
+from crma_jax.families import FAMILIES, Family
+
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 _ACTIVATIONS = {
     "silu": "silu",
@@ -20,23 +24,30 @@ _ACTIVATIONS = {
     "gelu_tanh": "gelu_tanh",
     "gelu": "gelu",
 }
+ROPE_KINDS = ("default", "linear", "llama3", "longrope")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding: `theta`, plus optional "linear" or "llama3" frequency scaling."""
+    """Rotary embedding: `theta`, plus optional "linear", "llama3" or "longrope" (Phi-3's `su`)
+    frequency scaling. LongRoPE divides each frequency by `short_factor` (positions within
+    `original_max_position_embeddings`) or `long_factor` (beyond), and multiplies cos/sin by
+    `attention_factor`."""
 
     theta: float = 10000.0
-    kind: str = "default"  # "default" | "linear" | "llama3"
+    kind: str = "default"  # one of ROPE_KINDS
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer in the Llama/Mistral/Gemma/Gemma-2 family."""
+    """A decoder-only transformer of one of the `FAMILIES` (Llama, Mistral, Gemma 1-3, Qwen2/3, Phi-3)."""
 
     model_type: str
     vocab_size: int
@@ -54,13 +65,19 @@ class ModelConfig:
     # Gemma family: RMSNorm scales by (1 + w) and the embedding is multiplied by sqrt(d).
     gemma_norm: bool = False
     scale_embedding: bool = False
-    # Gemma-2: extra norms around attention and MLP outputs, and tanh soft-capping.
+    # Gemma-2/3: extra norms around attention and MLP outputs; Gemma-2: tanh soft-capping.
     sandwich_norms: bool = False
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     query_pre_attn_scalar: float | None = None
     # Per-layer attention window (None = full causal attention).
     layer_windows: tuple[int | None, ...] = ()
+    # Projections (q_proj, ..., down_proj) that carry a bias (Qwen2: q, k, v).
+    biases: tuple[str, ...] = ()
+    # Qwen3 / Gemma-3: RMSNorm over each head's q and k before RoPE.
+    qk_norm: bool = False
+    # Gemma-3: the RoPE of sliding-window layers (the others use `rope`).
+    local_rope: RopeConfig | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -81,30 +98,40 @@ class ModelConfig:
         return self.layer_windows or (None,) * self.num_layers
 
     @property
+    def layer_ropes(self) -> tuple[int, ...]:
+        """Per layer, which RoPE table it uses: 0 for `rope`, 1 for `local_rope` (windowed layers)."""
+        if self.local_rope is None:
+            return (0,) * self.num_layers
+        return tuple(int(w is not None) for w in self.windows)
+
+    @property
     def attn_scale(self) -> float:
         base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
         return 1.0 / math.sqrt(base)
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
         """Parse an HF `config.json` dict; raises ValueError for an unsupported `model_type`."""
         model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in FAMILIES:
             raise ValueError(
                 f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        for key in ("attention_bias", "mlp_bias"):
-            if hf.get(key):
-                raise ValueError(f"{key}=True is not supported (model_type {model_type!r})")
+        fam = FAMILIES[model_type]
         heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         layers = int(hf["num_hidden_layers"])
-        gemma = model_type in ("gemma", "gemma2")
+        head_dim = int(hf.get("head_dim") or hidden // heads)
         act_name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
         if model_type == "gemma" and act_name == "gelu":  # legacy Gemma value: transformers reads it as tanh GELU
             act_name = "gelu_pytorch_tanh"
         if act_name not in _ACTIVATIONS:
             raise ValueError(f"unsupported activation {act_name!r}")
+        global_rope, local_rope = _ropes_from_hf(hf, fam, head_dim)
         return cls(
             model_type=model_type,
             vocab_size=int(hf["vocab_size"]),
@@ -113,19 +140,22 @@ class ModelConfig:
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope=_rope_from_hf(hf),
+            rope=global_rope,
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", fam.gemma)),
             activation=_ACTIVATIONS[act_name],
-            gemma_norm=gemma,
-            scale_embedding=gemma,
-            sandwich_norms=model_type == "gemma2",
-            attn_logit_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
-            final_logit_softcap=hf.get("final_logit_softcapping") if model_type == "gemma2" else None,
-            query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if model_type == "gemma2" else None,
-            layer_windows=_windows_from_hf(hf, model_type, layers),
+            gemma_norm=fam.gemma,
+            scale_embedding=fam.gemma,
+            sandwich_norms=fam.sandwich_norms,
+            attn_logit_softcap=hf.get("attn_logit_softcapping") if fam.softcaps else None,
+            final_logit_softcap=hf.get("final_logit_softcapping") if fam.softcaps else None,
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if fam.query_pre_attn_scalar else None,
+            layer_windows=_windows_from_hf(hf, fam, layers),
+            biases=fam.biases_from_hf(hf),
+            qk_norm=fam.qk_norm,
+            local_rope=local_rope,
             bos_token_id=_first(hf.get("bos_token_id")),
             eos_token_id=_first(hf.get("eos_token_id")),
             pad_token_id=_first(hf.get("pad_token_id")),
@@ -138,34 +168,68 @@ def _first(x: Any) -> int | None:
     return None if x is None else int(x)
 
 
-def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
-    # transformers >= 5 nests everything in `rope_parameters`; older configs use
-    # `rope_theta` plus an optional `rope_scaling` dict.
+def _ropes_from_hf(hf: Mapping[str, Any], fam: Family, head_dim: int) -> tuple[RopeConfig, RopeConfig | None]:
+    """(global RoPE, local RoPE or None). transformers >= 5 nests everything in
+    `rope_parameters` (per layer type for Gemma-3); older configs use `rope_theta`, an optional
+    `rope_scaling` dict and, for Gemma-3, `rope_local_base_freq`."""
     params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {})
-    merged = {**scaling, **params}
-    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if not fam.local_rope:
+        return _rope(hf, {**dict(hf.get("rope_scaling") or {}), **params}, fam.rope_theta, head_dim), None
+    full = dict(params.get("full_attention") or {})
+    local = dict(params.get("sliding_attention") or {})
+    full = {**dict(hf.get("rope_scaling") or {}), **full}
+    full.setdefault("rope_theta", hf.get("rope_theta", fam.rope_theta))
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq", 10000.0))
+    return _rope(hf, full, fam.rope_theta, head_dim), _rope(hf, local, 10000.0, head_dim)
+
+
+def _rope(hf: Mapping[str, Any], merged: Mapping[str, Any], default_theta: float, head_dim: int) -> RopeConfig:
+    theta = float(merged.get("rope_theta", hf.get("rope_theta", default_theta)))
     kind = merged.get("rope_type", merged.get("type", "default")) or "default"
-    if kind not in ("default", "linear", "llama3"):
-        raise ValueError(f"unsupported rope type {kind!r} (supported: default, linear, llama3)")
+    kind = "longrope" if kind == "su" else kind
+    if kind not in ROPE_KINDS:
+        raise ValueError(f"unsupported rope type {kind!r} (supported: {', '.join(ROPE_KINDS)})")
+    if float(merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise ValueError("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
+    original = int(merged.get("original_max_position_embeddings", hf.get("original_max_position_embeddings", 8192)))
+    extra: dict[str, Any] = {}
+    if kind == "longrope":
+        extra = _longrope(hf, merged, original, head_dim)
     return RopeConfig(
         theta=theta,
         kind=kind,
-        factor=float(merged.get("factor", 1.0)),
+        factor=float(merged.get("factor") or 1.0),
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+        original_max_position_embeddings=original,
+        **extra,
     )
 
 
-def _windows_from_hf(hf: Mapping[str, Any], model_type: str, layers: int) -> tuple[int | None, ...]:
+def _longrope(hf: Mapping[str, Any], merged: Mapping[str, Any], original: int, head_dim: int) -> dict[str, Any]:
+    """LongRoPE's factors; the default attention factor as transformers derives it (from the
+    context extension max_position_embeddings / original when `factor` is absent)."""
+    short, long = tuple(map(float, merged["short_factor"])), tuple(map(float, merged["long_factor"]))
+    if len(short) != head_dim // 2 or len(long) != head_dim // 2:
+        raise ValueError(f"longrope short/long factors need head_dim/2 = {head_dim // 2} entries")
+    factor = merged.get("factor") or int(hf.get("max_position_embeddings", original)) / original
+    attention = merged.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return dict(short_factor=short, long_factor=long, attention_factor=float(attention))
+
+
+def _windows_from_hf(hf: Mapping[str, Any], fam: Family, layers: int) -> tuple[int | None, ...]:
     window = hf.get("sliding_window")
-    if model_type not in ("mistral", "gemma2") or not window:
+    if not fam.sliding_window or not window:
+        return ()
+    if fam.window_flag and not hf.get(fam.window_flag):
         return ()
     layer_types = hf.get("layer_types")
-    if layer_types is None and model_type == "gemma2":
-        # Gemma-2 before `layer_types` existed: even layers slide, odd layers see everything.
-        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if layer_types is None and fam.default_layer_types is not None:
+        layer_types = fam.default_layer_types(hf, layers)
     if layer_types is None:
         return (int(window),) * layers
+    if len(layer_types) != layers:
+        raise ValueError(f"layer_types has {len(layer_types)} entries for {layers} layers")
     return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)

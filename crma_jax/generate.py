@@ -55,6 +55,16 @@ def generate(
                      float(top_p), crma_enabled)
 
 
+def longrope_switch(config: Any, prompt_len: int, total: int) -> int | None:
+    """The step whose token first lies beyond LongRoPE's original context, if decoding reaches
+    it: there transformers (Phi-3) drops the cache built with the short factors and recomputes
+    the whole sequence with the long ones; so do we, once."""
+    if config.rope.kind != "longrope":
+        return None
+    at = config.rope.original_max_position_embeddings
+    return at if prompt_len <= at < total - 1 else None
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
 def _generate(model: Decoder, variables: dict[str, Any], prompt: jax.Array, rng: jax.Array, max_new_tokens: int,
               temperature: float, top_p: float, crma_enabled: bool) -> jax.Array:
@@ -66,10 +76,25 @@ def _generate(model: Decoder, variables: dict[str, Any], prompt: jax.Array, rng:
     tokens = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt)
     tokens = tokens.at[:, p].set(next_token(logits[:, -1], sub, temperature, top_p))
 
+    switch = longrope_switch(model.config, p, total)
+
+    def incremental(tokens: jax.Array, cache: Any, i: jax.Array) -> tuple[jax.Array, Any]:
+        last = jax.lax.dynamic_slice(tokens, (0, i), (b, 1))
+        return model.apply(variables, last, cache, i, crma_enabled, method=Decoder.decode)
+
+    def recompute(tokens: jax.Array, cache: Any, i: jax.Array) -> tuple[jax.Array, Any]:
+        # Every slot is rewritten with the long factors; slots after i are causally masked now
+        # and overwritten by their own steps before they are attended.
+        logits, cache = model.apply(variables, tokens, init_cache(model.config, b, total, model.dtype), 0,
+                                    crma_enabled, method=Decoder.decode)
+        return jax.lax.dynamic_slice_in_dim(logits, i, 1, axis=1), cache
+
     def step(i: jax.Array, carry: Any) -> Any:
         tokens, cache, rng = carry
-        last = jax.lax.dynamic_slice(tokens, (0, i), (b, 1))
-        logits, cache = model.apply(variables, last, cache, i, crma_enabled, method=Decoder.decode)
+        if switch is None:
+            logits, cache = incremental(tokens, cache, i)
+        else:
+            logits, cache = jax.lax.cond(i == switch, recompute, incremental, tokens, cache, i)
         rng, sub = jax.random.split(rng)
         return tokens.at[:, i + 1].set(next_token(logits[:, -1], sub, temperature, top_p)), cache, rng
 

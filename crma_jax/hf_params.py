@@ -38,6 +38,7 @@ def hf_names(path: Sequence[str], num_layers: int) -> tuple[list[str], bool]:
     """HF tensor names for a Flax leaf path (one per layer for stacked leaves) and whether to transpose."""
     *modules, leaf = path
     transpose = leaf == "kernel"
+    kind = "bias" if leaf == "bias" else "weight"
     if modules == ["embed_tokens"]:
         return ["model.embed_tokens.weight"], False
     if modules == ["lm_head"]:
@@ -46,8 +47,75 @@ def hf_names(path: Sequence[str], num_layers: int) -> tuple[list[str], bool]:
         return ["model.norm.weight"], False
     if modules and modules[0] == "layers":
         suffix = ".".join(modules[1:])
-        return [f"model.layers.{i}.{suffix}.weight" for i in range(num_layers)], transpose
+        return [f"model.layers.{i}.{suffix}.{kind}" for i in range(num_layers)], transpose
     raise KeyError(f"no HF name for parameter {'/'.join(path)}")
+
+
+def part_rows(config: ModelConfig, proj: str) -> int:
+    """Output rows of projection `proj` (its share of a fused HF projection)."""
+    rows = {"q_proj": config.num_heads * config.head_dim, "k_proj": config.num_kv_heads * config.head_dim,
+            "v_proj": config.num_kv_heads * config.head_dim, "gate_proj": config.intermediate_size,
+            "up_proj": config.intermediate_size}
+    return rows[proj]
+
+
+def fused_parts(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """{our per-projection HF name: (fused HF name, first row, end row)} for every layer, from the
+    family's `fused` table (Phi-3: qkv_proj = q | k | v, gate_up_proj = gate | up)."""
+    out = {}
+    for fused, parts in config.family.fused:
+        module = fused.rsplit(".", 1)[0]
+        for i in range(config.num_layers):
+            start = 0
+            for proj in parts:
+                stop = start + part_rows(config, proj)
+                for kind in ("weight", "bias"):
+                    out[f"model.layers.{i}.{module}.{proj}.{kind}"] = (f"model.layers.{i}.{fused}.{kind}", start, stop)
+                start = stop
+    return out
+
+
+class SplitFusedSource:
+    """A tensor source whose fused projections (HF layout, parts stacked along rows) appear as
+    their parts, so the decoder's tree stays one leaf per projection. The last fused tensor read
+    is kept, so reading q, k and v reads qkv once."""
+
+    def __init__(self, source: TensorSource, config: ModelConfig) -> None:
+        self._source, self.path = source, source.path
+        have = set(source.keys())
+        self._parts = {k: v for k, v in fused_parts(config).items() if v[0] in have}
+        fused = {v[0] for v in self._parts.values()}
+        self._keys = [k for k in source.keys() if k not in fused] + list(self._parts)
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def hf_config(self) -> dict[str, Any]:
+        return self._source.hf_config()
+
+    def file_of(self, name: str) -> Any:
+        return _file(self._source, self._parts[name][0] if name in self._parts else name)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._parts:
+            return self._source.get(name)
+        fused, start, stop = self._parts[name]
+        if self._last is None or self._last[0] != fused:
+            self._last = (fused, self._source.get(fused))
+        return self._last[1][start:stop]
+
+
+def fuse_state_dict(state: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+    """The inverse of `SplitFusedSource`: parts concatenated back into the family's fused tensors."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for name, (fused, start, _) in fused_parts(config).items():
+        if name in state:
+            groups.setdefault(fused, []).append((start, name))
+    out = dict(state)
+    for fused, parts in groups.items():
+        out[fused] = np.concatenate([out.pop(name) for _, name in sorted(parts)], axis=0)
+    return out
 
 
 def abstract_params(model: Any) -> dict[str, Any]:
@@ -87,6 +155,8 @@ def assemble_params(
     (`crma_jax.sharding`), as the dense kernel would be.
     """
     config: ModelConfig = model.config
+    if config.family.fused:
+        source = SplitFusedSource(source, config)
     flat = traverse_util.flatten_dict(abstract_params(model))
     transforms = dict(transforms or {})
     for path in transforms:
@@ -166,17 +236,18 @@ def _file(source: TensorSource, name: str) -> Any:
     return file_of(name) if file_of else source.path
 
 
-def to_hf_state_dict(params: dict[str, Any], num_layers: int) -> dict[str, np.ndarray]:
-    """The inverse of `assemble_params`: HF-named float32 numpy tensors in PyTorch layout.
+def to_hf_state_dict(params: dict[str, Any], config: ModelConfig) -> dict[str, np.ndarray]:
+    """The inverse of `assemble_params`: HF-named float32 numpy tensors in PyTorch layout, with
+    the family's fused projections fused.
 
     Quantized kernels are not accepted: merge into full-precision weights.
     """
     out: dict[str, np.ndarray] = {}
     for path, value in traverse_util.flatten_dict(params).items():
-        names, transpose = hf_names(path, num_layers)
+        names, transpose = hf_names(path, config.num_layers)
         arr = np.asarray(jax.device_get(value), np.float32)
         stacked = path[0] == "layers"
         for i, name in enumerate(names):
             t = arr[i] if stacked else arr
             out[name] = np.ascontiguousarray(t.T if transpose else t)
-    return out
+    return fuse_state_dict(out, config)

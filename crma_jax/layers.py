@@ -31,15 +31,26 @@ class Linear(nn.Module):
     W (in, out) is a `params` kernel in Flax layout: a plain array, or an NF4/int8 tensor that is
     dequantized inside the matmul to the compute dtype (`crma_jax.matmul`, whose backward keeps
     W as stored, never dequantized). A and B live in the `lora` collection and are used only
-    when present (a base-only apply passes no `lora`).
+    when present (a base-only apply passes no `lora`). With `use_bias`, a (out,) float32 `bias`
+    is added last.
     """
 
     features: int
     dtype: Dtype = jnp.float32
     lora: LoraConfig | None = None
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        y = self._linear(x, deterministic)
+        if not self.use_bias:
+            return y
+        # The bias is frozen base weight (a `params` leaf), added after the LoRA term as in
+        # PyTorch's `nn.Linear` + PEFT, whose base layer carries it.
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return y + bias.astype(y.dtype)
+
+    def _linear(self, x: jax.Array, deterministic: bool) -> jax.Array:
         if self.has_variable("params", "kernel"):
             # Read directly: `self.param` would reject a quantized kernel's packed shape.
             kernel = self.get_variable("params", "kernel")
@@ -62,8 +73,10 @@ class Linear(nn.Module):
 
 
 def project(parent: Any, name: str, features: int, x: jax.Array, deterministic: bool) -> jax.Array:
-    """Run the `Linear` named `name` inside `parent` (which has `dtype` and `lora`)."""
-    return Linear(features, parent.dtype, parent.lora, name=name)(x, deterministic)
+    """Run the `Linear` named `name` inside `parent` (which has `config`, `dtype` and `lora`);
+    it has a bias when the config lists `name` in `biases`."""
+    use_bias = name in parent.config.biases
+    return Linear(features, parent.dtype, parent.lora, use_bias, name=name)(x, deterministic)
 
 
 class RMSNorm(nn.Module):
@@ -84,9 +97,13 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
-    """(head_dim // 2,) float32 inverse frequencies, with linear / llama3 scaling."""
-    inv_freq = 1.0 / (rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_inv_freq(rope: RopeConfig, head_dim: int, long: bool = False) -> jax.Array:
+    """(head_dim // 2,) float32 inverse frequencies, with linear / llama3 / longrope scaling
+    (`long`: LongRoPE's factors for sequences beyond the original context)."""
+    powers = rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if rope.kind == "longrope":  # the divisor goes inside the reciprocal, as in transformers
+        return 1.0 / (jnp.asarray(rope.long_factor if long else rope.short_factor, jnp.float32) * powers)
+    inv_freq = 1.0 / powers
     if rope.kind == "linear":
         return inv_freq / rope.factor
     if rope.kind == "llama3":
@@ -104,10 +121,19 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
 
 
 def rope_tables(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape (B, T, head_dim), float32, computed once per forward pass."""
-    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(rope, head_dim)
+    """cos, sin of shape (B, T, head_dim), float32, computed once per forward pass.
+
+    LongRoPE picks its long factors when the largest position in the batch is at or beyond the
+    original context (as transformers does, per forward pass), and scales cos/sin by its
+    attention factor."""
+    inv_freq = rope_inv_freq(rope, head_dim)
+    if rope.kind == "longrope":
+        beyond = jnp.max(positions) + 1 > rope.original_max_position_embeddings
+        inv_freq = jnp.where(beyond, rope_inv_freq(rope, head_dim, long=True), inv_freq)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    scale = rope.attention_factor if rope.kind == "longrope" else 1.0
+    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -157,6 +183,9 @@ class Attention(nn.Module):
         q = checkpoint_name(proj("q_proj", cfg.num_heads * hd, x), "query_proj").reshape(b, t, cfg.num_heads, hd)
         k = checkpoint_name(proj("k_proj", kv * hd, x), "key_proj").reshape(b, t, kv, hd)
         v = checkpoint_name(proj("v_proj", kv * hd, x), "value_proj").reshape(b, t, kv, hd)
+        if cfg.qk_norm:  # Qwen3 / Gemma-3: per-head RMSNorm on q and k, before RoPE
+            q = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norm, self.dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norm, self.dtype, name="k_norm")(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if kv_cache is not None:

@@ -1,4 +1,4 @@
-"""The decoder: one pure Flax Linen module for Llama, Mistral, Gemma and Gemma-2.
+"""The decoder: one pure Flax Linen module for every family in `crma_jax.families`.
 
 Layers are stacked with `nn.scan`, so every per-layer parameter has a leading `layers` axis
 (e.g. `layers/self_attn/q_proj/kernel`: (L, d, H·hd)). One compiled layer body serves all L
@@ -9,7 +9,9 @@ Parameter tree (`params` collection), named after HF modules:
     embed_tokens/embedding   (V, d)
     layers/input_layernorm/scale, layers/self_attn/{q,k,v,o}_proj/kernel,
     layers/post_attention_layernorm/scale, layers/mlp/{gate,up,down}_proj/kernel
-    layers/{pre,post}_feedforward_layernorm/scale     (Gemma-2 only)
+    layers/self_attn/{q,k,v,o}_proj/bias, layers/mlp/*/bias     (projections in `biases`)
+    layers/self_attn/{q,k}_norm/scale                          (Qwen3, Gemma-3)
+    layers/{pre,post}_feedforward_layernorm/scale              (Gemma-2, Gemma-3)
     norm/scale               (d,)
     lm_head/kernel           (d, V)   (untied embeddings only)
 """
@@ -53,12 +55,14 @@ LOSS_CHUNK = 1024  # rows per chunk of the LM head + cross-entropy (see `crma_ja
 
 class DecoderLayer(nn.Module):
     """Pre-norm block, then CRMA on the residual. Llama/Mistral/Gemma: h + attn(norm(h)), then
-    h + mlp(norm(h)). Gemma-2 also normalizes each branch's output (sandwich norms).
+    h + mlp(norm(h)). Gemma-2/3 also normalize each branch's output (sandwich norms).
 
     `mask` carries the key padding and segment ids; the layer adds the causal offset
-    (`cache_index`, None outside decoding) and its sliding window: the config's window when
-    every layer has the same one (a static int or None), else `layer_window` (a traced int32,
-    `NO_WINDOW` for a full-attention layer).
+    (`cache_index`, None outside decoding) and its sliding window. `layer_info` is this layer's
+    (window, rope index): the window is used unless every layer has the same one (then the
+    config's static int or None is), a traced int32, `NO_WINDOW` for a full-attention layer;
+    the rope index picks this layer's cos/sin from the stacked tables (R, B, T, hd) (Gemma-3's
+    local layers use their own RoPE base).
     """
 
     config: ModelConfig
@@ -78,10 +82,12 @@ class DecoderLayer(nn.Module):
         deterministic: bool,
         crma_enabled: bool,
         cache_index: jax.Array | int | None,
-        layer_window: jax.Array,
+        layer_info: tuple[jax.Array, jax.Array],
         kv_cache: tuple[jax.Array, jax.Array] | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
+        layer_window, rope_index = layer_info
+        cos, sin = (cos[0], sin[0]) if cos.shape[0] == 1 else (cos[rope_index], sin[rope_index])
 
         def norm(name: str) -> RMSNorm:
             return RMSNorm(cfg.rms_norm_eps, cfg.gemma_norm, self.dtype, name=name)
@@ -182,13 +188,17 @@ class Decoder(nn.Module):
         if cfg.scale_embedding:
             # HF casts sqrt(d) to the activation dtype before multiplying (bf16 rounds it).
             h = h * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
-        cos, sin = rope_tables(positions, cfg.rope, cfg.head_dim)
+        ropes = [cfg.rope] if cfg.local_rope is None else [cfg.rope, cfg.local_rope]
+        tables = [rope_tables(positions, rope, cfg.head_dim) for rope in ropes]
+        cos, sin = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
         if segment_ids is not None and kv_cache is not None:
             raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
         mask = MaskInfo(q_segment=segment_ids, kv_segment=segment_ids, kv_valid=attention_mask)
         windows = jnp.asarray([NO_WINDOW if w is None else w for w in cfg.windows], jnp.int32)
+        layer_info = (windows, jnp.asarray(cfg.layer_ropes, jnp.int32))
         h, kv_cache = self.layers(
-            h, cos, sin, mask, deterministic, crma_enabled, None if kv_cache is None else cache_index, windows, kv_cache
+            h, cos, sin, mask, deterministic, crma_enabled, None if kv_cache is None else cache_index, layer_info,
+            kv_cache,
         )
         return self.norm(h), kv_cache
 

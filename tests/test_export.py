@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import word_jsonl
+from conftest import make_tiny_hf, save_char_tokenizer, word_jsonl
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -73,6 +73,28 @@ def test_trained_run_round_trips_through_peft_and_merged_export(init, tiny_lm, d
     assert np.abs(ours - _torch(_hf(tiny_lm))).max() > 1e-2  # training really changed the model
     export_run(run, tmp_path / "export", merged=["default"])
     peft = PeftModel.from_pretrained(_hf(tiny_lm), tmp_path / "export" / "peft_default").eval()
+    attach_crma(peft, tmp_path / "export" / "crma_adapter.safetensors")
+    assert np.abs(_torch(peft) - ours).max() <= 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged_default", dtype=torch.float32).eval()
+    attach_crma(merged, tmp_path / "export" / "crma_adapter.safetensors")
+    assert np.abs(_torch(merged) - ours).max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "phi3"])
+def test_new_family_trains_and_round_trips_through_peft_and_merged_export(arch, data, tmp_path):
+    """`crma train` (LoRA on all 7 projections + CRMA) -> `crma export` -> PeftModel / merged HF
+    model + attach_crma reproduce our logits: Qwen3's q/k norm, Gemma-3's local/global layers,
+    Phi-3's fused projections (exported as one block-diagonal LoRA per fused module)."""
+    base = make_tiny_hf(arch, tmp_path / arch, seed=2)
+    save_char_tokenizer(base)
+    run = _train(base, data, tmp_path / "run", "--steps", "4", "--lr-lora", "2e-2", "--lr-crma-mix", "5e-2",
+                 "--eval-every", "0")
+    ours = _ours(run)
+    assert np.abs(ours - _torch(_hf(base))).max() > 1e-2
+    export_run(run, tmp_path / "export", merged=["default"])
+    config = json.loads((tmp_path / "export" / "peft_default" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base)
+    peft = PeftModel.from_pretrained(_hf(base), tmp_path / "export" / "peft_default").eval()
     attach_crma(peft, tmp_path / "export" / "crma_adapter.safetensors")
     assert np.abs(_torch(peft) - ours).max() <= 1e-4
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged_default", dtype=torch.float32).eval()

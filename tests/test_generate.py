@@ -13,9 +13,11 @@ import crma_jax
 from crma_jax.generate import generate, top_p_filter
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "qwen2", "qwen3", "gemma3", "phi3"])
 def test_greedy_matches_transformers(arch, tiny_models):
-    """Mistral/Gemma-2 windows (5) are shorter than the 15 generated positions: the cache must honour them."""
+    """Mistral/Gemma-2/3 windows (5) are shorter than the 15 generated positions: the cache must
+    honour them. Phi-3's decoding crosses its LongRoPE original context (8), where the whole
+    cache is recomputed with the long factors, as transformers does."""
     model, params = crma_jax.load_pretrained(tiny_models[arch])
     prompt = np.random.RandomState(0).randint(3, 128, (2, 5))
     ours = np.asarray(generate(model, {"params": params}, jnp.asarray(prompt), 10))

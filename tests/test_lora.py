@@ -31,7 +31,7 @@ def _randomize_b(lora, seed=0):
     return jax.tree.unflatten(tree, new)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2", "qwen3", "gemma3", "phi3"])
 def test_zero_b_gives_the_base_logits(arch, tiny_models, ids):
     model, variables = crma_jax.load_pretrained(tiny_models[arch], lora=LoraConfig())
     b_leaves = [x for p, x in jax.tree.flatten_with_path(variables["lora"])[0] if str(p[-1].key) == "b"]
@@ -39,7 +39,7 @@ def test_zero_b_gives_the_base_logits(arch, tiny_models, ids):
     np.testing.assert_array_equal(model.apply(variables, ids), _base(tiny_models[arch], ids))
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma", "qwen2", "qwen3", "gemma3", "phi3"])
 def test_pissa_init_leaves_logits_unchanged(arch, tiny_models, ids):
     model, variables = crma_jax.load_pretrained(tiny_models[arch], lora=LoraConfig(rank=4, init="pissa"))
     a = variables["lora"]["layers"]["mlp"]["up_proj"]["a"]

@@ -156,3 +156,46 @@ def test_unknown_remat_policy_and_attention_are_refused():
     for bad in (dict(remat="everything"), dict(attention="flash")):
         with pytest.raises(ValueError, match="must be one of"):
             model.clone(**bad).apply({"params": frozen, **trainable}, ids)
+
+
+def _fp32_error(model, params, path, ids, mask=None):
+    ref = hf_logits(path, ids, mask)
+    kwargs = {} if mask is None else {"attention_mask": jnp.asarray(mask)}
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), **kwargs))
+    real = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+    return np.abs(ours - ref)[real].max(), ours
+
+
+def test_phi3_longrope_short_factors_within_the_original_context(tiny_models, batch):
+    """T=6 <= 8 (the tiny original context) takes the short factors, T=12 the long ones (the
+    padded-batch parity test); both match transformers, and the choice changes the logits."""
+    ids, _ = batch
+    model, params = crma_jax.load_pretrained(tiny_models["phi3"])
+    err, short = _fp32_error(model, params, tiny_models["phi3"], ids[:, :6])
+    assert err < 1e-4
+    long = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))[:, :6]
+    assert np.abs(long - short).max() > 1e-3
+
+
+def test_gemma3_local_layers_use_their_own_rope(tiny_models, batch):
+    """Gemma-3 parity must depend on the local RoPE base: swapping in the global one breaks it."""
+    import dataclasses
+
+    ids, _ = batch
+    model, params = crma_jax.load_pretrained(tiny_models["gemma3"])
+    assert model.config.layer_ropes == (1, 1, 1, 1, 1, 0, 1)
+    same = model.clone(config=dataclasses.replace(model.config, local_rope=model.config.rope))
+    a = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    b = np.asarray(same.apply({"params": params}, jnp.asarray(ids)))
+    assert np.abs(a - b).max() > 1e-3
+
+
+def test_llama_attention_and_mlp_biases_match_transformers(tmp_path, batch):
+    from conftest import make_tiny_hf
+
+    ids, mask = batch
+    path = make_tiny_hf("llama", tmp_path / "llama_bias", attention_bias=True, mlp_bias=True)
+    model, params = crma_jax.load_pretrained(path)
+    assert params["layers"]["mlp"]["down_proj"]["bias"].shape == (2, 64)
+    err, _ = _fp32_error(model, params, path, ids, mask)
+    assert err < 1e-4

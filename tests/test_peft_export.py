@@ -43,7 +43,7 @@ def test_peft_and_attach_crma_reproduce_our_logits(arch, tiny_models, tmp_path, 
     ours_lora = np.asarray(model.apply({"params": v["params"], "lora": v["lora"]}, IDS))
     ours_full = np.asarray(model.apply(v, IDS))
     base = np.asarray(model.apply({"params": v["params"]}, IDS))
-    export_peft(v["lora"], model.lora, tmp_path / "peft")
+    export_peft(v["lora"], model.lora, tmp_path / "peft", model=model.config)
     export_crma(v["crma"], model.crma, tmp_path / "crma_adapter.safetensors")
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
@@ -59,7 +59,7 @@ def test_peft_and_attach_crma_reproduce_our_logits(arch, tiny_models, tmp_path, 
     assert np.abs(ours_full - ours_lora).max() > 1e-2
 
 
-@pytest.mark.parametrize("arch", ["llama_tied", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama_tied", "gemma2", "qwen2", "gemma3", "phi3"])
 def test_merged_export_reloads_in_transformers(arch, tiny_models, tmp_path):
     model, v = trained_like(tiny_models[arch])
     out = export_merged(v["params"], v["lora"], model.lora, hf_config_of(tiny_models[arch]), tmp_path / "merged")

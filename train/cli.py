@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from crma_jax.convert.smollm2 import resolve_model_path
+from crma_jax.convert.hub import resolve_model_path
 
 # Exit 2 ("bad input", no traceback hint): a missing or existing path, an error class of the
 # project's own, or a ValueError / RuntimeError that the project's own code raised (its messages

@@ -29,7 +29,7 @@ def compile_only(cfg: TrainConfig) -> TargetPlan:
     """Plan `cfg`'s training step on `cfg.target` and print the report; raise `DoesNotFit` when
     the step does not fit a chip."""
     from crma_jax import targets
-    from crma_jax.convert.smollm2 import resolve_model_path
+    from crma_jax.convert.hub import resolve_model_path
     from crma_jax.train.finetune import build_optimizer, crma_config, lora_config
 
     if not cfg.target:

@@ -44,8 +44,11 @@ def parse_seeds(text: str) -> list[int]:
 class TrainConfig:
     cli_exclude: ClassVar[tuple[str, ...]] = ()
 
-    model: str = setting("smollm2", "HF directory, .gguf file, `crma convert` output, or 'smollm2' (the real "
-                                    "SmolLM2-135M from PyPI)")
+    model: str = setting("smollm2", "HF directory, .gguf file, `crma convert` output, 'smollm2' (the real "
+                                    "SmolLM2-135M from PyPI), or a Hub repo id such as Qwen/Qwen3-0.6B found in the "
+                                    "local HF cache ($HF_HUB_CACHE or $HF_HOME/hub)")
+    allow_download: bool = setting(False, "download a --model repo id missing from the HF cache with "
+                                          "huggingface_hub.snapshot_download (off: never touch the network)")
     data: str = setting("legal", "training data: a built-in domain (legal, code, docs, changelog, shell), a "
                                  ".jsonl/.txt/.parquet file, a directory of .txt files, a datasets save_to_disk directory, "
                                  "or a datasets name in the local HF cache (nothing is downloaded)")

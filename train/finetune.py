@@ -26,7 +26,7 @@ from crma_jax import CRMAConfig, LoraConfig, distributed, load_pretrained, param
 from crma_jax.adapters import TRAINABLE, init_adapters, store_as_bits
 from crma_jax.cl import Memory, Method
 from crma_jax.convert.adapter_files import Adapters, BaseSpec, save_adapters
-from crma_jax.convert.smollm2 import resolve_model_path
+from crma_jax.convert.hub import resolve_model_path
 from crma_jax.data import BatchIterator, DataSpec, PackedData, check_tokenizer
 from crma_jax.evaluate import evaluate
 from crma_jax.memory_plan import REMAT_BY_SPEED, RematChoice, fastest_fitting, free_bytes
@@ -111,7 +111,7 @@ def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
     cfg.validate()
     distributed.initialize(cfg.launch)
     mesh = make_mesh(cfg.mesh_shape)
-    path = resolve_model_path(cfg.model)
+    path = resolve_model_path(cfg.model, cfg.allow_download)
     model, variables = load_pretrained(
         path, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype or None, mesh=mesh,
         lora=lora_config(cfg), crma=crma_config(cfg), quant=cfg.quant or None, seed=cfg.seed,
