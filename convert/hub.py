@@ -63,7 +63,8 @@ def resolve_model_path(model: str, allow_download: bool = False) -> str:
     else:
         hint = " (not an org/name repo id)"
     raise CheckpointError(
-        f"{model}: not found. Looked for a file or directory {Path(model).absolute()}, a local name "
+        f"{model}: no such file or directory, local name or cached model. Looked for a file or directory "
+        f"{Path(model).absolute()}, a local name "
         f"({', '.join(sorted(LOCAL_NAMES))}), and a Hugging Face cache entry in {cache}{hint}"
     )
 
