@@ -37,7 +37,7 @@ def compile_only(cfg: TrainConfig) -> TargetPlan:
     cfg.validate()
     target = resolve_target(cfg.target)
     targets.prepare_host()
-    path = resolve_model_path(cfg.model)
+    path = resolve_model_path(cfg.model, cfg.allow_download)
     config = config_from_hf(hf_config_of(path), path)
     mesh = cfg.mesh_shape if math.prod(cfg.mesh_shape) > 1 or target.chips == 1 else (1, target.chips, 1)
     plan = plan_for_target(
