@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from crma_jax.atomic import commit, recover
 from crma_jax.crma import CRMAConfig
 from crma_jax.errors import CheckpointError
 from crma_jax.lora import LoraConfig
@@ -68,34 +66,40 @@ def _unflat(flat: dict[str, np.ndarray]) -> Any:
 
 
 def save_adapters(run: Path, adapters: Adapters) -> Path:
-    """Write RUN/adapters atomically (a staging directory renamed into place)."""
-    run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".adapters.partial-", dir=run))
+    """Write RUN/adapters atomically (`crma_jax.atomic.commit`): a kill at any point leaves the
+    old adapters or the new ones, which `load_adapters` then finds."""
+    # A model given as a relative path must still be found from another directory (`crma eval`,
+    # `crma export` run elsewhere): record it resolved; a name that is no path stays as it is.
+    base = adapters.base
+    if Path(base.model).exists():
+        base = dataclasses.replace(base, model=str(Path(base.model).resolve()))
     meta = {
-        "model": adapters.model,
-        "base": dataclasses.asdict(adapters.base),
+        "model": base.model,
+        "base": dataclasses.asdict(base),
         "lora": dataclasses.asdict(adapters.lora) if adapters.lora else None,
         "crma": dataclasses.asdict(adapters.crma) if adapters.crma else None,
         "lora_sets": list(adapters.lora_sets),
         "data": adapters.data,
     }
-    for name, tree in adapters.lora_sets.items():
-        save_file(_flat(tree), staging / f"lora_{name}.safetensors")
-    if adapters.crma_params is not None:
-        save_file(_flat(adapters.crma_params), staging / "crma.safetensors")
-    if adapters.lora_init is not None:
-        save_file(_flat(adapters.lora_init), staging / "lora_init.safetensors")
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-    final = run / ADAPTERS
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(staging, final)
-    return final
+
+    def write(staging: Path) -> None:
+        out = staging / ADAPTERS
+        out.mkdir()
+        for name, tree in adapters.lora_sets.items():
+            save_file(_flat(tree), out / f"lora_{name}.safetensors")
+        if adapters.crma_params is not None:
+            save_file(_flat(adapters.crma_params), out / "crma.safetensors")
+        if adapters.lora_init is not None:
+            save_file(_flat(adapters.lora_init), out / "lora_init.safetensors")
+        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    commit(run, write)
+    return Path(run) / ADAPTERS
 
 
 def load_adapters(run: Path) -> Adapters:
     """Read RUN/adapters; a missing or corrupt file raises CheckpointError naming it."""
+    recover(run)  # a save that a kill cut short: finish it (or drop it) first
     root = Path(run) / ADAPTERS
     meta_file = root / "meta.json"
     try:

@@ -12,8 +12,10 @@ A *method* says, for a sequence of tasks (domains) trained one after another:
 - the statistics of a task's training data it needs (`stats_before` the task, `stats_after`):
   the diagonal Fisher, the Gram matrix of each LoRA target's inputs;
 - which LoRA evaluation uses (`eval_lora`): with the task id (oracle) or without it;
-- whether it trains the shared CRMA substrate (`crma`) and how much earlier data it replays
-  (`replay`).
+- whether it has a CRMA substrate (`crma`), which one each task trains from (`start_crma`:
+  the one substrate, or a fresh one per task), whether a task trains it (`trains_crma`; the
+  forward pass of `forward` stops its gradient otherwise), which one evaluation uses
+  (`eval_crma`), and how much earlier data it replays (`replay`).
 
 Everything a method keeps is a `Memory` of plain arrays, so the training step takes it as an
 argument (no recompilation per task) and a run can be resumed from it.
@@ -112,20 +114,38 @@ def ewc_accumulate(fisher_sum: Any, anchor: Any, fisher: Any, theta: Any) -> tup
     return total, mean
 
 
-def diagonal_fisher(grad_fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]) -> Any:
-    """The empirical diagonal Fisher: the mean over `batches` of grad_fn(params, batch)², per leaf.
+def per_sequence_grads(mean_loss: Callable[[Any, Any], jax.Array]) -> Callable[[Any, Any], tuple[Any, jax.Array]]:
+    """grad_fn(params, batch) -> (grads, weights) for `diagonal_fisher`, from `mean_loss(params,
+    batch)`, the mean token loss of a (B, T) batch: grads[leaf] is (B, *leaf.shape), each row's
+    gradient of its own mean token loss (`jax.vmap` over the rows, each a batch of one); weights
+    (B,) float32 is 1 for a row with targets (`loss_mask`), 0 for a padding row."""
+    def one(params: Any, row: Any) -> Any:
+        return jax.grad(mean_loss)(params, jax.tree.map(lambda x: x[None], row))
 
-    `grad_fn` returns the gradient of the batch's mean token loss (a tree like `params`). This is
-    the batch-level estimate (squared mean gradients), the usual cheap stand-in for per-example
-    squares.
+    def grad_fn(params: Any, batch: Any) -> tuple[Any, jax.Array]:
+        grads = jax.vmap(one, in_axes=(None, 0))(params, batch)
+        return grads, (jnp.sum(batch["loss_mask"], axis=1) > 0).astype(jnp.float32)
+
+    return grad_fn
+
+
+def diagonal_fisher(grad_fn: Callable[[Any, Any], tuple[Any, jax.Array]], params: Any, batches: Iterable[Any]) -> Any:
+    """The empirical diagonal Fisher: the mean over every sequence of `batches` of its squared
+    gradient, per leaf (float32, shaped like `params`).
+
+    grad_fn(params, batch) -> (grads, weights) as `per_sequence_grads` makes them: per-row
+    gradients with a leading (B,) axis and (B,) weights, 1 for the rows that count. Squaring each
+    sequence's own gradient, not the batch mean's, is what makes this the Fisher: the square of a
+    mean of B independent gradients is about B times smaller.
     """
-    total, n = None, 0
+    total, n = None, 0.0
     for batch in batches:
-        sq = jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), grad_fn(params, batch))
+        grads, weights = grad_fn(params, batch)
+        sq = jax.tree.map(lambda g: jnp.tensordot(weights, jnp.square(g.astype(jnp.float32)), axes=1), grads)
         total = sq if total is None else jax.tree.map(jnp.add, total, sq)
-        n += 1
-    if total is None:
-        raise ValueError("diagonal_fisher needs at least one batch")
+        n += float(jnp.sum(weights))
+    if total is None or n == 0:
+        raise ValueError("diagonal_fisher needs at least one sequence with targets")
     return jax.tree.map(lambda t: t / n, total)
 
 
@@ -216,6 +236,27 @@ class Method:
         """The LoRA the forward pass uses while `lora` trains."""
         return lora
 
+    def forward(self, trainable: dict[str, Any], memory: Memory) -> dict[str, Any]:
+        """The adapter collections the training step's forward pass uses, from the trainable
+        ones ({"lora", and "crma" with a substrate}): the LoRA of `forward_lora`; the substrate
+        as it is, or, where `memory["substrate_frozen"]` is 1, with its gradient stopped (one
+        compiled step serves the tasks that train it and those that do not)."""
+        out = {**trainable, "lora": self.forward_lora(trainable["lora"], memory)}
+        if "crma" in trainable and "substrate_frozen" in memory:
+            f = memory["substrate_frozen"]
+            out["crma"] = jax.tree.map(lambda c: f * jax.lax.stop_gradient(c) + (1 - f) * c, trainable["crma"])
+        return out
+
+    def start_crma(self, current: Any, fresh: Any) -> Any:
+        """The substrate a task trains from: the one the earlier tasks left (`current`), or for a
+        method with one substrate per task, `fresh`."""
+        return current
+
+    def eval_crma(self, substrates: Sequence[Any], current: Any, task: int, fresh: Any) -> Any:
+        """The substrate to evaluate task `task` with, given each trained task's substrate
+        (`substrates[t]`), the latest one and the one the task would start from."""
+        return current
+
     def penalty(self, lora: Lora, memory: Memory) -> jax.Array:
         """The regulariser added to the mean token loss (float32 scalar)."""
         return jnp.float32(0.0)
@@ -253,6 +294,43 @@ def frozen() -> Method:
 def modular() -> Method:
     """MODULAR (CRMA's proposal): a fresh LoRA per task on a CRMA substrate trained throughout."""
     return Method("modular", crma=True, fresh_lora=True, routed=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenSubstrate(Method):
+    """FROZEN-SUBSTRATE, the paper's matched baseline: the CRMA substrate trains with the first
+    task's LoRA, then stays frozen (its gradient stopped) while each later task trains a fresh
+    LoRA on it. Against MODULAR it isolates what sharing a substrate that keeps training adds;
+    against FROZEN, what a trained substrate adds. Memory: the 0/1 flag `substrate_frozen`."""
+
+    name: str = "frozen_substrate"
+    crma: bool = True
+    fresh_lora: bool = True
+    routed: bool = True
+
+    def init_memory(self, lora: Lora, tasks: int) -> Memory:
+        return {"substrate_frozen": jnp.zeros((), jnp.float32)}
+
+    def remember(self, memory: Memory, lora: Lora, task: int, stats: dict[str, Any] | None = None) -> Memory:
+        return {"substrate_frozen": jnp.ones((), jnp.float32)}  # after the first task, for good
+
+
+@dataclasses.dataclass(frozen=True)
+class Isolated(Method):
+    """ISOLATED: a fresh CRMA substrate and a fresh LoRA per task, each pair trained on its task
+    alone and routed like FROZEN: nothing is shared, so no task can interfere with another. The
+    no-interference bound with CRMA's capacity."""
+
+    name: str = "isolated"
+    crma: bool = True
+    fresh_lora: bool = True
+    routed: bool = True
+
+    def start_crma(self, current: Any, fresh: Any) -> Any:
+        return fresh
+
+    def eval_crma(self, substrates: Sequence[Any], current: Any, task: int, fresh: Any) -> Any:
+        return substrates[task] if task < len(substrates) else fresh
 
 
 def replay(fraction: float = 0.1) -> Method:
@@ -380,5 +458,5 @@ class InfLoRA(OLoRA):
 
 METHODS: dict[str, Callable[[], Method]] = {
     "naive": naive, "frozen": frozen, "modular": modular, "replay": replay, "ewc": EWC, "olora": OLoRA,
-    "inflora": InfLoRA,
+    "inflora": InfLoRA, "frozen_substrate": FrozenSubstrate, "isolated": Isolated,
 }

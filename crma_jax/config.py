@@ -127,6 +127,8 @@ class ModelConfig:
         layers = int(hf["num_hidden_layers"])
         head_dim = int(hf.get("head_dim") or hidden // heads)
         act_name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        if model_type == "gemma" and act_name == "gelu":  # legacy Gemma value: transformers reads it as tanh GELU
+            act_name = "gelu_pytorch_tanh"
         if act_name not in _ACTIVATIONS:
             raise ValueError(f"unsupported activation {act_name!r}")
         global_rope, local_rope = _ropes_from_hf(hf, fam, head_dim)

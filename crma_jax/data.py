@@ -1,9 +1,10 @@
 """Training data: tokenize records, pack them into fixed-length rows, split, and batch.
 
 Pipeline: `crma_jax.records.load_records` (a built-in domain, a file, a saved or cached
-`datasets` dataset) -> `tokenize_records` (plain text, Alpaca with the prompt masked, or chat
-through the tokenizer's template with the loss on assistant turns) -> `split_holdout` (by
-document; or a separate evaluation source) -> `pack_documents` -> `BatchIterator`;
+`datasets` dataset) -> `drop_duplicates` (exact copies, and training documents that a separate
+evaluation source also holds) -> `tokenize_records` (plain text, Alpaca with the prompt masked,
+or chat through the tokenizer's template with the loss on assistant turns) -> `split_holdout`
+(by document; or a separate evaluation source) -> `pack_documents` -> `BatchIterator`;
 `DataSpec.build` runs it all.
 
 Mask convention (matches `crma_jax.loss.next_token_loss`): `loss_mask[b, t] == 1` means token
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from crma_jax.chat import render_chat, require_template
+from crma_jax.dedupe import first_occurrences
 from crma_jax.records import DataError, Fields, Records, load_records
 
 T = TypeVar("T")
@@ -34,6 +36,29 @@ BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 
 class SkippedRowsWarning(UserWarning):
     """Rows of a source were dropped (`skip_bad_rows`); the message says how many and the first."""
+
+
+class DuplicatesWarning(UserWarning):
+    """Documents were dropped as duplicates; the message names the source and how many."""
+
+
+def drop_duplicates(records: Records, exclude: Records | None = None) -> Records:
+    """`records` without exact duplicates (`Records.keys`; the first copy stays) and, with
+    `exclude`, without any record that `exclude` also holds; a `DuplicatesWarning` names the
+    source and the counts whenever one is dropped. DataError when nothing is left."""
+    keys = records.keys()
+    unique = first_occurrences(keys)
+    keep = first_occurrences(keys, exclude.keys()) if exclude is not None else unique
+    copies, shared = len(keys) - len(unique), len(unique) - len(keep)
+    if copies:
+        warnings.warn(f"{records.source}: {copies} of {len(keys)} documents are exact duplicates (up to whitespace) "
+                      "of earlier ones; dropped before the split", DuplicatesWarning, stacklevel=3)
+    if shared:
+        warnings.warn(f"{records.source}: {shared} documents are also in the evaluation data {exclude.source}; "
+                      "dropped from training", DuplicatesWarning, stacklevel=3)
+    if not keep:
+        raise DataError(f"{records.source}: no training documents left after dropping duplicates")
+    return records.subset(keep) if len(keep) < len(keys) else records
 
 
 @dataclass(frozen=True)
@@ -301,20 +326,31 @@ class DataSpec:
             warnings.warn(records.skipped, SkippedRowsWarning, stacklevel=2)
         return records
 
+    def split_records(self, cache_dir: str | None = None) -> tuple[Records, Records]:
+        """(train, holdout) records. Exact duplicates (`drop_duplicates`) go before the split, so
+        no document is on both sides; with `eval_source`, a training document that the evaluation
+        data also holds goes too. Each drop is reported by a `DuplicatesWarning`."""
+        records = drop_duplicates(self.records(cache_dir=cache_dir))
+        if self.eval_source:
+            held = drop_duplicates(self.records(evaluation=True, cache_dir=cache_dir))
+            return drop_duplicates(records, exclude=held), held
+        train, holdout = split_holdout(list(range(len(records))), self.holdout_fraction, self.split_seed)
+        return records.subset(train), records.subset(holdout)
+
     def build(self, tokenizer: Any, vocab_size: int | None = None,
               cache_dir: str | None = None) -> tuple[PackedData, PackedData]:
-        """(train, holdout) packed rows. With `vocab_size`, the tokenizer is checked against the model."""
-        records = self.records(cache_dir=cache_dir)
-        docs = tokenize_records(records, tokenizer)
-        # A chat template ends each turn itself: an EOS after a conversation is no target.
-        held = self.records(evaluation=True, cache_dir=cache_dir) if self.eval_source else records
-        if self.eval_source:
-            train, holdout = docs, tokenize_records(held, tokenizer)
-        else:
-            train, holdout = split_holdout(docs, self.holdout_fraction, self.split_seed)
+        """(train, holdout) packed rows of `split_records`. With `vocab_size`, the tokenizer is
+        checked against the model."""
+        return self.pack(*self.split_records(cache_dir), tokenizer, vocab_size)
+
+    def pack(self, records: Records, held: Records, tokenizer: Any,
+             vocab_size: int | None = None) -> tuple[PackedData, PackedData]:
+        """(train, holdout) packed rows of the records `split_records` returned."""
+        train, holdout = tokenize_records(records, tokenizer), tokenize_records(held, tokenizer)
         if vocab_size is not None:
             check_tokenizer(tokenizer, vocab_size, train + holdout)
         eos = eos_id_of(tokenizer)
+        # A chat template ends each turn itself: an EOS after a conversation is no target.
         return (pack_documents(train, self.seq_len, eos, records.style != "chat"),
                 pack_documents(holdout, self.seq_len, eos, held.style != "chat"))
 

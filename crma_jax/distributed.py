@@ -157,6 +157,22 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def gather(value: int) -> list[int]:
+    """Every process's `value` (an int32-sized int), in process order: a collective that every
+    process must reach; [value] in one process."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int32))).ravel()]
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true in any process (a collective; the flag itself in one process), so
+    that every process takes the same branch, e.g. stopping on a Ctrl-C that reached only some."""
+    return max(gather(int(bool(flag)))) > 0
+
+
 def to_host(x: Any) -> np.ndarray:
     """A jax.Array as a NumPy array of its global value, on every process, whether it is sharded
     across processes (gathered), replicated (the local copy) or on this process alone."""

@@ -1,41 +1,71 @@
-"""Five real text domains every Debian + Python machine has, with no download.
+"""Five real text domains, read from files every Debian + CPython machine has, with no download.
 
-- legal:     the license texts in `/usr/share/common-licenses`;
-- code:      the Python standard library's own `.py` sources;
+- legal:     the license texts of Debian's base-files (`LEGAL_FILES` in `/usr/share/common-licenses`);
+- code:      the Python standard library's own top-level `.py` sources;
 - docs:      the Python documentation topics in `pydoc_data.topics`;
-- changelog: Debian package changelogs, `/usr/share/doc/*/changelog.Debian.gz`;
-- shell:     the shell scripts among `/usr/bin`'s programs.
+- changelog: IDLE's change history, shipped in the standard library (`CHANGELOG_FILES` in `idlelib`);
+- shell:     the shell scripts of Debian's *required* packages (`SHELL_FILES`), which every Debian
+             system has, whatever else is installed.
 
-Each builder returns documents in a fixed, sorted order, so runs are reproducible.
-`domain_documents` cuts them into passages of at most `PASSAGE_CHARS` at blank lines, so that
-even the domains with few, long files (14 licenses) have a holdout of many distinct passages.
+Every domain reads a fixed list of files (or the stdlib's modules), never "whatever is
+installed", so its text depends only on the Python version and the Debian release; a run records
+each domain's `crma_jax.dedupe.fingerprint`, and `crma cl-table` refuses to pool runs whose
+fingerprints differ. A listed file that is missing is an error naming it.
+
+Each builder returns documents in a fixed order, so runs are reproducible. `domain_documents`
+cuts them into passages of at most `PASSAGE_CHARS` (`PASSAGE_CHARS_OF`) at blank lines (so that even the domains with
+few, long files have a holdout of many distinct passages) and keeps the first of every group of
+near copies (`crma_jax.dedupe.drop_near_copies`: the same text up to whitespace, digits and a
+fifth of its word 5-grams), so that no holdout passage is a copy of a training one.
 """
 
 from __future__ import annotations
 
-import gzip
 import sysconfig
 from pathlib import Path
 
+from crma_jax.dedupe import drop_near_copies
+
 LICENSES_DIR = Path("/usr/share/common-licenses")
-DOC_DIR = Path("/usr/share/doc")
-BIN_DIR = Path("/usr/bin")
 PASSAGE_CHARS = 1200
+# IDLE's change entries are short and its files few: shorter passages give its holdout >= 16.
+PASSAGE_CHARS_OF = {"changelog": 800}
+# base-files' license texts (the symlinks among them, e.g. GPL -> GPL-3, are read once).
+LEGAL_FILES = ("Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.2", "GFDL-1.3", "GPL-1", "GPL-2", "GPL-3",
+               "LGPL-2", "LGPL-2.1", "LGPL-3", "MPL-1.1", "MPL-2.0")
+CHANGELOG_FILES = ("NEWS.txt", "NEWS2x.txt", "ChangeLog", "HISTORY.txt")
+# The shell scripts that Debian's required packages (priority "required": apt, debconf, dpkg,
+# e2fsprogs, grep, gzip, libc-bin, login, passwd, sensible-utils, ...) install. On a system
+# without the merged /usr, a /usr/bin or /usr/sbin file is found under /bin or /sbin.
+SHELL_FILES = (
+    "/usr/bin/gunzip", "/usr/bin/gzexe", "/usr/bin/zcat", "/usr/bin/zcmp", "/usr/bin/zdiff", "/usr/bin/zforce",
+    "/usr/bin/zgrep", "/usr/bin/zless", "/usr/bin/zmore", "/usr/bin/znew", "/usr/bin/apt-key",
+    "/usr/bin/dpkg-maintscript-helper", "/usr/bin/dpkg-realpath", "/usr/bin/ldd", "/usr/bin/savelog",
+    "/usr/bin/select-editor", "/usr/bin/sensible-browser", "/usr/bin/sensible-editor", "/usr/bin/sensible-pager",
+    "/usr/bin/tzselect", "/usr/bin/which.debianutils", "/usr/sbin/e2scrub", "/usr/sbin/e2scrub_all",
+    "/usr/sbin/installkernel", "/usr/sbin/pam_namespace_helper", "/usr/sbin/shadowconfig", "/usr/sbin/add-shell",
+    "/usr/sbin/remove-shell", "/usr/sbin/service", "/usr/sbin/tarcat", "/usr/sbin/update-shells",
+    "/usr/lib/apt/apt.systemd.daily", "/usr/lib/dpkg/methods/apt/install", "/usr/lib/dpkg/methods/apt/update",
+    "/usr/libexec/dpkg/dpkg-db-backup", "/usr/share/debconf/confmodule", "/usr/share/debconf/confmodule.sh",
+    "/usr/share/bug/apt/script", "/usr/share/bug/dpkg", "/usr/share/sensible-utils/bin/gettext",
+    "/etc/cron.daily/apt-compat", "/etc/cron.daily/dpkg", "/etc/security/namespace.init",
+    "/etc/update-motd.d/10-uname", "/usr/lib/init/init-d-script",
+)
+
+
+def _read(path: Path, domain: str) -> str:
+    """The text of `path`, or of its unmerged-/usr twin (/usr/bin/x -> /bin/x); FileNotFoundError
+    naming the file and the domain when neither exists."""
+    for candidate in (path, Path(str(path).replace("/usr/", "/", 1))):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8", errors="replace")
+    raise FileNotFoundError(f"{path}: missing, and the built-in domain {domain!r} reads a fixed list of files; "
+                            "use a Debian system with its required packages, or pass your own data")
 
 
 def legal_documents(root: Path = LICENSES_DIR) -> list[str]:
-    """One document per license file (symlinks to the same text are read once)."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: license texts not found (the 'legal' domain needs Debian's base-files)")
-    seen: set[Path] = set()
-    docs = []
-    for p in sorted(root.iterdir()):
-        real = p.resolve()
-        if real in seen or not real.is_file():
-            continue
-        seen.add(real)
-        docs.append(real.read_text(encoding="utf-8", errors="replace"))
-    return docs
+    """One document per license of `LEGAL_FILES`, in that order."""
+    return [_read(root / name, "legal") for name in LEGAL_FILES]
 
 
 def code_documents(max_files: int = 400) -> list[str]:
@@ -52,27 +82,15 @@ def docs_documents() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def changelog_documents(root: Path = DOC_DIR) -> list[str]:
-    """One document per installed package's Debian changelog, sorted by package name."""
-    files = sorted(root.glob("*/changelog.Debian.gz"))
-    if not files:
-        raise FileNotFoundError(f"{root}/*/changelog.Debian.gz: no Debian changelogs found "
-                                "(the 'changelog' domain needs /usr/share/doc, which some slim images strip)")
-    return [gzip.decompress(p.read_bytes()).decode("utf-8", errors="replace") for p in files]
+def changelog_documents() -> list[str]:
+    """IDLE's change history (`CHANGELOG_FILES` of the stdlib's `idlelib`), in that order."""
+    root = Path(sysconfig.get_paths()["stdlib"]) / "idlelib"
+    return [_read(root / name, "changelog") for name in CHANGELOG_FILES]
 
 
-def shell_documents(root: Path = BIN_DIR) -> list[str]:
-    """The programs in `root` that are shell scripts (a `#!` line naming sh or bash), sorted."""
-    docs = []
-    for p in sorted(root.iterdir()):
-        if p.is_file() and not p.is_symlink():
-            with p.open("rb") as f:
-                first = f.readline(200)
-            if first.startswith(b"#!") and (first.rstrip().endswith((b"/sh", b"/bash", b" sh", b" bash"))):
-                docs.append(p.read_text(encoding="utf-8", errors="replace"))
-    if not docs:
-        raise FileNotFoundError(f"{root}: no shell scripts found (the 'shell' domain)")
-    return docs
+def shell_documents() -> list[str]:
+    """The shell scripts of `SHELL_FILES`, in that order."""
+    return [_read(Path(p), "shell") for p in SHELL_FILES]
 
 
 DOMAINS = {"legal": legal_documents, "code": code_documents, "docs": docs_documents,
@@ -109,8 +127,8 @@ def is_builtin(name: str) -> bool:
 
 
 def domain_documents(name: str) -> list[str]:
-    """Passages of a built-in domain's documents, in order (a facts domain: one document per
-    fact); ValueError names the known domains."""
+    """Passages of a built-in domain's documents, in order, without near duplicates (module
+    docstring; a facts domain: one document per fact); ValueError names the known domains."""
     from crma_jax.facts import DOMAIN_RELATIONS, domain_facts, training_documents
 
     if name.startswith(FACTS_PREFIX):
@@ -118,4 +136,5 @@ def domain_documents(name: str) -> list[str]:
     if name not in DOMAINS:
         known = [*DOMAINS, *(FACTS_PREFIX + d for d in DOMAIN_RELATIONS)]
         raise ValueError(f"unknown built-in domain {name!r}; known: {', '.join(known)}")
-    return [piece for doc in DOMAINS[name]() for piece in passages(doc)]
+    size = PASSAGE_CHARS_OF.get(name, PASSAGE_CHARS)
+    return drop_near_copies([piece for doc in DOMAINS[name]() for piece in passages(doc, size)])

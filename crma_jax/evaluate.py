@@ -137,10 +137,11 @@ class RoutingResult:
 
 
 def route(model: Any, frozen: Any, sets: Mapping[str, Any], data: PackedData, true_name: str, batch_size: int,
-          prefix_tokens: int, *, shared: Mapping[str, Any] | None = None, place: Place = to_device) -> RoutingResult:
+          prefix_tokens: int, *, shared: Mapping[str, Any] | None = None,
+          per_set: Mapping[str, Mapping[str, Any]] | None = None, place: Place = to_device) -> RoutingResult:
     """Route every row of `data` among the LoRA `sets` by the loss on its first `prefix_tokens`
     target tokens; score only the later target tokens. `shared` holds other collections used by
-    every set (the CRMA substrate)."""
+    every set (the CRMA substrate); `per_set[name]` those of one set only (its own substrate)."""
     if prefix_tokens < 1:
         raise ValueError(f"prefix_tokens must be >= 1, got {prefix_tokens}")
     names = tuple(sets)
@@ -150,7 +151,8 @@ def route(model: Any, frozen: Any, sets: Mapping[str, Any], data: PackedData, tr
     choices, routed_sum, oracle_sum, scored = [], 0.0, 0.0, 0
     for batch in eval_batches(data, batch_size):
         device_batch = place(batch)
-        nll = np.stack([to_host(batch_token_nll(model, {"params": frozen, "lora": sets[n], **(shared or {})},
+        nll = np.stack([to_host(batch_token_nll(model, {"params": frozen, "lora": sets[n], **(shared or {}),
+                                                        **(per_set or {}).get(n, {})},
                                                  device_batch)).astype(np.float64) for n in names])
         mask = batch["loss_mask"].astype(bool)
         seen = np.cumsum(mask, axis=1)

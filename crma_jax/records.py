@@ -24,12 +24,14 @@ comes back in `Records.skipped`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from crma_jax.dedupe import exact_key
 from crma_jax.domains import domain_documents, is_builtin
 
 FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
@@ -80,6 +82,24 @@ class Records:
     def column(self, name: str) -> list[Any]:
         """One field of every row (None where it is absent)."""
         return _column(self.rows, name)
+
+    def keys(self, key: Callable[[str], str] = exact_key) -> list[str]:
+        """Per row, the content that makes it a duplicate of another row: `key` (by default
+        `crma_jax.dedupe.exact_key`) of its text, of each Alpaca field, or of each turn's content
+        with its role. `key=str` gives the content exactly as trained on."""
+        f = self.fields
+        if self.style == "text":
+            return [key(t) for t in self.column(f.text)]
+        if self.style == "chat":
+            return [json.dumps([[t["role"], key(t["content"])] for t in m]) for m in self.column(f.messages)]
+        parts = zip(self.column(f.instruction), self.column(f.input), self.column(f.output))
+        return [json.dumps([key(x or "") for x in row]) for row in parts]
+
+    def subset(self, keep: Sequence[int]) -> Records:
+        """The rows `keep` (indices, in order), with `where` still naming their place in the source."""
+        rows = self.rows.select(keep) if hasattr(self.rows, "select") else [self.rows[i] for i in keep]
+        where = self.where
+        return dataclasses.replace(self, rows=rows, where=lambda j: where(keep[j]))
 
 
 def _column(rows: Any, name: str) -> list[Any]:
@@ -153,8 +173,7 @@ def check_rows(rows: Any, fields: Fields, source: str, where: Callable[[int], st
     if not skip_bad or len(bad) == len(rows):
         raise DataError(report if len(bad) > 1 else f"{source}: {where(first)}: {why}")
     keep = sorted(set(range(len(rows))) - {i for i, _ in bad})
-    kept = rows.select(keep) if hasattr(rows, "select") else [rows[i] for i in keep]
-    return Records(kept, style, source, fields, skipped=report + "; skipped", where=lambda j: where(keep[j]))
+    return Records(rows, style, source, fields, skipped=report + "; skipped", where=where).subset(keep)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Memory-mapped reading of HF model directories (`config.json` + `*.safetensors`).
 
 We parse the safetensors header ourselves (8-byte length, JSON, raw bytes) and hand out
-`np.memmap` views: `safetensors.safe_open(framework="numpy")` cannot return bfloat16, which most
-HF checkpoints use, and a view costs no copy until the tensor is placed on a device.
+`np.memmap` views: a view costs no copy until the tensor is placed on a device, where
+`safetensors.safe_open(framework="numpy")` reads each tensor into memory (it does return
+bfloat16 as `ml_dtypes.bfloat16` since safetensors 0.8; older versions could not).
 Pickled `.bin`/`.pt` weights are refused unless the caller opts into torch's
 `weights_only=True` loader, which cannot run arbitrary code.
 """

@@ -19,10 +19,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from crma_jax.cl import Method
 from crma_jax.crma import DIAGNOSTICS, crma_diagnostics
+from crma_jax.data import BATCH_KEYS  # noqa: F401 - the batch layout the step takes, re-exported
 from crma_jax.sharding import DEFAULT_RULES, param_shardings
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 
 
 def forward_loss(model: Any, variables: dict[str, Any], batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Any]:
@@ -50,7 +50,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, accum_s
 
     `batch` arrays are (B, T) with B divisible by `accum_steps`. The gradient is that of the
     mean token loss plus, with a `method`, its `penalty(lora, memory)`; the forward pass uses
-    `method.forward_lora(lora, memory)`. `metrics` holds float32 scalars `loss` (the mean token
+    `method.forward(trainable, memory)`. `metrics` holds float32 scalars `loss` (the mean token
     loss), `tokens`, `grad_norm` (before clipping), `penalty` with a method and, with CRMA,
     per-layer diagnostics.
     """
@@ -59,7 +59,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, accum_s
     def grads_of(trainable: Any, frozen: Any, batch: Batch, rng: jax.Array, memory: Any) -> tuple[Any, jax.Array, jax.Array, Any]:
         def loss(t: Any) -> tuple[jax.Array, Any]:
             if method is not None:
-                t = {**t, "lora": method.forward_lora(t["lora"], memory)}
+                t = method.forward(t, memory)
             return forward_loss(model, {"params": frozen, **t}, batch, rng if use_dropout else None)
 
         (total, (count, state)), grads = jax.value_and_grad(loss, has_aux=True)(trainable)

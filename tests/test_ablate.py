@@ -40,7 +40,7 @@ def test_every_arm_and_seed_is_summarised(ablated):
         for col in ("peak_grad_norm", "mean_grad_norm", "final_loss", "holdout_loss"):
             values = [runs[s][col] for s in ("0", "1")]
             stats = payload["summary"][arm][col]
-            assert stats["mean"] == pytest.approx(np.mean(values)) and stats["std"] == pytest.approx(np.std(values))
+            assert stats["mean"] == pytest.approx(np.mean(values)) and stats["std"] == pytest.approx(np.std(values, ddof=1)) and stats["n"] == 2
             assert stats["min"] == min(values) and stats["max"] == max(values)
         records = read_metrics(out / arm / "seed1")
         assert len(records) == 5 and runs["1"]["peak_grad_norm"] == max(r["grad_norm"] for r in records)

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crma_jax.cl import (METHODS, EWC, InfLoRA, OLoRA, concat_lora, diagonal_fisher, ewc_accumulate, ewc_penalty,
-                         frozen, gpm_extend, naive, olora_penalty, orthogonal_top, transfer_metrics)
+                         frozen, gpm_extend, naive, olora_penalty, orthogonal_top, per_sequence_grads,
+                         transfer_metrics)
 
 LAYERS, D_IN, D_OUT = 2, 6, 5
 
@@ -102,10 +103,42 @@ def test_ewc_penalty_is_zero_at_the_optimum_and_grows_away_from_it():
         method.remember(memory, optimum, 1)
 
 
-def test_diagonal_fisher_is_the_mean_squared_gradient():
-    grad_fn = lambda params, batch: {"w": params["w"] * batch}  # noqa: E731
-    fisher = diagonal_fisher(grad_fn, {"w": jnp.array([1.0, 2.0])}, [1.0, 3.0])
-    np.testing.assert_allclose(fisher["w"], [(1 + 9) / 2, (4 + 36) / 2])
+def test_diagonal_fisher_is_the_mean_over_sequences_of_their_squared_gradients():
+    # grad_fn gives per-row gradients (B, ...) and weights; a padding row (weight 0) counts for nothing.
+    def grad_fn(p, batch):
+        return {"w": batch[:, None] * p["w"]}, (batch != 0).astype(jnp.float32)
+
+    fisher = diagonal_fisher(grad_fn, {"w": jnp.array([1.0, 2.0])}, [jnp.array([1.0, 3.0]), jnp.array([2.0, 0.0])])
+    np.testing.assert_allclose(fisher["w"], [(1 + 9 + 4) / 3, (4 + 36 + 16) / 3])
+    with pytest.raises(ValueError, match="at least one sequence"):
+        diagonal_fisher(grad_fn, {"w": jnp.ones(2)}, [jnp.zeros(2)])
+
+
+def test_per_sequence_fisher_matches_a_hand_computed_one_on_a_tiny_model():
+    """A tiny bigram language model: the Fisher from `per_sequence_grads` is the mean of each
+    sequence's own squared gradient, computed here by a Python loop, not the square of the batch
+    gradient (smaller, which made the old EWC penalty too weak)."""
+    key = jax.random.PRNGKey(0)
+    params = {"emb": jax.random.normal(key, (7, 3)), "out": jax.random.normal(jax.random.fold_in(key, 1), (3, 7))}
+    ids = jax.random.randint(jax.random.fold_in(key, 2), (4, 6), 0, 7)
+    mask = jnp.ones((4, 6), jnp.int32).at[:, 0].set(0).at[3].set(0)  # row 3: padding, no targets
+    batch = {"input_ids": ids, "loss_mask": mask}
+
+    def mean_loss(p, b):
+        logits = p["emb"][b["input_ids"][:, :-1]] @ p["out"]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), b["input_ids"][:, 1:, None], -1)[..., 0]
+        m = b["loss_mask"][:, 1:]
+        return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1)
+
+    fisher = diagonal_fisher(jax.jit(per_sequence_grads(mean_loss)), params, [batch])
+    rows = [jax.grad(mean_loss)(params, {k: v[i:i + 1] for k, v in batch.items()}) for i in range(3)]
+    for leaf in params:
+        want = np.mean([np.square(np.asarray(g[leaf])) for g in rows], axis=0)
+        np.testing.assert_allclose(fisher[leaf], want, rtol=1e-5, atol=1e-8)
+        # The rows hold equal numbers of targets, so the batch gradient is their mean: by Jensen
+        # its square is at most the mean square, elementwise, and smaller in total.
+        batch_square = np.square(np.asarray(jax.grad(mean_loss)(params, batch)[leaf]))
+        assert np.all(batch_square <= want + 1e-7) and batch_square.sum() < 0.95 * want.sum()
 
 
 def test_olora_keeps_earlier_loras_frozen_in_the_forward_pass_at_a_fixed_shape():
@@ -137,7 +170,8 @@ def test_routed_methods_need_a_task_id_and_start_untrained_tasks_fresh():
     with pytest.raises(ValueError, match="routing"):
         frozen().eval_lora(trained, {}, None, fresh)
     assert naive().eval_lora(trained, {}, None, fresh) is trained[0]
-    assert set(METHODS) == {"naive", "frozen", "modular", "replay", "ewc", "olora", "inflora"}
+    assert set(METHODS) == {"naive", "frozen", "modular", "replay", "ewc", "olora", "inflora", "frozen_substrate",
+                            "isolated"}
     assert METHODS["modular"]().crma and not METHODS["replay"]().crma and METHODS["replay"]().replay == 0.1
 
 
@@ -210,3 +244,23 @@ def test_orthogonal_top_follows_the_largest_inputs_outside_the_span():
         a = orthogonal_top(gram, projector, 3)
         np.testing.assert_allclose(projector @ a, 0.0, atol=1e-5)
         np.testing.assert_allclose(a.T @ a, jnp.eye(3), atol=1e-5)
+
+
+def test_frozen_substrate_stops_the_substrates_gradient_once_remembered():
+    from crma_jax.cl import FrozenSubstrate
+
+    method = FrozenSubstrate()
+    lora, crma = _lora(jax.random.PRNGKey(0)), {"mix": jnp.array([1.0, 2.0])}
+    memory = method.init_memory(lora, 3)
+
+    def loss(t, mem):
+        used = method.forward(t, mem)
+        return jnp.sum(used["crma"]["mix"] ** 2) + sum(jnp.sum(x) for x in jax.tree.leaves(used["lora"]))
+
+    trainable = {"lora": lora, "crma": crma}
+    assert float(jnp.abs(jax.grad(loss)(trainable, memory)["crma"]["mix"]).sum()) > 0  # the first task trains it
+    memory = method.remember(memory, lora, 0)
+    g = jax.grad(loss)(trainable, memory)
+    np.testing.assert_array_equal(g["crma"]["mix"], 0.0)  # every later task: frozen
+    assert all(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(g["lora"]))  # the LoRA still trains
+    assert float(loss(trainable, memory)) == float(loss(trainable, method.init_memory(lora, 3)))  # same forward

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -39,9 +40,9 @@ def test_rows_are_seed_means_with_the_settings_that_differ(tmp_path):
     assert rows[0].startswith("| lr_crma_mix | condition |")  # steps is the same in both runs: not shown
     cells = rows[1].split(" | ")
     # Drift of the seeds: (2.2 − 2.0)/2.0 = 10% and (2.4 − 2.2)/2.2 = 9.09%; their mean, std and range.
-    assert cells[3] == "+9.55 ± 0.45 [+9.09, +10.00]"
-    assert cells[4] == "1.7000 ± 0.1000 [1.6000, 1.8000]"
-    assert cells[7] == "1.8000 ± 0.1000 [1.7000, 1.9000]"  # task-agnostic ACC
+    assert cells[3] == "+9.55 ± 0.64 [+9.09, +10.00]"  # sample std (ddof 1)
+    assert cells[4] == "1.7000 ± 0.1414 [1.6000, 1.8000]"
+    assert cells[7] == "1.8000 ± 0.1414 [1.7000, 1.9000]"  # task-agnostic ACC
     assert cells[8] == "75.0 ± 0.0 [75.0, 75.0]%"  # routing accuracy, mean over domains
     assert cells[9].rstrip(" |") == "1.5"  # minutes: seed 0 took 1, seed 1 took 2
     rows = [line for line in losses.splitlines() if line.startswith("| ")]
@@ -78,7 +79,7 @@ def test_runs_with_the_same_settings_pool_their_seeds(tmp_path):
     rows = [line.split(" | ") for line in cl_table([first, again, other]).split("\n\nDomains ")[0].splitlines()
             if line.startswith("| 0.0")]
     assert [(r[1], r[2]) for r in rows] == [("MODULAR", "0,1,2"), ("MODULAR", "1")]
-    assert rows[0][4] == "1.8000 ± 0.1633 [1.6000, 2.0000]"  # ACC over the three distinct seeds
+    assert rows[0][4] == "1.8000 ± 0.2000 [1.6000, 2.0000]"  # ACC over the three distinct seeds
     assert rows[0][9].rstrip(" |") == "2.0"  # minutes: seeds 0, 1, 2 took 1, 2, 3
 
     (again / "config.yaml").write_text(yaml.safe_dump({**config, "out": str(again), "inflora_threshold": 0.5}))
@@ -127,8 +128,54 @@ def test_versus_is_paired_per_seed_under_the_same_settings(tmp_path):
     assert "ACC vs FROZEN" in lines[0] and lines[2].endswith("| ACC vs FROZEN % | task-agnostic ACC vs FROZEN % |")
     cells = {tuple(c.strip() for c in line.split("|")[1:3]): line.split(" | ") for line in lines[4:]}
     # FROZEN's ACC is 1.5 (seed 0) and 2.0 (seed 1); MODULAR's 1.6 and 2.1: +6.67% and +5.00%, seed 2 unpaired.
-    assert cells[("0.001", "MODULAR")][-2] == "+5.83 ± 0.83 [+5.00, +6.67] (2 seeds)"
-    assert cells[("0.001", "FROZEN")][-2] == "+0.00 ± 0.00 [+0.00, +0.00] (2 seeds)"
+    from scipy import stats as scipy_stats
+
+    half = scipy_stats.t.ppf(0.975, 1) * np.std([5.0, 20 / 3], ddof=1) / np.sqrt(2)  # t over 1 dof
+    ci = f"95% CI [{35 / 6 - half:+.2f}, {35 / 6 + half:+.2f}]"
+    assert cells[("0.001", "MODULAR")][-2] == f"+5.83 ± 1.18 [+5.00, +6.67] (2 seeds; {ci})"
+    assert cells[("0.001", "FROZEN")][-2] == "+0.00 ± 0.00 [+0.00, +0.00] (2 seeds; 95% CI [+0.00, +0.00])"
     assert cells[("0.01", "MODULAR")][-1].rstrip(" |") == "–"  # no FROZEN under these settings
     with pytest.raises(ValueError, match="--versus naive: no such condition .*frozen, modular"):
         cl_table([frozen, modular], against="naive")
+
+
+def test_runs_over_different_documents_are_not_pooled(tmp_path):
+    first = _run(tmp_path, "first", 1e-3, {"0": [[2.0, 1.5], [2.2, 1.0]]})
+    second = _run(tmp_path, "second", 1e-3, {"1": [[2.2, 1.5], [2.4, 1.2]]})
+    prints = {"a": {"train": {"documents": 9, "sha256": "x"}, "holdout": {"documents": 1, "sha256": "y"}},
+              "b": {"train": {"documents": 9, "sha256": "z"}, "holdout": {"documents": 1, "sha256": "w"}}}
+    for run, fp in ((first, prints), (second, prints)):
+        payload = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({**payload, "fingerprints": fp}))
+    assert "MODULAR | 0,1 |" in cl_table([first, second])  # the same documents: pooled
+    changed = {**prints, "b": {**prints["b"], "holdout": {"documents": 1, "sha256": "other"}}}
+    payload = json.loads((second / "results.json").read_text())
+    (second / "results.json").write_text(json.dumps({**payload, "fingerprints": changed}))
+    with pytest.raises(ValueError, match=r"first and .*second trained on different documents .*fingerprints differ: b\)"):
+        cl_table([first, second])
+
+
+def test_versus_the_new_baselines(tmp_path, capsys):
+    base = _run(tmp_path, "base", 1e-3, {"0": [[2.0, 1.5], [2.0, 1.0]]})
+    payload = json.loads((base / "results.json").read_text())
+    same = payload["results"]["modular"]
+    payload["results"] = {"frozen_substrate": same, "isolated": same}
+    (base / "results.json").write_text(json.dumps(payload))
+    modular = _run(tmp_path, "modular", 1e-3, {"0": [[2.0, 1.5], [2.2, 1.0]]})
+    for against in ("frozen_substrate", "isolated"):
+        assert main(["cl-table", str(base), str(modular), "--versus", against]) == 0
+        lines = capsys.readouterr().out.split("\n\nDomains ")[0].splitlines()
+        assert f"ACC vs {against.upper()}" in lines[0]
+        row = next(line for line in lines if "| MODULAR |" in line)
+        assert "+6.67" in row.split(" | ")[-2]  # ACC 1.6 against 1.5, one seed
+
+
+def test_one_seed_has_no_std_and_the_legend_states_the_sample_std(tmp_path):
+    from crma_jax.train.stats import spread, summary
+
+    assert summary([1.0, 2.0, 3.0])["std"] == pytest.approx(1.0)  # ddof 1 (population: 0.816)
+    assert summary([2.0]) == {"n": 1, "mean": 2.0, "std": None, "min": 2.0, "max": 2.0}
+    assert spread([2.0], signed=False) == "2.0000 ± – [2.0000, 2.0000]"
+    one = _run(tmp_path, "one", 1e-3, {"0": [[2.0, 1.5], [2.2, 1.0]]})
+    table = cl_table([one])
+    assert "sample std (ddof 1; – for one seed)" in table and "1.6000 ± – [1.6000, 1.6000]" in table

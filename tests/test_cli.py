@@ -144,6 +144,32 @@ def test_unexpected_errors_print_one_line_and_the_traceback_with_debug(trained, 
     assert "Traceback (most recent call last)" in err and "TypeError: boom" in err
 
 
+def test_exit_2_is_only_for_the_projects_own_input_errors(trained, monkeypatch, capsys):
+    """An out-of-memory JaxRuntimeError (a RuntimeError) or a ValueError raised inside a library is
+    an internal error (exit 1, with the --debug hint); the project's own ValueErrors exit 2."""
+    import jax
+    import numpy as np
+
+    import crma_jax.train.evaluate as evaluate_program
+
+    run, _ = trained
+
+    def out_of_memory(args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+
+    def library_value_error(args):
+        return np.zeros(3).reshape(2, 2)
+
+    for broken in (out_of_memory, library_value_error):
+        monkeypatch.setattr(evaluate_program, "run_eval", broken)
+        assert main(["eval", str(run)]) == 1
+        err = capsys.readouterr().err
+        assert "internal error" in err and "--debug" in err
+    monkeypatch.undo()
+    assert main(["eval", str(run), "--lora", "nope"]) == 2  # the project's own report of bad input
+    assert "internal error" not in capsys.readouterr().err
+
+
 def test_benchmarks_are_subcommands_that_import_without_side_effects():
     """Importing a benchmark changes no environment variable and patches no library module."""
     import subprocess
@@ -176,3 +202,21 @@ def test_no_environment_switch_can_kill_a_run():
     assert sources
     offenders = [str(p) for p in sources if "CRMA_TEST" in p.read_text() or "SIGKILL" in p.read_text()]
     assert not offenders
+
+
+def test_eval_with_data_splits_with_the_runs_own_seed(trained, tiny_lm, tmp_path, capsys):
+    """A run trained with --seed 3 split its data with seed 3: `crma eval RUN --data SAME` must
+    score that run's holdout, not seed 0's (which holds training documents of the run)."""
+    _, data = trained
+    run = tmp_path / "seed3"
+    assert main(["train", "--model", str(tiny_lm), "--data", str(data), "--out", str(run), "--steps", "2", "--seed", "3",
+                 "--warmup-steps", "1", "--seq-len", "32", "--batch-size", "4", "--eval-every", "0", "--no-plots",
+                 "--report-to", "none", "--mesh", "1,1,1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run), "--data", str(data), "--seq-len", "32"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["data"]["split_seed"] == 3 and again["loss"] == pytest.approx(own["loss"], rel=1e-6)
+    assert main(["eval", str(run), "--data", str(data), "--seq-len", "32", "--split-seed", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["split_seed"] == 0  # asked for: still possible

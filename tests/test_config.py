@@ -95,6 +95,16 @@ def test_gqa_must_divide():
         ModelConfig.from_hf(_llama(num_attention_heads=3, num_key_value_heads=2))
 
 
+def test_legacy_gemma_gelu_is_the_tanh_form_as_in_transformers():
+    from transformers import GemmaConfig
+
+    legacy = _llama(model_type="gemma", hidden_act="gelu", hidden_activation=None)
+    assert GemmaConfig(hidden_act="gelu").hidden_act == "gelu_pytorch_tanh"  # what transformers runs
+    assert ModelConfig.from_hf(legacy).activation == "gelu_tanh"
+    # Only Gemma has that legacy reading: elsewhere "gelu" is the exact erf GELU.
+    assert ModelConfig.from_hf(_llama(hidden_act="gelu")).activation == "gelu"
+
+
 @pytest.mark.parametrize("arch,billions", [("llama3.1-8b", 8.030), ("qwen3-8b", 8.191), ("qwen2.5-7b", 7.616),
                                            ("gemma3-12b", 11.766)])
 def test_published_configs_give_the_published_parameter_counts(arch, billions):

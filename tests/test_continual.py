@@ -15,11 +15,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from crma_jax.cl import transfer_metrics
 from crma_jax.convert.export import export_run
 from crma_jax.data import PackedData
 from crma_jax.train.cli import main
-from crma_jax.train.continual import drift, mix_replay
+from crma_jax.train.continual import mix_replay
 from crma_jax.train.inference import load_for_inference
 from crma_jax.train.metrics import read_metrics
 
@@ -53,7 +52,7 @@ def _args(tiny_lm, domains, out, seeds="0", extra=()):
     return args
 
 
-METHODS = ("naive", "frozen", "modular", "replay", "ewc", "olora", "inflora")
+METHODS = ("naive", "frozen", "modular", "replay", "ewc", "olora", "inflora", "frozen_substrate", "isolated")
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +71,13 @@ def test_matrix_metrics_and_files(finished):
             r = payload["results"][cond][seed]
             L = np.asarray(r["L"], float)
             assert L.shape == (3, 3) and (L > 0).all() and len(r["base"]) == 3
-            expected = transfer_metrics(L, np.asarray(r["base"]))
-            np.testing.assert_allclose(r["drift"], [(L[2, j] - L[j, j]) / L[j, j] for j in range(2)], rtol=1e-12)
-            for key in ("acc", "bwt", "fwt"):
-                assert r[key] == pytest.approx(expected[key], rel=1e-12)
+            b = np.asarray(r["base"], float)
+            # GEM's definitions written out here, not by the function that stored them.
+            np.testing.assert_allclose(r["drift"], [(L[2, 0] - L[0, 0]) / L[0, 0], (L[2, 1] - L[1, 1]) / L[1, 1]],
+                                       rtol=1e-12)
+            assert r["acc"] == pytest.approx((L[2, 0] + L[2, 1] + L[2, 2]) / 3, rel=1e-12)
+            assert r["bwt"] == pytest.approx(((L[0, 0] - L[2, 0]) + (L[1, 1] - L[2, 1])) / 2, rel=1e-12)
+            assert r["fwt"] == pytest.approx(((b[1] - L[0, 1]) + (b[2] - L[1, 2])) / 2, rel=1e-12)
             assert r["wall_s"] > 0
         drifts = np.asarray([payload["results"][cond][s]["drift"] for s in ("0", "1")])
         np.testing.assert_allclose(payload["summary"][cond]["drift_mean"], drifts.mean(0))
@@ -128,13 +130,38 @@ def test_each_method_shows_its_defining_behaviour(finished):
     assert all(r["penalty"] == 0.0 for r in read_metrics(out / "inflora" / "seed0" / "counts"))
 
 
+def test_frozen_substrate_and_isolated_share_nothing_after_the_first_domain(finished):
+    """FROZEN_SUBSTRATE's substrate moves in the first domain only; ISOLATED trains a substrate
+    per domain. Neither can change an earlier domain's model, so both drift exactly 0, and both
+    start the first domain exactly as MODULAR does."""
+    from safetensors.numpy import load_file
+
+    out, payload = finished
+    for seed in ("0", "1"):
+        modular = payload["results"]["modular"][seed]
+        for cond in ("frozen_substrate", "isolated"):
+            r = payload["results"][cond][seed]
+            assert r["drift"] == [0.0, 0.0] and r["bwt"] == 0.0, cond
+            assert r["L"][0][0] == pytest.approx(modular["L"][0][0], rel=1e-6), cond
+        fs = payload["results"]["frozen_substrate"][seed]["substrate"]
+        assert fs[0]["mix_displacement"] == fs[1]["mix_displacement"] == fs[2]["mix_displacement"]
+        assert fs[0]["mix_displacement"] != payload["results"]["frozen_substrate"][seed]["substrate_init"]["mix_displacement"]
+    kept = {cond: load_file(str(out / cond / "seed0" / "substrates.safetensors")) for cond in ("frozen_substrate", "isolated")}
+    for key, first in kept["frozen_substrate"].items():
+        if key.startswith("0/"):
+            for t in ("1/", "2/"):
+                np.testing.assert_array_equal(kept["frozen_substrate"][t + key[2:]], first)
+    assert any(not np.array_equal(kept["isolated"]["0/" + k[2:]], v) for k, v in kept["isolated"].items()
+               if k.startswith("2/"))
+
+
 def test_task_agnostic_evaluation(finished):
     _, payload = finished
     for cond in METHODS:
         agnostic = payload["results"][cond]["0"]["agnostic"]
         assert agnostic["prefix_tokens"] == 8 and len(agnostic["loss"]) == 3
         assert all(t > 0 for t in agnostic["scored_tokens"])
-        routed = cond in ("frozen", "modular")
+        routed = cond in ("frozen", "modular", "frozen_substrate", "isolated")
         assert agnostic["routed"] == routed
         if not routed:  # one model: without the task id it is the same model
             assert agnostic["loss"] == agnostic["oracle_loss"] and agnostic["accuracy"] == {}
@@ -217,8 +244,7 @@ def test_pissa_gives_every_domain_the_same_initial_factors_on_the_residual_base(
             np.testing.assert_array_equal(a, b)
 
 
-def test_drift_helper_and_bad_arguments(tiny_lm, capsys):
-    assert drift([[2.0, None], [3.0, 1.0]]) == [0.5]
+def test_bad_arguments(tiny_lm, capsys):
     assert main(["cl", "--model", str(tiny_lm), "--domain", "only"]) == 2
     assert ">= 2 domains" in capsys.readouterr().err
     assert main(["cl", "--model", str(tiny_lm), "--conditions", "naive,bogus"]) == 2
@@ -231,6 +257,8 @@ def test_drift_helper_and_bad_arguments(tiny_lm, capsys):
     assert "domain named 'olora'" in capsys.readouterr().err
     assert main(["cl", "--model", str(tiny_lm), "--conditions", "inflora", "--weight-decay", "0.01"]) == 2
     assert "--weight-decay 0" in capsys.readouterr().err
+    assert main(["cl", "--model", str(tiny_lm), "--conditions", "frozen_substrate", "--weight-decay", "0.01"]) == 2
+    assert "keeps the substrate fixed after the first domain" in capsys.readouterr().err
     assert main(["cl", "--model", str(tiny_lm), "--seeds", "0,x"]) == 2
     assert "--seeds" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # `--data` means nothing to `crma cl`: refused, not ignored
@@ -273,3 +301,30 @@ def test_olora_sequence_exports_the_sum_of_its_domains_loras(tiny_lm, finished, 
     with torch.no_grad():
         theirs = peft(torch.tensor(ids)).logits.numpy()
     assert np.abs(theirs - ours).max() <= 1e-4
+
+
+def test_fingerprints_record_every_domain_and_a_changed_document_is_refused_on_resume(tiny_lm, domains, tmp_path,
+                                                                                      capsys):
+    from crma_jax.dedupe import fingerprint
+
+    copies = []
+    for d in domains[:2]:
+        name, _, path = d.partition("=")
+        (tmp_path / f"{name}.jsonl").write_text(Path(path).read_text())
+        copies.append(f"{name}={tmp_path / f'{name}.jsonl'}")
+    out = tmp_path / "fp"
+    args = _args(tiny_lm, copies, out, extra=("--conditions", "naive", "--steps", "2", "--no-plots"))
+    assert main(args) == 0
+    prints = json.loads((out / "results.json").read_text())["fingerprints"]
+    assert list(prints) == ["greek", "counts"]
+    texts = [json.loads(line)["text"] for line in (tmp_path / "greek.jsonl").read_text().splitlines()]
+    both = prints["greek"]["train"]["documents"] + prints["greek"]["holdout"]["documents"]
+    assert both == len(set(texts)) == 40
+    # Change one document: the fingerprint changes, and the run will not resume on it.
+    lines = (tmp_path / "greek.jsonl").read_text().splitlines()
+    lines[5] = json.dumps({"text": texts[5] + " omega"})
+    (tmp_path / "greek.jsonl").write_text("\n".join(lines))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    assert "domain 'greek' is not the documents this run started on" in capsys.readouterr().err
+    assert fingerprint(texts) != fingerprint([*texts[:5], texts[5] + " omega", *texts[6:]])

@@ -22,13 +22,15 @@ def tiny_ids():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_init_leaves_logits_within_1e3_relative(arch, tiny_models, tiny_ids):
+def test_init_leaves_logits_within_5e3_relative(arch, tiny_models, tiny_ids):
+    # The default start (4·I, gate −2) moves a tiny random model's logits by 2.6e-3 (llama) and
+    # 3.1e-3 (gemma2) of their largest; 8·I with gate 0 moved them by less than 1e-3 but did not learn.
     model, params = crma_jax.load_pretrained(tiny_models[arch])
     base = model.apply({"params": params}, tiny_ids)
     cmodel, variables = crma_jax.load_pretrained(tiny_models[arch], crma=CRMAConfig())
     out = cmodel.apply(variables, tiny_ids)
     rel = float(jnp.abs(out - base).max() / jnp.abs(base).max())
-    assert 0 < rel <= 1e-3
+    assert 0 < rel <= 5e-3
 
 
 def test_init_read_is_orthonormal_and_does_not_shrink_h():
@@ -133,7 +135,7 @@ def test_diagnostics_per_layer(tiny_models, tiny_ids):
     for v in diag.values():
         chex.assert_shape(v, (2,))
     assert float(jnp.abs(diag["spectral_norm"] - 1).max()) <= 1e-6
-    np.testing.assert_allclose(diag["alpha"], 0.5)
+    np.testing.assert_allclose(diag["alpha"], 1 / (1 + np.exp(-CRMAConfig.init_gate)), rtol=1e-6)  # sigmoid(gate)
 
 
 def test_bf16_activations_keep_their_dtype():

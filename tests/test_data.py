@@ -258,8 +258,61 @@ def test_separate_eval_data_trains_on_all_of_data_and_scores_all_of_eval(tmp_pat
     spec = DataSpec(str(tmp_path / "saved"), seq_len=16, eval_source=str(held), text_field="text")
     with pytest.raises(DataError, match="missing field 'text'"):  # one set of field names for both
         spec.build(tok)
-    spec = DataSpec(str(tmp_path / "saved"), seq_len=16, eval_source=str(tmp_path / "saved"))
-    train, hold = spec.build(tok)
-    assert train.num_tokens == hold.num_tokens == sum(len(f"train doc {i}") + 1 for i in range(10))
+    held = write_jsonl(tmp_path / "eval2.jsonl", [{"text": f"eval {i}"} for i in range(3)])
+    train, hold = DataSpec(str(tmp_path / "saved"), seq_len=16, eval_source=str(held)).build(tok)
+    assert train.num_tokens == sum(len(f"train doc {i}") + 1 for i in range(10))
+    assert hold.num_tokens == sum(len(f"eval {i}") + 1 for i in range(3))
     split = DataSpec(str(tmp_path / "saved"), seq_len=16).build(tok)  # no eval data: a document split
     assert split[0].num_tokens + split[1].num_tokens == train.num_tokens and split[1].num_tokens < train.num_tokens
+
+
+def _texts(records) -> set[str]:
+    return set(records.keys())
+
+
+def test_planted_duplicates_are_dropped_before_the_split_with_a_warning(tmp_path: Path) -> None:
+    from crma_jax.data import DuplicatesWarning
+
+    docs = [f"document number {i} about topic {i % 7}" for i in range(40)]
+    # Ten copies of earlier documents, re-spaced and re-wrapped: duplicates up to whitespace.
+    planted = docs + ["  " + d.replace(" ", "\n  ") + "\n" for d in docs[:10]]
+    path = write_jsonl(tmp_path / "dup.jsonl", [{"text": t} for t in planted])
+    for seed in range(5):
+        with pytest.warns(DuplicatesWarning, match=r"dup\.jsonl: 10 of 50 documents are exact duplicates"):
+            train, hold = DataSpec(str(path), seq_len=32, split_seed=seed, holdout_fraction=0.3).split_records()
+        assert not _texts(train) & _texts(hold)  # no holdout document is also a training one
+        assert len(train) + len(hold) == 40
+
+
+def test_eval_data_overlapping_data_is_dropped_from_train_and_said(tmp_path: Path, tok) -> None:
+    from crma_jax.data import DuplicatesWarning
+
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": f"row {i}"} for i in range(20)])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"text": f"row {i}"} for i in (3, 5, 7)] + [{"text": "new one"}])
+    spec = DataSpec(str(data), seq_len=16, eval_source=str(evals))
+    with pytest.warns(DuplicatesWarning, match=r"data\.jsonl: 3 documents are also in the evaluation data .*eval\.jsonl"):
+        train, hold = spec.split_records()
+    assert not _texts(train) & _texts(hold) and len(train) == 17 and len(hold) == 4
+    with pytest.warns(DuplicatesWarning):
+        packed_train, _ = spec.build(tok)
+    assert packed_train.num_tokens == sum(len(f"row {i}") + 1 for i in range(20) if i not in (3, 5, 7))
+    everything = write_jsonl(tmp_path / "all.jsonl", [{"text": f"row {i}"} for i in range(20)])
+    with pytest.raises(DataError, match="no training documents left"), pytest.warns(DuplicatesWarning):
+        DataSpec(str(data), seq_len=16, eval_source=str(everything)).split_records()
+
+
+def test_alpaca_and_chat_duplicates_are_found_by_content(tmp_path: Path) -> None:
+    from crma_jax.data import DuplicatesWarning
+
+    rows = [{"instruction": "q", "input": "", "output": "a"}, {"instruction": " q ", "input": "", "output": "a"},
+            {"instruction": "q", "input": "x", "output": "a"}]
+    path = write_jsonl(tmp_path / "al.jsonl", rows)
+    with pytest.warns(DuplicatesWarning, match="1 of 3"):
+        train, hold = DataSpec(str(path), seq_len=16).split_records()
+    assert len(train) + len(hold) == 2
+    turn = lambda u: [{"role": "user", "content": u}, {"role": "assistant", "content": "ok"}]  # noqa: E731
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": turn("hi")}, {"messages": turn("hi  ")},
+                                                 {"messages": turn("bye")}])
+    with pytest.warns(DuplicatesWarning, match="1 of 3"):
+        train, hold = DataSpec(str(path), seq_len=16).split_records()
+    assert len(train) + len(hold) == 2

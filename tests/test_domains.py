@@ -35,3 +35,23 @@ def test_every_builtin_domain_has_a_holdout_of_at_least_16_distinct_passages(nam
 def test_unknown_domain_names_the_known_ones():
     with pytest.raises(ValueError, match="changelog"):
         domain_documents("poetry")
+
+
+@pytest.mark.parametrize("name", list(DOMAINS))
+def test_no_holdout_passage_of_a_builtin_domain_is_in_train_even_as_a_near_copy(name):
+    from crma_jax.data import DataSpec
+    from crma_jax.dedupe import drop_near_copies, exact_key
+
+    train, holdout = DataSpec(name, seq_len=256).split_records()
+    train_docs, held_docs = train.column("text"), holdout.column("text")
+    assert not {exact_key(d) for d in held_docs} & {exact_key(d) for d in train_docs}
+    # No holdout passage is a near copy (shingle Jaccard >= 0.8, digits masked) of a training one.
+    assert drop_near_copies(train_docs + held_docs) == train_docs + held_docs
+
+
+def test_builtin_domains_read_fixed_files_not_whatever_is_installed(monkeypatch, tmp_path):
+    import crma_jax.domains as domains
+
+    monkeypatch.setattr(domains, "SHELL_FILES", (str(tmp_path / "usr" / "bin" / "nonexistent"),))
+    with pytest.raises(FileNotFoundError, match="nonexistent.*'shell' reads a fixed list of files"):
+        domains.shell_documents()

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import crma_jax
 from crma_jax import CRMAConfig, LoraConfig
-from crma_jax.data import PackedData, pack_documents
-from crma_jax.evaluate import crma_effect, eval_batches, evaluate, route
+from crma_jax.data import BATCH_KEYS, PackedData, pack_documents
+from crma_jax.evaluate import batch_token_nll, crma_effect, eval_batches, evaluate, route
 from crma_jax.loss import next_token_loss
 
 
@@ -71,8 +71,12 @@ def test_loss_counts_each_target_once_whatever_the_batch(rows, batch_size, lora_
     total, count = next_token_loss(logits, jnp.asarray(data.input_ids), jnp.asarray(data.loss_mask))
     assert result.tokens == int(count)
     assert result.loss == pytest.approx(float(total) / float(count), rel=1e-5)
-    nll = token_nll(logits, jnp.asarray(data.input_ids), jnp.asarray(data.loss_mask))
-    assert nll.shape == data.input_ids.shape and float(jnp.abs(nll[:, 0]).max()) == 0.0
+    # The per-token NLL that routing scores with is the reference's, token by token (column t
+    # scores input_ids[:, t]; 0 where nothing is predicted).
+    per_token = batch_token_nll(model, variables, {k: jnp.asarray(getattr(data, k)) for k in BATCH_KEYS})
+    reference = token_nll(logits, jnp.asarray(data.input_ids), jnp.asarray(data.loss_mask))
+    np.testing.assert_allclose(np.asarray(per_token), np.asarray(reference), rtol=1e-5, atol=1e-5)
+    assert float(jnp.sum(per_token)) == pytest.approx(float(total), rel=1e-5)
 
 
 def test_routing_chooses_on_the_prefix_and_scores_only_the_suffix(lora_model):

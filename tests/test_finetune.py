@@ -168,6 +168,25 @@ def test_yaml_config_and_flag_precedence(tiny_lm, data_file, tmp_path, capsys):
     assert not (tmp_path / "bad_run").exists()
 
 
+def test_yaml_values_of_the_wrong_type_are_refused_before_the_run_is_claimed(tiny_lm, data_file, tmp_path, capsys):
+    """YAML 1.1 reads `lr_lora: 1e-3` as the string '1e-3': refused with the key named, before RUN
+    exists, so the corrected rerun into the same --out is not refused as a second run."""
+    run = tmp_path / "run"
+    config = tmp_path / "cfg.yaml"
+    common = (f"model: {tiny_lm}\ndata: {data_file}\nout: {run}\nsteps: 2\nseq_len: 16\nwarmup_steps: 1\n"
+              "plots: false\nreport_to: none\neval_every: 0\nmesh: '1,1,1'\nbatch_size: 2\n")
+    for line, key in (("lr_lora: 1e-3", "lr_lora"), ("lora_rank: '4'", "lora_rank"), ("steps: yes", "steps")):
+        config.write_text(common.replace("steps: 2\n", "") + line + "\n" if key == "steps" else common + line + "\n")
+        assert main(["train", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert f"{config}: {key}:" in err and "internal error" not in err, err
+        assert not run.exists()
+    config.write_text(common + "lr_lora: 1.0e-3\nlr_crma_mix: 1\n")  # an int where a float is asked is fine
+    assert main(["train", "--config", str(config)]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["lr_lora"] == 1e-3 and saved["lr_crma_mix"] == 1.0 and isinstance(saved["lr_crma_mix"], float)
+
+
 # Two LoRA targets keep the compile short; the mechanics under test do not depend on them.
 RESUME = ("--steps", "12", "--checkpoint-every", "4", "--lora-targets", "q_proj,v_proj")
 
@@ -294,6 +313,31 @@ def test_auto_remat_falls_back_to_the_leanest_policy_when_memory_is_short(tiny_l
     out = capsys.readouterr()
     assert json.loads(out.out)["remat"] == "full"
     assert "remat 'full'" in out.err and "does not fit either" in out.err and "tried: none" in out.err
+
+
+def test_auto_remat_is_recorded_and_a_resumed_run_keeps_it(tiny_lm, data_file, tmp_path, capsys, monkeypatch):
+    """--remat auto picks from free memory once; --resume compiles the recorded policy only, even
+    when memory now looks different, so a resumed run (or a peer process) runs the same program."""
+    run = tmp_path / "run"
+    monkeypatch.setattr(finetune, "free_bytes", lambda devices: 1)  # short of memory: "full"
+    assert main(_argv(tiny_lm, data_file, run, "--steps", "2", "--warmup-steps", "0", "--checkpoint-every", "1")) == 0
+    assert json.loads((run / "remat.json").read_text()) == {"policy": "full"}
+    tried = []
+    real = finetune.fastest_fitting
+    monkeypatch.setattr(finetune, "free_bytes", lambda devices: 1 << 40)  # plenty now: auto would pick "none"
+    monkeypatch.setattr(finetune, "fastest_fitting", lambda f, free, policies: tried.append(policies) or real(f, free,
+                                                                                                            policies))
+    capsys.readouterr()
+    assert main(_argv(tiny_lm, data_file, run, "--steps", "2", "--warmup-steps", "0", "--checkpoint-every", "1",
+                      "--resume")) == 0
+    assert tried == [("full",)] and json.loads(capsys.readouterr().out)["remat"] == "full"
+
+
+def test_each_process_measures_only_its_own_devices(tiny_lm, data_file, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(finetune, "free_bytes", lambda devices: seen.append(list(devices)) or 1 << 40)
+    assert main(_argv(tiny_lm, data_file, tmp_path / "run", "--steps", "1", "--warmup-steps", "0")) == 0
+    assert seen and all(d.process_index == jax.process_index() for devices in seen for d in devices)
 
 
 @pytest.mark.parametrize("what", ["missing_data", "empty_data", "missing_model"])

@@ -12,7 +12,7 @@ import pytest
 
 import crma_jax
 from crma_jax import CRMAConfig
-from crma_jax.domains import legal_documents
+from crma_jax.domains import domain_documents, legal_documents
 from crma_jax.quant import Int8Tensor, NF4Tensor, nbytes
 
 pytestmark = pytest.mark.slow
@@ -60,11 +60,36 @@ def test_logits_match_transformers_gguf_loader(smollm2_gguf_path, base_logits, t
     assert _nll(ref, text_ids) < 4.0
 
 
-def test_crma_at_init_leaves_logits_within_1e3(smollm2_gguf_path, base_logits, text_ids):
+def test_crma_at_init_leaves_logits_within_1e2(smollm2_gguf_path, base_logits, text_ids):
+    # The default start (4·I, gate −2) moves the largest logit change to 7.5e-3 of the largest
+    # logit (8·I with gate 0: under 1e-3, but that start does not learn); the loss test below
+    # says what that costs.
     model, variables = crma_jax.load_pretrained(smollm2_gguf_path, crma=CRMAConfig())
     out = np.asarray(jax.jit(model.apply)(variables, text_ids))
     rel = np.abs(out - base_logits).max() / np.abs(base_logits).max()
-    assert rel <= 1e-3
+    assert rel <= 1e-2
+
+
+def test_the_default_crma_start_keeps_the_starting_loss_within_2e3_nats(smollm2_gguf_path, ours):
+    """The one default start (`CRMAConfig()`, which `crma train` uses too) changes SmolLM2's
+    starting loss on legal text by less than 2e-3 nats (measured +1.5e-3: the old claim of 1e-3
+    did not hold)."""
+    from crma_jax.train.config import TrainConfig
+
+    assert (TrainConfig.crma_init_mix_logit, TrainConfig.crma_init_gate) == (CRMAConfig.init_mix_logit,
+                                                                             CRMAConfig.init_gate)
+    tokenizer = crma_jax.pretrained.load_tokenizer(smollm2_gguf_path)
+    rows = [tokenizer(d, add_special_tokens=False)["input_ids"][:256] for d in domain_documents("legal")[:40]]
+    ids = jnp.asarray([r for r in rows if len(r) == 256][:8], jnp.int32)
+    model, params = ours
+    cmodel, variables = crma_jax.load_pretrained(smollm2_gguf_path, crma=CRMAConfig())
+    base = _nll_rows(jax.jit(model.apply)({"params": params}, ids), ids)
+    start = _nll_rows(jax.jit(cmodel.apply)(variables, ids), ids)
+    assert 0 < abs(start - base) < 2e-3
+
+
+def _nll_rows(logits, ids):
+    return float(-jnp.take_along_axis(_logp(logits)[:, :-1], ids[:, 1:, None], -1).mean())
 
 
 def _logp(x):

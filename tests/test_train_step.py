@@ -191,7 +191,7 @@ def test_metrics_hold_loss_tokens_grad_norm_and_crma_diagnostics(reference, batc
     assert first["crma_spectral_dev"] <= 1e-6  # M = sinkhorn(8 I) has norm 1 at init
     assert first["crma_sinkhorn_residual"] <= 1e-5
     assert np.shape(first["crma_alpha"]) == (layers,)
-    np.testing.assert_allclose(first["crma_alpha"], 0.5, atol=1e-6)  # sigmoid(init_gate = 0)
+    np.testing.assert_allclose(first["crma_alpha"], 1 / (1 + np.exp(-CRMAConfig.init_gate)), atol=1e-6)  # sigmoid(gate)
     assert np.shape(first["crma_gain"]) == (layers,)
     assert np.all(first["crma_gain"] <= 1.0 + 1e-5)  # non-expansive
     np.testing.assert_allclose(first["crma_gain"], 1.0, atol=1e-3)  # ~identity at init

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from crma_jax import distributed
+from crma_jax.train import stats
 from crma_jax.train.config import TrainConfig, parse_seeds, setting
 from crma_jax.train.finetune import Session, fresh_adapters, open_session, train
 from crma_jax.train.plots import plot_overlay
@@ -68,10 +68,10 @@ def run_ablation(cfg: AblateConfig, arms: dict[str, tuple[bool, bool]] = ARMS) -
     return payload
 
 
-def summarize(runs: dict[str, dict[int, Any]]) -> dict[str, dict[str, dict[str, float] | None]]:
-    """Per arm and column: mean, std (population), min and max over the seeds; None for a
-    column some run did not report (holdout_loss without --eval-every)."""
-    out: dict[str, dict[str, dict[str, float] | None]] = {}
+def summarize(runs: dict[str, dict[int, Any]]) -> dict[str, dict[str, dict[str, Any] | None]]:
+    """Per arm and column: `crma_jax.train.stats.summary` over the seeds (n, mean, sample std,
+    min, max); None for a column some run did not report (holdout_loss without --eval-every)."""
+    out: dict[str, dict[str, dict[str, Any] | None]] = {}
     for name, by_seed in runs.items():
         out[name] = {}
         for col in COLUMNS:
@@ -79,23 +79,20 @@ def summarize(runs: dict[str, dict[int, Any]]) -> dict[str, dict[str, dict[str, 
             if any(v is None for v in raw):
                 out[name][col] = None
                 continue
-            values = np.asarray(raw, np.float64)
-            out[name][col] = {"mean": float(values.mean()), "std": float(values.std()),
-                              "min": float(values.min()), "max": float(values.max())}
+            out[name][col] = stats.summary(raw)
     return out
 
 
 def ablation_table(summary: dict[str, Any], cfg: TrainConfig, seeds: list[int]) -> str:
     lines = [
         f"Stability ablation: model {cfg.model}, data {cfg.data}, {cfg.steps} steps, B={cfg.batch_size}, "
-        f"T={cfg.seq_len}, LoRA r={cfg.lora_rank}, CRMA rank {cfg.crma_rank}; mean ± std [min, max] over "
-        f"seeds {seeds}.",
+        f"T={cfg.seq_len}, LoRA r={cfg.lora_rank}, CRMA rank {cfg.crma_rank}; mean ± sample std (ddof 1) [min, "
+        f"max] over the n = {len(seeds)} seeds {seeds}.",
         "",
         "| arm | " + " | ".join(COLUMNS) + " |",
         "|---|" + "---|" * len(COLUMNS),
     ]
     for name, cols in summary.items():
-        cells = ["–" if s is None else f"{s['mean']:.4f} ± {s['std']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
-                 for s in cols.values()]
+        cells = ["–" if s is None else stats.spread(s, signed=False) for s in cols.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """Benchmark: LoRA (+ CRMA) training throughput on SmolLM2-135M, ours (JAX) vs PEFT (PyTorch), CPU.
 
-    crma bench train [--steps 4] [--rounds 2] [--batch 4] [--seq 256] [--xla-flags-sweep] [--breakdown]
+    crma bench train [--steps 4] [--rounds 2] [--batch-size 4] [--seq-len 256] [--xla-flags-sweep] [--breakdown]
 
 Same weights (the fp32 HF directory made from the GGUF), float32, B x T random tokens, LoRA r=8
 alpha=16 on q,k,v,o,gate,up,down, AdamW (lr 2e-4, no weight decay), no dropout. Contenders: our
@@ -268,16 +268,16 @@ def child(name: str, steps: int, batch_size: int, seq: int) -> dict[str, Any]:
 
 def _spawn(name: str, args: argparse.Namespace, xla_flags: str = "") -> dict[str, Any]:
     env = cpu_env(XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), xla_flags])))
-    return run_child("train", "--child", name, "--steps", str(args.steps), "--batch", str(args.batch),
-                     "--seq", str(args.seq), env=env)
+    return run_child("train", "--child", name, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                     "--seq-len", str(args.seq_len), env=env)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per contender process (default: 4)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds of one fresh process per contender, alternating (default: 2)")
-    parser.add_argument("--batch", type=int, default=4, help="batch size B (default: 4)")
-    parser.add_argument("--seq", type=int, default=256, help="sequence length T (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=4, help="batch size B (default: 4)")
+    parser.add_argument("--seq-len", type=int, default=256, help="sequence length T (default: 256)")
     parser.add_argument("--breakdown", action="store_true", help="also profile our step and time its sub-parts")
     parser.add_argument("--xla-flags-sweep", action="store_true",
                         help="also time our step under each XLA:CPU option in XLA_CANDIDATES against the default")
@@ -286,7 +286,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.child == "breakdown":
-        _, model, variables, batch, _ = _setup(args.batch, args.seq)
+        _, model, variables, batch, _ = _setup(args.batch_size, args.seq_len)
         fn = our_step(model, variables, batch)
         fn()
         profile_step(fn, fn.hlo())  # type: ignore[attr-defined]
@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"| {k} | {statistics.median(v):.4f} |")
         return 0
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch, args.seq)))
+        print(json.dumps(child(args.child, args.steps, args.batch_size, args.seq_len)))
         return 0
     print(f"$ {command_line()}")
     print(f"{machine_note()} (before); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
             loss0[name], chosen[name] = res["loss0"], res["remat"]
     rate, rows = (lambda r: (r["rate"], r["rows"]))(_spawn("matmul", args))
     print(f"{machine_note()} (after)")
-    b, t = args.batch, args.seq
+    b, t = args.batch_size, args.seq_len
     _, model, variables, _, _ = _setup(1, 8)
     flops = step_flops(model.config, b, t, count_params({"lora": variables["lora"]})["trainable"])
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{statistics.median(base) / statistics.median(got):.2f}x |")
     if args.breakdown:
         out = subprocess.run([sys.executable, "-m", "crma_jax.train.cli", "bench", "train", "--child", "breakdown",
-                              "--steps", str(args.steps), "--batch", str(b), "--seq", str(t)],
+                              "--steps", str(args.steps), "--batch-size", str(b), "--seq-len", str(t)],
                              capture_output=True, text=True, env=cpu_env())
         print(out.stdout)
         if out.returncode != 0:

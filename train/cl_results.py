@@ -7,32 +7,30 @@ from typing import Any
 
 import numpy as np
 
-
-def _mean_std(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+from crma_jax.train import stats
 
 
 def summarize(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
-    """Per condition, over seeds: each metric's mean, std and range, per-domain drift, final losses."""
+    """Per condition, over seeds: each metric's `crma_jax.train.stats.summary` (n, mean, sample
+    std, range), per-domain drift, final losses."""
     out = {}
     for cond, by_seed in results.items():
         runs = list(by_seed.values())
         drifts = np.asarray([r["drift"] for r in runs], np.float64)
         out[cond] = {
-            "acc": _mean_std([r["acc"] for r in runs]),
-            "bwt": _mean_std([r["bwt"] for r in runs]),
-            "fwt": _mean_std([r["fwt"] for r in runs]),
-            "mean_drift": _mean_std(drifts.mean(1).tolist()),
-            "agnostic_acc": _mean_std([r["agnostic"]["acc"] for r in runs]),
+            "acc": stats.summary([r["acc"] for r in runs]),
+            "bwt": stats.summary([r["bwt"] for r in runs]),
+            "fwt": stats.summary([r["fwt"] for r in runs]),
+            "mean_drift": stats.summary(drifts.mean(1).tolist()),
+            "agnostic_acc": stats.summary([r["agnostic"]["acc"] for r in runs]),
             "drift_mean": drifts.mean(0).tolist(),
-            "drift_std": drifts.std(0).tolist(),
+            "drift_std": stats.sample_std(drifts),
             "final_loss_mean": np.asarray([r["L"][-1] for r in runs], np.float64).mean(0).tolist(),
-            "wall_s": _mean_std([r["wall_s"] for r in runs]),
+            "wall_s": stats.summary([r["wall_s"] for r in runs]),
         }
         for toggle in ("crma_on", "crma_off"):
             if all(toggle in r.get("qa", {}) for r in runs):
-                out[cond][f"qa_{toggle}"] = _mean_std([r["qa"][toggle] for r in runs])
+                out[cond][f"qa_{toggle}"] = stats.summary([r["qa"][toggle] for r in runs])
     return out
 
 
@@ -47,18 +45,21 @@ def markdown_table(summary: dict[str, Any], names: list[str], seeds: list[int]) 
     """Per-domain drift and the transfer metrics per condition, mean ± std over seeds."""
     earlier = names[:-1]
     lines = [
-        f"Holdout loss after the last domain, mean ± std over seeds {seeds}. {METRICS_LEGEND}",
+        f"Holdout loss after the last domain, mean ± sample std (ddof 1; – for one seed) over the n = {len(seeds)} "
+        f"seeds {seeds}. {METRICS_LEGEND}",
         "",
         "| condition | " + " | ".join(f"drift {n}" for n in earlier) + " | mean drift | ACC | BWT | FWT | "
         "task-agnostic ACC | wall s |",
         "|---|" + "---|" * (len(earlier) + 6),
     ]
 
-    def pm(s: dict[str, float], scale: float = 1.0, fmt: str = ".4f") -> str:
-        return f"{scale * s['mean']:{fmt}} ± {scale * s['std']:{fmt.lstrip('+')}}"  # a std has no sign
+    def pm(s: dict[str, Any], scale: float = 1.0, fmt: str = ".4f") -> str:
+        std = "–" if s["std"] is None else f"{scale * s['std']:{fmt.lstrip('+')}}"  # a std has no sign
+        return f"{scale * s['mean']:{fmt}} ± {std}"
 
     for cond, s in summary.items():
-        cells = [f"{100 * m:+.2f}% ± {100 * sd:.2f}" for m, sd in zip(s["drift_mean"], s["drift_std"])]
+        cells = [f"{100 * m:+.2f}% ± " + ("–" if sd is None else f"{100 * sd:.2f}")
+                 for m, sd in zip(s["drift_mean"], s["drift_std"])]
         lines.append(f"| {cond.upper()} | " + " | ".join(cells) + f" | {pm(s['mean_drift'], 100, '+.2f')}% | "
                      f"{pm(s['acc'])} | {pm(s['bwt'], fmt='+.4f')} | {pm(s['fwt'], fmt='+.4f')} | "
                      f"{pm(s['agnostic_acc'])} | {s['wall_s']['mean']:.0f} |")

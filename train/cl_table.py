@@ -2,14 +2,16 @@
 
 Each row is one condition over its seeds, after the settings that differ between the runs (or
 those named with --settings). Runs with the same settings pool their seeds into one row, so a
-condition's seeds may come from several invocations; a seed found in two runs is kept once if
-both hold the same results, and is an error otherwise. The first table gives the transfer
-metrics as mean ± std [min, max] over seeds: mean drift, ACC, BWT, FWT, the task-agnostic ACC,
-(for routed methods) how often routing picked the right LoRA, and the minutes per sequence.
-The second gives the mean starting and final holdout losses per domain, and how far the CRMA
-substrate sat from the identity at init and after each domain (mean over layers of
-‖α(Mᵀ − I)‖_F) with the mean ‖h′ − h‖/‖h‖ it made on the holdout. Every number is read from RUN/results.json and
-RUN/config.yaml, so a table in RESULTS.md is the output of this command over the runs it names.
+condition's seeds may come from several invocations, provided every domain's documents are the
+same (their fingerprints in results.json agree; `check_same_documents`); a seed found in two
+runs is kept once if both hold the same results, and is an error otherwise. The first table
+gives the transfer metrics as mean ± sample std [min, max] over seeds (`crma_jax.train.stats`):
+mean drift, ACC, BWT, FWT, the task-agnostic ACC, (for routed methods) how often routing picked
+the right LoRA, and the minutes per sequence. The second gives the mean starting and final
+holdout losses per domain, and how far the CRMA substrate sat from the identity at init and
+after each domain (mean over layers of ‖α(Mᵀ − I)‖_F) with the mean ‖h′ − h‖/‖h‖ it made on the
+holdout. Every number is read from RUN/results.json and RUN/config.yaml, so a table in
+RESULTS.md is the output of this command over the runs it names.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from crma_jax.train.cl_results import METRICS_LEGEND
+from crma_jax.train.stats import paired_interval, spread
 from crma_jax.train.continual import CLConfig
 from crma_jax.train.run_dir import RESULT_NEUTRAL, read_config
 
@@ -52,13 +55,6 @@ def _substrate(runs: list[dict[str, Any]]) -> tuple[str, str]:
         return "–", "–"
     fmt = lambda v: "?" if v is None else f"{v:.2g}"  # noqa: E731 - local formatter
     return " → ".join(fmt(d) for d, _ in steps), " → ".join(fmt(h) for _, h in steps)
-
-
-def spread(values: Sequence[float], scale: float = 1.0, signed: bool = True, digits: int = 4) -> str:
-    """"mean ± std [min, max]" of `values` × `scale` (a std carries no sign)."""
-    a = scale * np.asarray(values, np.float64)
-    sign = "+" if signed else ""
-    return f"{a.mean():{sign}.{digits}f} ± {a.std():.{digits}f} [{a.min():{sign}.{digits}f}, {a.max():{sign}.{digits}f}]"
 
 
 def _routing(runs: list[dict[str, Any]]) -> str:
@@ -112,7 +108,9 @@ def _numbers(result: dict[str, Any]) -> str:
 
 def versus(row: Row, reference: Row | None, key: str) -> str:
     """Paired over the seeds both rows have: 100·(x − x_ref)/x_ref of a loss (`acc`, or the
-    task-agnostic `agnostic`), as mean ± std [min, max]; negative = lower loss than the reference."""
+    task-agnostic `agnostic`), as mean ± sample std [min, max], with n and, for n >= 2, the
+    95% Student-t confidence interval of the mean (`crma_jax.train.stats.paired_interval`);
+    negative = lower loss than the reference."""
     if reference is None:
         return "–"
     get = (lambda r: r["agnostic"]["acc"]) if key == "agnostic" else (lambda r: r[key])  # noqa: E731
@@ -120,7 +118,9 @@ def versus(row: Row, reference: Row | None, key: str) -> str:
     if not seeds:
         return "– (no common seed)"
     ratios = [get(row.by_seed[s]) / get(reference.by_seed[s]) - 1 for s in seeds]
-    return spread(ratios, 100, digits=2) + f" ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+    interval = paired_interval(ratios)
+    ci = "" if interval is None else f"; 95% CI [{100 * interval[0]:+.2f}, {100 * interval[1]:+.2f}]"
+    return spread(ratios, 100, digits=2) + f" ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}{ci})"
 
 
 def transfer_table(rows: Sequence[Row], shown: Sequence[str], against: str | None = None) -> str:
@@ -128,12 +128,14 @@ def transfer_table(rows: Sequence[Row], shown: Sequence[str], against: str | Non
     condition, also both ACCs relative to that condition's under the same settings, per seed."""
     head = [*shown, "condition", "seeds", "mean drift %", "ACC", "BWT", "FWT", "task-agnostic ACC",
             "routing accuracy", "wall min"]
-    legend = (f"Mean ± std [min, max] over seeds; mean drift over the earlier domains. {METRICS_LEGEND} Wall: "
+    legend = (f"Mean ± sample std (ddof 1; – for one seed) [min, max] over the n seeds of the seeds column; mean drift "
+              f"over the earlier domains. {METRICS_LEGEND} Wall: "
               "minutes per sequence (training, evaluation, checkpoints), mean over seeds.")
     if against:
         head += [f"ACC vs {against.upper()} %", f"task-agnostic ACC vs {against.upper()} %"]
         legend += (f" ACC vs {against.upper()}: per seed, (ACC − ACC of {against.upper()}) / ACC of {against.upper()} "
-                   "under the same settings and seed, over the seeds both have; negative = lower loss.")
+                   "under the same settings and seed, over the seeds both have, with the 95% Student-t confidence "
+                   "interval of the mean difference; negative = lower loss.")
     references = {_settings_key(row.config): row for row in rows if row.condition == against}
     lines = [legend, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry in rows:
@@ -165,7 +167,21 @@ def load(run_dirs: Sequence[Path]) -> tuple[list[str], list[dict[str, Any]], lis
     for payload, config in zip(payloads, configs):
         if payload["domains"] != names:
             raise ValueError(f"{config.get('out')}: domains {payload['domains']} differ from {names}")
+    check_same_documents(run_dirs, payloads)
     return names, configs, pool(payloads, configs)
+
+
+def check_same_documents(run_dirs: Sequence[Path], payloads: Sequence[dict[str, Any]]) -> None:
+    """ValueError naming both runs and the domain when two runs' domains are not the same
+    documents (their fingerprints differ; a run from before fingerprints has none)."""
+    first = payloads[0].get("fingerprints")
+    for run, payload in zip(run_dirs[1:], payloads[1:]):
+        prints = payload.get("fingerprints")
+        if prints == first:
+            continue
+        differ = [n for n in payloads[0]["domains"] if (first or {}).get(n) != (prints or {}).get(n)]
+        raise ValueError(f"{run_dirs[0]} and {run} trained on different documents (domain fingerprints differ: "
+                         f"{', '.join(differ)}); their results cannot be pooled")
 
 
 def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None, against: str | None = None) -> str:

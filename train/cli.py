@@ -16,9 +16,25 @@ from pathlib import Path
 from typing import Sequence
 
 from crma_jax.convert.hub import resolve_model_path
-from crma_jax.errors import CheckpointError
 
-BAD_INPUT = (CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, RuntimeError)
+# Exit 2 ("bad input", no traceback hint): a missing or existing path, an error class of the
+# project's own, or a ValueError / RuntimeError that the project's own code raised (its messages
+# name the flag, file or step). The same classes raised inside a library (jax's out-of-memory
+# JaxRuntimeError, a ValueError deep in numpy) are internal errors: exit 1 with the --debug hint.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError)
+RAISED_BY_US = (ValueError, RuntimeError)
+PACKAGES = ("crma_jax", "crma_jax.train", "crma_jax.convert")
+
+
+def is_bad_input(e: BaseException) -> bool:
+    """Whether `e` is the project's own report of bad input (see PATH_ERRORS above)."""
+    if isinstance(e, PATH_ERRORS) or type(e).__module__.split(".")[0] == "crma_jax":
+        return True
+    if not isinstance(e, RAISED_BY_US):
+        return False
+    frames = traceback.extract_tb(e.__traceback__)
+    roots = [Path(sys.modules[m].__file__).parent for m in PACKAGES if m in sys.modules]
+    return bool(frames) and any(Path(frames[-1].filename).is_relative_to(r) for r in roots)
 # `crma bench NAME`: each module has add_flags(parser) and run(args) -> exit status.
 BENCHMARKS = {
     "convert": ("crma_jax.train.bench_convert", "SmolLM2 load/convert time and peak RSS vs safetensors and transformers"),
@@ -265,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place that turns any error into an exit status
         if args.debug:
             traceback.print_exc()
-        known = isinstance(e, BAD_INPUT)
+        known = is_bad_input(e)
         hint = "" if args.debug else " (run again with --debug for the traceback)"
         print(f"{name}: error: {e}" if known else f"{name}: internal error: {type(e).__name__}: {e}{hint}",
               file=sys.stderr)

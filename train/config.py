@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Sequence
 import yaml
 
 from crma_jax.attention import IMPLEMENTATIONS
+from crma_jax.crma import CRMAConfig
 from crma_jax.distributed import Launch
 from crma_jax.model import REMAT_POLICIES
 
@@ -75,11 +76,11 @@ class TrainConfig:
     crma: bool = setting(True, "add the CRMA adapter after every decoder layer")
     crma_rank: int = setting(4, "CRMA streams n (rank of the mixed residual slice)")
     crma_iters: int = setting(20, "Sinkhorn iterations")
-    # The substrate's start and LRs were chosen by measurement (RESULTS.md, "Does the substrate
-    # learn?"): from 8·I with α = 0.5 it does not move in a short run; from 4·I with α = 0.12 it
-    # changes the function while the starting loss stays the base model's to 1e-3 nats.
-    crma_init_mix_logit: float = setting(4.0, "CRMA's log_mix starts at this times I (large: M ≈ I, the identity map)")
-    crma_init_gate: float = setting(-2.0, "CRMA's gate logit at init (α = sigmoid(gate))")
+    # The substrate's start is `CRMAConfig`'s, one default for the API and the CLI; the LRs were
+    # chosen by measurement (RESULTS.md, "Does the substrate learn?").
+    crma_init_mix_logit: float = setting(CRMAConfig.init_mix_logit, "CRMA's log_mix starts at this times I (large: "
+                                                                    "M ≈ I, the identity map)")
+    crma_init_gate: float = setting(CRMAConfig.init_gate, "CRMA's gate logit at init (α = sigmoid(gate))")
     lr_lora: float = setting(2e-4, "peak learning rate of the LoRA factors")
     lr_crma_mix: float = setting(1e-2, "peak learning rate of CRMA's read and log_mix")
     lr_crma_gate: float = setting(5e-2, "peak learning rate of CRMA's gate")
@@ -205,6 +206,27 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig,
             parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
 
+# What a YAML value of each field type may be: an int where a float is asked (1 means 1.0), never
+# a bool where a number is asked (YAML's `yes`), never a string where a number is (YAML 1.1 reads
+# `1e-3` as the string '1e-3').
+YAML_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_types(loaded: dict[str, Any], cls: type, path: Path) -> dict[str, Any]:
+    """`loaded` with each value checked against its field's type (an int given for a float
+    becomes a float); ValueError naming the file, the key, the value and the type wanted, raised
+    before anything (RUN) is claimed."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in loaded.items():
+        allowed = YAML_TYPES[kinds[key]]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            hint = " (YAML reads 1e-3 as a string: write 1.0e-3)" if kinds[key] == "float" and isinstance(value, str) else ""
+            raise ValueError(f"{path}: {key}: {value!r} is a {type(value).__name__}, not a {kinds[key]}{hint}")
+        out[key] = float(value) if kinds[key] == "float" else value
+    return out
+
+
 def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, flags: dict[str, Any] | None = None) -> Any:
     """defaults < YAML file (`--config`) < explicit flags (and `flags`, values from flags that do
     not map one to one onto a field, such as `crma cl --domain`)."""
@@ -220,7 +242,7 @@ def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, flags: d
         unknown = set(loaded) - {f.name for f in cli_fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
-        values.update(loaded)
+        values.update(check_types(loaded, cls, path))
     for f in cli_fields(cls):
         given = getattr(args, f.name, None)
         if given is not None:

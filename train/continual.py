@@ -6,6 +6,9 @@ hyper-parameters for all):
 - NAIVE:   one shared LoRA trained on every domain in turn;
 - FROZEN:  a fresh LoRA per domain, no shared state (forgets nothing by construction);
 - MODULAR: a fresh LoRA per domain on a shared CRMA substrate that keeps training;
+- FROZEN_SUBSTRATE: the paper's matched baseline: the substrate trains with the first domain's
+           LoRA, then stays frozen under a fresh LoRA per later domain;
+- ISOLATED: a fresh substrate and a fresh LoRA per domain, routed (nothing shared);
 - REPLAY:  NAIVE with a fraction of earlier domains' training rows mixed into each later domain;
 - EWC:     NAIVE with the diagonal-Fisher penalty λ/2·Σ F(θ − θ*)² of every earlier domain;
 - OLORA:   a fresh LoRA per domain beside the earlier ones (frozen, in the forward pass), with
@@ -16,10 +19,11 @@ hyper-parameters for all):
 
 After training domain i, the holdout loss L[i][j] of every domain j is measured over every
 token of its holdout (`crma_jax.evaluate`), with the task id (oracle): the method's
-`eval_lora` (domain j's own LoRA for FROZEN/MODULAR, a fresh one for a domain not trained yet;
-the one model for the others), on the substrate as it is now. From L and the starting model's
+`eval_lora` (domain j's own LoRA for the routed methods, a fresh one for a domain not trained yet;
+the one model for the others), on its substrate (`eval_crma`: the one as it is now; ISOLATED: the
+domain's own). From L and the starting model's
 losses come ACC, BWT, FWT and drift (`crma_jax.cl.transfer_metrics`). At the end every domain is
-also scored without the task id: FROZEN and MODULAR pick, per packed row, the LoRA with the
+also scored without the task id: the routed methods pick, per packed row, the LoRA with the
 lowest loss on the first k target tokens (automatic routing); the others are one model anyway.
 Both are scored on each row's later tokens only.
 
@@ -29,43 +33,41 @@ starts from the same factors (A0, B0), so each domain starts from exactly the ba
 Layout: RUN/<condition>/seed<s>/<domain>/ is an ordinary `crma train` run dir (resumable);
 RUN/<condition>/seed<s>/progress.json records finished domains and their L rows,
 RUN/<condition>/seed<s>/adapters/ the LoRA sets and substrate, and memory.safetensors what the
-method keeps (EWC's Fisher, O-LoRA's earlier LoRAs), after the last finished domain, so an
+method keeps (EWC's Fisher, O-LoRA's earlier LoRAs), substrates.safetensors each finished
+domain's substrate (ISOLATED evaluates each domain with its own), after the last finished domain, so an
 interrupted `crma cl --resume` restarts at the domain it stopped in.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from crma_jax import distributed
-from crma_jax.cl import METHODS, EWC, InfLoRA, Memory, Method, OLoRA, diagonal_fisher, replay, transfer_metrics
-from crma_jax.lora import LORA_INPUTS
+from crma_jax.cl import METHODS, EWC, FrozenSubstrate, InfLoRA, Memory, Method, OLoRA, replay, transfer_metrics
 from crma_jax.convert.adapter_files import load_adapters
 from crma_jax.crma import mix_displacement
-from crma_jax.data import DataSpec, PackedData, split_holdout
+from crma_jax.data import PackedData, split_holdout
 from crma_jax.domains import FACTS_PREFIX, is_builtin
-from crma_jax.evaluate import crma_effect, eval_batches, route
+from crma_jax.evaluate import crma_effect, route
 from crma_jax.facts import Fact, answer_questions, domain_facts, questions
+from crma_jax.train.cl_data import Domain, build_domains, check_fingerprints, mix_replay  # noqa: F401 - re-exported
 from crma_jax.train.cl_results import markdown_table, summarize
+from crma_jax.train.cl_stats import task_stats
 from crma_jax.train.config import TrainConfig, parse_seeds, setting
-from crma_jax.train.finetune import OnCheckpoint, Session, data_spec, evaluate_holdout, fresh_adapters, \
-    open_session, save_run_adapters, train
+from crma_jax.train.finetune import OnCheckpoint, Session, evaluate_holdout, fresh_adapters, open_session, \
+    save_run_adapters, train
 from crma_jax.train.run_dir import begin_run, commit, recover, write_config
-from crma_jax.train_step import forward_loss
 
 CONDITIONS = tuple(METHODS)
-Domain = tuple[PackedData, PackedData, DataSpec]  # (train, holdout, spec)
 
 
 @dataclasses.dataclass
@@ -84,7 +86,8 @@ class CLConfig(TrainConfig):
     replay_fraction: float = setting(0.1, "REPLAY: share of each later domain's training rows drawn from earlier "
                                           "domains (TRACE: 0.1)")
     ewc_lambda: float = setting(400.0, "EWC: λ of the penalty λ/2·Σ F(θ − θ*)² (TRACE: 400)")
-    fisher_batches: int = setting(16, "EWC and InfLoRA: training batches per domain for the diagonal Fisher and the "
+    fisher_batches: int = setting(16, "EWC and InfLoRA: training batches per domain, drawn shuffled from the whole "
+                                      "domain, for the diagonal Fisher (per-sequence squared gradients) and the "
                                       "inputs' Gram matrices")
     olora_lambda: float = setting(0.5, "O-LoRA: λ₁ of the orthogonality penalty λ₁·Σ|A_oldᵀ·A_new| (official: 0.5)")
     inflora_threshold: float = setting(0.97, "InfLoRA: share of each domain's input energy the subspace of earlier "
@@ -111,6 +114,9 @@ class CLConfig(TrainConfig):
         if not 0.0 < self.inflora_threshold < 1.0:
             raise ValueError(f"--inflora-threshold must be in (0, 1), got {self.inflora_threshold}")
         for cond in conds:
+            if isinstance(self.method(cond), FrozenSubstrate) and self.weight_decay:
+                raise ValueError(f"{cond} keeps the substrate fixed after the first domain, and --weight-decay "
+                                 f"{self.weight_decay} would still shrink it; run {cond} with --weight-decay 0")
             if isinstance(self.method(cond), OLoRA):  # O-LoRA and InfLoRA: one model, every domain's LoRA summed
                 if self.lora_init == "pissa":
                     raise ValueError(f"{cond} sums the domains' LoRAs, and with --lora-init pissa each one holds the "
@@ -137,69 +143,6 @@ METHOD_SETTINGS: dict[str, Callable[[CLConfig], Method]] = {
 }
 
 
-def drift(matrix: list[list[float | None]]) -> list[float]:
-    """drift_j = (L[K][j] − L[j][j]) / L[j][j] for every domain j before the last."""
-    last = len(matrix) - 1
-    return [(matrix[last][j] - matrix[j][j]) / matrix[j][j] for j in range(last)]
-
-
-def mix_replay(current: PackedData, earlier: list[PackedData], fraction: float, seed: int) -> PackedData:
-    """`current`'s rows plus rows drawn (without replacement where possible) from `earlier`, so
-    that they make up `fraction` of the result; the mix is shuffled by the training iterator."""
-    if not earlier or fraction <= 0:
-        return current
-    pool = {k: np.concatenate([getattr(d, k) for d in earlier]) for k in ("input_ids", "segment_ids", "positions",
-                                                                          "loss_mask")}
-    n_pool, n_extra = pool["input_ids"].shape[0], round(fraction / (1 - fraction) * current.num_rows)
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(n_pool, n_extra, replace=n_extra > n_pool)
-    return PackedData(**{k: np.concatenate([getattr(current, k), v[picked]]) for k, v in pool.items()})
-
-
-def task_stats(names: tuple[str, ...], session: Session, method: Method, lora: Any, memory: Memory,
-               data: PackedData, batches: int) -> dict[str, Any]:
-    """The statistics `names` ("fisher", "input_gram") of one domain's training data."""
-    return {name: TASK_STATS[name](session, method, lora, memory, data, batches) for name in names}
-
-
-def task_fisher(session: Session, method: Method, lora: Any, memory: Memory, data: PackedData, batches: int) -> Any:
-    """EWC's diagonal Fisher of `lora` on up to `batches` training batches of one domain."""
-    @jax.jit
-    def grad(l: Any, batch: Any) -> Any:
-        def mean_loss(x: Any) -> jax.Array:
-            total, (count, _) = forward_loss(session.model, {"params": session.frozen, "lora": x}, batch, None)
-            return total / jnp.maximum(count, 1.0)
-        return jax.grad(mean_loss)(l)
-
-    chosen = itertools.islice(eval_batches(data, session.cfg.batch_size), batches)
-    return diagonal_fisher(lambda p, b: grad(p, session.place(b)), lora, chosen)
-
-
-def task_input_grams(session: Session, method: Method, lora: Any, memory: Memory, data: PackedData,
-                     batches: int) -> Any:
-    """XᵀX of every LoRA target's inputs (L, in, in), summed over up to `batches` full training
-    batches of one domain, on the model the method trains (its forward LoRA on the base)."""
-    @jax.jit
-    def grams(forward: Any, batch: Any) -> Any:
-        _, state = session.model.apply({"params": session.frozen, "lora": forward}, batch["input_ids"],
-                                       positions=batch["positions"], segment_ids=batch["segment_ids"],
-                                       method="hidden", mutable=[LORA_INPUTS])
-        return jax.tree.map(lambda sown: sown[0], state[LORA_INPUTS], is_leaf=lambda x: isinstance(x, tuple))
-
-    full = (b for b in eval_batches(data, session.cfg.batch_size) if b["segment_ids"].any(axis=1).all())
-    total = None
-    for batch in itertools.islice(full, batches):
-        g = grams(method.forward_lora(lora, memory), session.place(batch))
-        total = g if total is None else jax.tree.map(jnp.add, total, g)
-    if total is None:
-        raise ValueError(f"no full batch of {session.cfg.batch_size} rows to measure the inputs on")
-    # {module: {proj: {"gram": G}}} -> {module: {proj: G}}, the layout of a LoRA set's pairs
-    return jax.tree.map(lambda node: node["gram"], total, is_leaf=lambda x: isinstance(x, dict) and "gram" in x)
-
-
-TASK_STATS = {"fisher": task_fisher, "input_gram": task_input_grams}
-
-
 def _save_memory(path: Path, memory: Memory) -> None:
     save_file({k: np.asarray(v) for k, v in traverse_util.flatten_dict(memory, sep="/").items()}, str(path))
 
@@ -224,10 +167,13 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
     root = Path(cfg.out) / name_of_method / f"seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
     progress_file, memory_file = root / "progress.json", root / "memory.safetensors"
+    substrates_file = root / "substrates.safetensors"
     names = list(domains)
     key = jax.random.PRNGKey(seed)
     fresh = [fresh_adapters(session, jax.random.fold_in(key, i))["lora"] for i in range(len(names))]
-    crma = fresh_adapters(session, key).get("crma") if method.crma else None  # the seed's substrate
+    initial = fresh_adapters(session, key).get("crma") if method.crma else None  # the seed's substrate
+    crma = initial
+    substrates: list[Any] = []  # each finished domain's substrate, for a method with one
     memory = method.init_memory(fresh[0], len(names))
     progress: dict[str, Any] = {"finished": [], "L": [], "substrate": [], "zclip": None}
     trained: list[Any] = []
@@ -242,13 +188,21 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         crma = saved.crma_params if method.crma else None
         if memory_file.exists():
             memory = _load_memory(memory_file)
+        if substrates_file.exists():
+            stored = _load_memory(substrates_file)
+            substrates = [stored[str(t)] for t in range(len(stored))]
 
-    def variables(lora: Any) -> dict[str, Any]:
-        return {"params": session.frozen, "lora": lora, **({"crma": crma} if method.crma else {})}
+    def substrate_of(j: int) -> Any:
+        """The substrate that domain j is evaluated with now (None without CRMA)."""
+        return method.eval_crma(substrates, crma, j, initial) if method.crma else None
+
+    def variables(lora: Any, substrate: Any = None) -> dict[str, Any]:
+        chosen = crma if substrate is None else substrate
+        return {"params": session.frozen, "lora": lora, **({"crma": chosen} if method.crma else {})}
 
     def loss_row() -> list[float]:
-        return [evaluate_holdout(session, variables(method.eval_lora(trained, memory, j, fresh[j])), domains[n][1])
-                for j, n in enumerate(names)]
+        return [evaluate_holdout(session, variables(method.eval_lora(trained, memory, j, fresh[j]), substrate_of(j)),
+                                 domains[n][1]) for j, n in enumerate(names)]
 
     def substrate(lora: Any, holdout: PackedData) -> dict[str, Any]:
         return {
@@ -257,7 +211,8 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         }
 
     if "base" not in progress:  # the starting model: every domain's loss before any training
-        progress["base"] = [evaluate_holdout(session, variables(fresh[j]), domains[n][1]) for j, n in enumerate(names)]
+        progress["base"] = [evaluate_holdout(session, variables(fresh[j], initial), domains[n][1])
+                            for j, n in enumerate(names)]
         if method.crma:  # where the substrate starts, on the first domain's holdout
             progress["substrate_init"] = substrate(fresh[0], domains[names[0]][1])
     for i, name in enumerate(names):
@@ -267,8 +222,11 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         start = fresh[i] if method.fresh_lora or not trained else trained[-1]
         train_rows, holdout, spec = domains[name]
         if method.stats_before:
-            stats = task_stats(method.stats_before, session, method, start, memory, train_rows, cfg.fisher_batches)
+            stats = task_stats(method.stats_before, session, method, start, memory, train_rows, cfg.fisher_batches,
+                               seed * 1000 + i)
             start = method.start(start, memory, stats)
+        if method.crma:
+            crma = method.start_crma(crma, initial)
         session.trainable = {"lora": start, **({"crma": crma} if method.crma else {})}
         earlier = [domains[n][0] for n in names[:i]]
         session.train_data = mix_replay(train_rows, earlier, method.replay, seed * 1000 + i)
@@ -280,7 +238,10 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         progress["zclip"] = [np.asarray(x).tolist() for x in session.zclip_state]  # JSON, resumable
         lora = session.trainable["lora"]
         crma = session.trainable.get("crma")
-        stats = task_stats(method.stats_after, session, method, lora, memory, train_rows, cfg.fisher_batches)
+        if method.crma:
+            substrates.append(crma)
+        stats = task_stats(method.stats_after, session, method, lora, memory, train_rows, cfg.fisher_batches,
+                           seed * 1000 + i)
         memory = method.remember(memory, lora, i, stats)
         trained.append(lora)
         progress["finished"].append(name)
@@ -294,6 +255,8 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
                                   {n: domains[n][2] for n in progress["finished"]})
                 if memory:
                     _save_memory(staging / memory_file.name, memory)
+                if substrates:
+                    _save_memory(staging / substrates_file.name, {str(t): c for t, c in enumerate(substrates)})
                 (staging / progress_file.name).write_text(json.dumps(progress, indent=2))
 
             # Adapters, memory and progress describe the same finished domains, or resume would
@@ -304,8 +267,8 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
                               "substrate_init": progress.get("substrate_init"),
                               **transfer_metrics(np.asarray(progress["L"]), np.asarray(progress["base"]))}
     t0 = time.perf_counter()
-    result["agnostic"] = agnostic_eval(cfg, method, session, names, domains, trained, memory, fresh, crma)
-    qa = qa_eval(cfg, method, session, names, domains, trained, memory, fresh, crma)
+    result["agnostic"] = agnostic_eval(cfg, method, session, names, domains, trained, memory, fresh, substrate_of)
+    qa = qa_eval(cfg, method, session, names, domains, trained, memory, fresh, substrate_of)
     if qa:
         result["qa"] = qa
     result["wall_s"] = progress.get("wall_s", 0.0) + time.perf_counter() - t0
@@ -322,7 +285,8 @@ def trained_facts(cfg: CLConfig, source: str) -> list[Fact]:
 
 
 def qa_eval(cfg: CLConfig, method: Method, session: Session, names: list[str], domains: dict[str, Domain],
-            trained: list[Any], memory: Memory, fresh: list[Any], crma: Any) -> dict[str, Any] | None:
+            trained: list[Any], memory: Memory, fresh: list[Any], substrate_of: Callable[[int], Any]
+            ) -> dict[str, Any] | None:
     """The CRMA-toggle QA benchmark on the facts domains among `names`: each trained fact asked
     in its held-out wording, greedy answer, exact match; with the task id, CRMA on and off on
     the same weights (off only for a method that trains CRMA). None without facts domains."""
@@ -337,7 +301,7 @@ def qa_eval(cfg: CLConfig, method: Method, session: Session, names: list[str], d
         if n not in asked:
             continue
         lora = method.eval_lora(trained, memory, j, fresh[j])
-        variables = {"params": session.frozen, "lora": lora, **({"crma": crma} if method.crma else {})}
+        variables = {"params": session.frozen, "lora": lora, **({"crma": substrate_of(j)} if method.crma else {})}
         per_domain[n] = {}
         for on in toggles:
             correct = answer_questions(session.model, variables, session.tokenizer, asked[n], crma_enabled=on,
@@ -350,20 +314,23 @@ def qa_eval(cfg: CLConfig, method: Method, session: Session, names: list[str], d
 
 
 def agnostic_eval(cfg: CLConfig, method: Method, session: Session, names: list[str], domains: dict[str, Domain],
-                  trained: list[Any], memory: Memory, fresh: list[Any], crma: Any) -> dict[str, Any]:
+                  trained: list[Any], memory: Memory, fresh: list[Any], substrate_of: Callable[[int], Any]
+                  ) -> dict[str, Any]:
     """Every domain scored without its task id, on each row's tokens after the first
     `routing_tokens` targets: routed methods pick a LoRA per row by the loss on those first
-    tokens, the others are one model. `oracle_loss` is the task-id model on the same tokens."""
-    shared = {"crma": crma} if method.crma else None
+    tokens, the others are one model. `oracle_loss` is the task-id model on the same tokens.
+    Each domain's LoRA routes with its own substrate (`substrate_of`: ISOLATED's differ)."""
     if method.routed:
         sets = dict(zip(names, trained))
+        per_set = {n: {"crma": substrate_of(j)} for j, n in enumerate(names)} if method.crma else None
     else:
         sets = {"model": method.eval_lora(trained, memory, None, fresh[0])}
+        per_set = {"model": {"crma": substrate_of(len(names) - 1)}} if method.crma else None
     out: dict[str, Any] = {"prefix_tokens": cfg.routing_tokens, "routed": method.routed, "loss": [], "oracle_loss": [],
                            "scored_tokens": [], "accuracy": {}}
     for n in names:
         r = route(session.model, session.frozen, sets, domains[n][1], n if method.routed else "model", cfg.batch_size,
-                  cfg.routing_tokens, shared=shared, place=session.place)
+                  cfg.routing_tokens, per_set=per_set, place=session.place)
         out["loss"].append(r.routed.loss)
         out["oracle_loss"].append(r.oracle.loss)
         out["scored_tokens"].append(r.routed.tokens)
@@ -390,6 +357,7 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
     writer = distributed.is_writer()
     results: dict[str, dict[int, dict[str, Any]]] = {}
     domains: dict[str, Domain] | None = None
+    fingerprints: dict[str, Any] = {}
     sessions: dict[bool, Session] = {}
     for cond in conditions:
         # The methods without CRMA share one session, those with it another: all seeds and
@@ -399,17 +367,17 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
             sessions[with_crma] = open_session(dataclasses.replace(cfg, crma=with_crma), load_data=False)
         session = sessions[with_crma]
         if domains is None:
-            # One split for every condition and seed: the holdout never depends on the seed.
-            domains = {}
-            for n, src in sources.items():
-                spec = data_spec(cfg, source=src, split_seed=0)
-                domains[n] = (*spec.build(session.tokenizer), spec)
+            domains, fingerprints = build_domains(cfg, sources, session.tokenizer)
+            check_fingerprints(out, fingerprints)
             write_config(out, cfg)  # model and data loaded: the run directory is claimed
+            if writer:
+                (out / "fingerprints.json").write_text(json.dumps(fingerprints, indent=2))
         for seed in seeds:
             results.setdefault(cond, {})[seed] = run_sequence(cfg, cond, seed, domains, session, on_checkpoint)
     names = list(sources)
     summary = summarize(results)
-    payload = {"domains": names, "conditions": conditions, "seeds": seeds, "results": results, "summary": summary}
+    payload = {"domains": names, "conditions": conditions, "seeds": seeds, "fingerprints": fingerprints,
+               "results": results, "summary": summary}
     if writer:
         (out / "results.json").write_text(json.dumps(payload, indent=2))
         (out / "results.md").write_text(markdown_table(summary, names, seeds))

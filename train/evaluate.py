@@ -29,8 +29,9 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
                    help="which part of the data to score (default: %(default)s)")
     p.add_argument("--seq-len", type=int, help="tokens per row with --data (default: the run's, else 256)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per forward pass (default: %(default)s)")
-    p.add_argument("--split-seed", type=int, default=0,
-                   help="with --data: seed of the document-level split (default: %(default)s)")
+    p.add_argument("--split-seed", type=int,
+                   help="with --data: seed of the document-level split (default: a run's own split seed, so that "
+                        "its holdout holds no training document; for a model, 0)")
     add_config_flags(p, TrainConfig, only=DATA_SETTINGS)  # with --data: how its records are read
 
 
@@ -38,8 +39,9 @@ def eval_spec(args: argparse.Namespace, set_name: str | None) -> DataSpec:
     """The data spec to score: `--data` with its flags, else the run's recorded spec for the set."""
     recorded = load_adapters(args.model).data.get(set_name or "", {}) if is_run(args.model) else {}
     if args.data:
+        seed = args.split_seed if args.split_seed is not None else recorded.get("split_seed", 0)
         cfg = config_from_args(args, TrainConfig, {"data": args.data, "seq_len": args.seq_len or recorded.get("seq_len")
-                                                   or 256, "seed": args.split_seed})
+                                                   or 256, "seed": seed})
         return data_spec(cfg)
     if not is_run(args.model):
         raise ValueError(f"{args.model}: --data is required for a model (only a run directory knows its data)")

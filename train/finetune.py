@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crma_jax import CRMAConfig, LoraConfig, distributed, load_pretrained, param_labels
-from crma_jax.adapters import init_adapters, store_as_bits
+from crma_jax.adapters import TRAINABLE, init_adapters, store_as_bits
 from crma_jax.cl import Memory, Method
 from crma_jax.convert.adapter_files import Adapters, BaseSpec, save_adapters
 from crma_jax.convert.hub import resolve_model_path
@@ -39,7 +39,6 @@ from crma_jax.train.metrics import MetricsWriter
 from crma_jax.train.run_dir import begin_run, settings_of, write_config
 from crma_jax.train_step import BATCH_KEYS, batch_sharding, jit_train_step, make_train_step
 
-TRAINABLE = ("lora", "crma")
 # Called right after a checkpoint save of `step` has started (Orbax saves asynchronously; call
 # `manager.wait_until_finished()` for the committed checkpoint). Tests inject faults here.
 OnCheckpoint = Callable[[int, Any], None]
@@ -175,7 +174,14 @@ def compile_step(cfg: TrainConfig, session: Session, optimizer: Any, method: Met
         return fn.lower(trainable, opt_state, frozen, batch, rng, memory).compile()
 
     policies = REMAT_BY_SPEED if cfg.remat == "auto" else (cfg.remat,)
-    choice = fastest_fitting(compile_for, free_bytes(session.mesh.devices.flat), policies)
+    # Each process measures only the devices it owns; all then plan for the least free memory of
+    # any, and take process 0's pick, so that every process compiles the same SPMD program.
+    mine = [d for d in session.mesh.devices.flat if d.process_index == jax.process_index()]
+    budget = min(distributed.gather(free_bytes(mine) >> 20)) << 20
+    choice = fastest_fitting(compile_for, budget, policies)
+    agreed = policies[distributed.gather(policies.index(choice.policy))[0]]
+    if agreed != choice.policy:
+        choice = fastest_fitting(compile_for, budget, (agreed,))
     return choice.compiled, shardings, choice
 
 
@@ -250,6 +256,9 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
                    f"devices here, mesh {dict(session.mesh.shape)}", file=sys.stderr)
     trainable, frozen = session.trainable, session.frozen
     memory = memory or {}
+    remat_file = run / "remat.json"  # the policy --remat auto chose: a resumed run keeps it
+    if cfg.remat == "auto" and cfg.resume and remat_file.exists():
+        cfg = dataclasses.replace(cfg, remat=json.loads(remat_file.read_text())["policy"])
     key = repr((dataclasses.replace(cfg, out="", data="", resume=False, seed=0), method, jax.tree.structure(trainable),
                 jax.tree.map(jnp.shape, memory)))
     if key not in session.compiled:
@@ -259,6 +268,8 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
         if cfg.remat == "auto" or not choice.fits:
             tqdm.write(f"{log_prefix}: {choice.describe()}", file=sys.stderr)
     optimizer, step_fn, shardings, choice = session.compiled[key]
+    if writer:
+        remat_file.write_text(json.dumps({"policy": choice.policy}))
     memory = jax.device_put(memory, shardings["memory"])
     place = jax.jit(lambda tree: tree, out_shardings=(shardings["trainable"], shardings["opt_state"], shardings["rng"]))
     # Fresh buffers on the step's own shardings (an identity jit types them exactly like the
@@ -296,7 +307,7 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     interrupted, restore_sigint = defer_sigint()
     try:
         while step < cfg.steps:
-            if interrupted:
+            if distributed.any_process(bool(interrupted)):  # all processes stop at the same step
                 raise KeyboardInterrupt
             batch = distributed.global_batch(next(data), shardings["batch"], cfg.batch_size)
             rng, sub = jax.random.split(rng)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -69,6 +69,13 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 __all__: Sequence[str] = ("plot_run", "plot_overlay", "plot_continual")
 
 
+def _bars(stds: list[float | None]) -> Any:
+    """Error bars of sample stds; none (0) where one seed leaves the std undefined (None)."""
+    import numpy as np
+
+    return np.asarray([0.0 if v is None else v for v in stds], np.float64)
+
+
 def plot_continual(payload: dict, out: Path) -> list[Path]:
     """heatmap.png (seed-mean L[i][j] per condition), drift.png (drift per domain, ± std),
     transfer.png (ACC with and without the task id, BWT per condition) and, when a condition
@@ -95,7 +102,7 @@ def plot_continual(payload: dict, out: Path) -> list[Path]:
     width = 0.8 / len(conds)
     for k, cond in enumerate(conds):
         x = np.arange(len(earlier)) + k * width
-        ax.bar(x, 100 * np.asarray(summary[cond]["drift_mean"]), width, yerr=100 * np.asarray(summary[cond]["drift_std"]),
+        ax.bar(x, 100 * np.asarray(summary[cond]["drift_mean"]), width, yerr=100 * _bars(summary[cond]["drift_std"]),
                label=cond.upper(), capsize=3)
     ax.axhline(0, color="k", lw=0.8)
     ax.set(xticks=np.arange(len(earlier)) + width * (len(conds) - 1) / 2, xticklabels=earlier,
@@ -108,7 +115,7 @@ def plot_continual(payload: dict, out: Path) -> list[Path]:
     for ax, (key, label) in zip(axes, [("acc", "ACC: mean final loss (task id)"),
                                        ("agnostic_acc", "ACC without task id"),
                                        ("bwt", "BWT (negative = forgetting)")]):
-        means, stds = [summary[c][key]["mean"] for c in conds], [summary[c][key]["std"] for c in conds]
+        means, stds = [summary[c][key]["mean"] for c in conds], _bars([summary[c][key]["std"] for c in conds])
         if key == "bwt":
             ax.bar(x, means, yerr=stds, capsize=3)
         else:  # losses differ by a few percent: points on a zoomed axis, not bars from 0

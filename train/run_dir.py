@@ -8,14 +8,13 @@ error names every key that differs.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from crma_jax import distributed
+from crma_jax.atomic import COMMITTED, STAGING, commit, recover  # noqa: F401 - re-exported (`crma cl`)
 
 CONFIG_FILE = "config.yaml"
 # Settings that change where and how a run is written or logged, never what it computes.
@@ -97,35 +96,3 @@ def read_config(run: str | Path, config_type: type | None = None) -> dict[str, A
     return {**defaults(config_type), **saved} if config_type is not None else saved
 
 
-STAGING, COMMITTED = ".commit-staging", ".commit-ready"
-
-
-def commit(root: str | Path, write: Callable[[Path], None]) -> None:
-    """Replace several entries of `root` as one: `write(staging)` writes the new entries (files or
-    directories) into an empty staging directory, one rename commits them, and they are then
-    moved into place. Killed at any point, `root` holds the old entries, or the new ones once
-    `recover` has run, never a mix."""
-    root = Path(root)
-    staging = root / STAGING
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    write(staging)
-    os.rename(staging, root / COMMITTED)  # the commit point
-    recover(root)
-
-
-def recover(root: str | Path) -> None:
-    """Finish an interrupted `commit` in `root`: move a committed one into place (again, if it
-    was cut short), drop one that never committed. Does nothing when none was interrupted."""
-    root = Path(root)
-    ready = root / COMMITTED
-    if ready.is_dir():
-        for entry in sorted(ready.iterdir()):
-            target = root / entry.name
-            if entry.is_dir() and target.exists():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-        ready.rmdir()
-    if (root / STAGING).exists():
-        shutil.rmtree(root / STAGING)

@@ -1,0 +1,46 @@
+"""Atomic replacement of files and directories: a kill at any point leaves the old version or
+the new one, never a mix and never neither.
+
+`commit(root, write)`: `write(staging)` writes the new entries (files or directories) into an
+empty staging directory inside `root`; one rename commits them; they are then moved into place,
+replacing the old ones. `recover(root)` finishes a commit that a kill cut short (moving the
+committed entries into place) or drops one that never committed; `commit` and every reader that
+needs the entries (`crma_jax.convert.adapter_files.load_adapters`) call it first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+STAGING, COMMITTED = ".commit-staging", ".commit-ready"
+
+
+def commit(root: str | Path, write: Callable[[Path], None]) -> None:
+    """Replace the entries that `write(staging)` writes, in `root`, as one (module docstring)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    recover(root)
+    staging = root / STAGING
+    staging.mkdir()
+    write(staging)
+    os.rename(staging, root / COMMITTED)  # the commit point
+    recover(root)
+
+
+def recover(root: str | Path) -> None:
+    """Finish an interrupted `commit` in `root`: move a committed one into place (again, if it
+    was cut short), drop one that never committed. Does nothing when none was interrupted."""
+    root = Path(root)
+    ready = root / COMMITTED
+    if ready.is_dir():
+        for entry in sorted(ready.iterdir()):
+            target = root / entry.name
+            if entry.is_dir() and target.exists():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        ready.rmdir()
+    if (root / STAGING).exists():
+        shutil.rmtree(root / STAGING)
