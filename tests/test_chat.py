@@ -56,7 +56,10 @@ def test_masked_tokens_are_exactly_the_assistant_turns(smol_tok, messages):
 @pytest.mark.slow
 def test_chat_jsonl_packs_with_assistant_targets_and_no_extra_eos_target(smol_tok, tmp_path):
     path = tmp_path / "chat.jsonl"
-    path.write_text("".join(json.dumps({"conv": m}) + "\n" for m in CONVERSATIONS * 5))
+    # Ten distinct conversations: the data path drops exact duplicates before packing.
+    convs = [[dict(t, content=f"{t['content']} ({i})") if t["role"] == "user" else t for t in m]
+             for i in range(5) for m in CONVERSATIONS]
+    path.write_text("".join(json.dumps({"conv": m}) + "\n" for m in convs))
     spec = DataSpec(str(path), seq_len=64, messages_field="conv", holdout_fraction=0.2)
     train, holdout = spec.build(smol_tok, vocab_size=49152)
     docs = tokenize_records(spec.records(), smol_tok)
