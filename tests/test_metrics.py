@@ -81,3 +81,32 @@ def test_report_to_is_checked():
     assert main(["train", "--report-to", "mlflow", "--steps", "20"]) == 2
     assert main(["train", "--report-to", "none,wandb", "--steps", "20"]) == 2
     assert main(["train", "--report-to", "wandb, none", "--steps", "20"]) == 2  # spaces change nothing
+
+
+def test_a_cut_or_overwritten_line_is_skipped_and_named_and_appending_starts_a_fresh_line(tmp_path, capsys):
+    from crma_jax.train.metrics import logged_steps, require_nothing_lost
+
+    writer = MetricsWriter(tmp_path, trackers=())
+    for r in RECORDS[:2]:
+        writer.write(r)
+    writer.close()
+    path = tmp_path / "metrics.jsonl"
+    # A crash in the middle of step 3's line, then a race that wrote NUL bytes after it.
+    cut = b'{"step": 3, "loss": 1.' + b"\x00" * 40
+    path.write_bytes(path.read_bytes() + cut)
+    assert read_metrics(tmp_path) == RECORDS[:2]
+    assert "metrics.jsonl: line 3 unreadable" in capsys.readouterr().err
+    writer = MetricsWriter(tmp_path, trackers=(), append=True)  # a resume from step 2's checkpoint
+    assert f"dropped {len(cut)} unreadable bytes" in capsys.readouterr().err
+    writer.write(RECORDS[2])
+    writer.close()
+    assert read_metrics(tmp_path) == RECORDS
+    assert capsys.readouterr().err == ""  # the log is whole again
+    # A damaged line in the middle is skipped; the lines after it still count.
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + b"\x00\x00garbage\n" + b"".join(lines[1:]))
+    assert logged_steps(tmp_path) == 3
+    assert "line 2 unreadable" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="records 3 steps of an earlier attempt"):
+        require_nothing_lost(tmp_path)
+    require_nothing_lost(tmp_path / "absent")  # nothing logged, nothing lost

@@ -85,3 +85,35 @@ def test_commit_replaces_entries_as_one_and_recover_finishes_or_drops_a_cut_one(
     recover(root)
     assert _state(root) == {"adapters/meta.json": "2", "keep.txt": "other", "progress.json": "2"}
     assert not (root / COMMITTED).exists() and not (root / STAGING).exists()
+
+
+def test_one_writer_per_run_directory_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from crma_jax.train.run_dir import LOCK_FILE, RunInUse, RunLock
+
+    run = tmp_path / "run"
+    first = RunLock.acquire(run)
+    # flock belongs to the open file: a second acquire fails even from the same process.
+    with pytest.raises(RunInUse, match=rf"run: in use by PID {os.getpid()} on .*; wait for that run to end"):
+        RunLock.acquire(run)
+    check_run_dir(run, TrainConfig(), resume=False)  # the lock file alone does not make a run
+    first.release()
+    assert not run.exists()  # created by the lock and nothing else written: no trace left
+    first.release()  # idempotent
+
+    # A holder that dies keeps its note in the file; the kernel drops its lock, so it is taken over.
+    run.mkdir()
+    code = ("import sys, os; from crma_jax.train.run_dir import RunLock; RunLock.acquire(sys.argv[1]); "
+            "os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, str(run)], check=True)
+    assert (run / LOCK_FILE).read_text().startswith("PID ")
+    lock = RunLock.acquire(run)
+    assert "ended without releasing it" in capsys.readouterr().err
+    (run / "config.yaml").write_text("{}")
+    lock.release()
+    assert (run / LOCK_FILE).read_text() == ""  # a clean release: the next holder says nothing
+    RunLock.acquire(run).release()
+    assert "without releasing" not in capsys.readouterr().err

@@ -21,7 +21,8 @@ from crma_jax.train import stats
 from crma_jax.train.config import TrainConfig, parse_seeds, setting
 from crma_jax.train.finetune import Session, fresh_adapters, open_session, train
 from crma_jax.train.plots import plot_overlay
-from crma_jax.train.run_dir import begin_run, write_config
+from crma_jax.train import stops
+from crma_jax.train.run_dir import claim_run, write_config
 
 ARMS = {  # name -> (crma, zclip)
     "crma+zclip": (True, True),
@@ -46,26 +47,26 @@ def run_ablation(cfg: AblateConfig, arms: dict[str, tuple[bool, bool]] = ARMS) -
     seeds = parse_seeds(cfg.seeds)
     out = Path(cfg.out)
     cfg.validate()
-    begin_run(out, cfg, cfg.resume, cfg.launch)
-    runs: dict[str, dict[int, Any]] = {name: {} for name in arms}
-    sessions: dict[bool, Session] = {}
-    for seed in seeds:
-        for name, (crma, zclip) in arms.items():
-            arm_cfg = dataclasses.replace(cfg, out=str(out / name / f"seed{seed}"), crma=crma, zclip=zclip, seed=seed)
-            if crma not in sessions:
-                sessions[crma] = open_session(dataclasses.replace(arm_cfg, seed=0))
-                write_config(out, cfg)  # model and data loaded: the run directory is claimed
-            session = sessions[crma]
-            session.trainable = fresh_adapters(session, jax.random.PRNGKey(seed))
-            runs[name][seed] = train(arm_cfg, session, log_prefix=f"ablate {name} s{seed}")
-    payload = {"seeds": seeds, "runs": runs, "summary": summarize(runs)}
-    if distributed.is_writer():
-        (out / "ablation.json").write_text(json.dumps(payload, indent=2))
-        (out / "ablation.md").write_text(ablation_table(payload["summary"], cfg, seeds))
-        plot_overlay({n: out / n / f"seed{seeds[0]}" for n in arms}, "grad_norm", out / "grad_norm_overlay.png",
-                     f"Gradient norm by arm (seed {seeds[0]})")
-    distributed.sync(f"finished {out}")
-    return payload
+    with stops.deferred(), claim_run(out, cfg, cfg.resume, cfg.launch):
+        runs: dict[str, dict[int, Any]] = {name: {} for name in arms}
+        sessions: dict[bool, Session] = {}
+        for seed in seeds:
+            for name, (crma, zclip) in arms.items():
+                arm_cfg = dataclasses.replace(cfg, out=str(out / name / f"seed{seed}"), crma=crma, zclip=zclip, seed=seed)
+                if crma not in sessions:
+                    sessions[crma] = open_session(dataclasses.replace(arm_cfg, seed=0))
+                    write_config(out, cfg)  # model and data loaded: the run directory is claimed
+                session = sessions[crma]
+                session.trainable = fresh_adapters(session, jax.random.PRNGKey(seed))
+                runs[name][seed] = train(arm_cfg, session, log_prefix=f"ablate {name} s{seed}")
+        payload = {"seeds": seeds, "runs": runs, "summary": summarize(runs)}
+        if distributed.is_writer():
+            (out / "ablation.json").write_text(json.dumps(payload, indent=2))
+            (out / "ablation.md").write_text(ablation_table(payload["summary"], cfg, seeds))
+            plot_overlay({n: out / n / f"seed{seeds[0]}" for n in arms}, "grad_norm", out / "grad_norm_overlay.png",
+                         f"Gradient norm by arm (seed {seeds[0]})")
+        distributed.sync(f"finished {out}")
+        return payload
 
 
 def summarize(runs: dict[str, dict[int, Any]]) -> dict[str, dict[str, dict[str, Any] | None]]:

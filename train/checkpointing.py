@@ -3,16 +3,24 @@
 A checkpoint holds the trainable adapters, the optimizer state (ZClip statistics included) and
 the RNG as one pytree, plus JSON metadata: the step and the data iterator's position. Orbax
 writes each step into a temporary directory and renames it when complete, so a crash during a
-save leaves the previous checkpoint as the latest loadable one.
+save leaves the previous checkpoint as the latest loadable one. A checkpoint damaged some other
+way (a truncated file, garbage metadata) is moved aside by `restore_latest`, which then falls back
+to the one before.
 """
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from crma_jax import distributed
+
+ASIDE = "checkpoints.unreadable"  # RUN/ASIDE/<step>: checkpoints that failed to restore, kept
 
 
 def checkpoint_manager(run_dir: Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -35,3 +43,31 @@ def restore_state(mngr: ocp.CheckpointManager, like: Any, step: int | None = Non
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
     )
     return step, restored["state"], restored["meta"]
+
+
+def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, meta) of the newest checkpoint that restores, or None when none does (or
+    there is none). A checkpoint that fails is reported by path, with its error's first line, and
+    moved to RUN/checkpoints.unreadable/<step> (kept, never deleted, and out of Orbax's sight).
+    In a multi-process run every process tries each step, and a failure in any one counts for all.
+    """
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            restored: tuple[int, Any, dict[str, Any]] | None = restore_state(mngr, like, step)
+            error = ""
+        except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint: Orbax, TensorStore, JSON
+            restored, error = None, (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if not distributed.any_process(restored is None):
+            return restored
+        path = Path(mngr.directory) / str(step)
+        aside = Path(mngr.directory).parent / ASIDE / str(step)
+        if distributed.is_writer():
+            aside.parent.mkdir(exist_ok=True)
+            if aside.exists():  # an earlier one of the same step: keep both
+                aside = aside.with_name(f"{step}.{len(list(aside.parent.glob(f'{step}*')))}")
+            shutil.move(path, aside)
+            print(f"{path}: checkpoint of step {step} does not restore ({error or 'failed in another process'}); "
+                  f"moved to {aside}, falling back to the one before", file=sys.stderr, flush=True)
+        distributed.sync(f"moved checkpoint {step} aside")
+        mngr.reload()
+    return None

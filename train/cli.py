@@ -2,7 +2,8 @@
 
 Errors: bad input (a missing file, a bad setting, a corrupt checkpoint) prints one line naming
 the culprit and exits with 2; any other error prints one line and exits with 1; `--debug`
-prints the traceback as well. Ctrl-C exits with 130.
+prints the traceback as well. A stop signal (Ctrl-C, SIGTERM, SIGUSR1) during training saves a
+checkpoint at the next step boundary and exits with 128 + its number: 130, 143, 138 (`stops`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from crma_jax.convert.hub import resolve_model_path
+from crma_jax.train.stops import Stopped
 
 # Exit 2 ("bad input", no traceback hint): a missing or existing path, an error class of the
 # project's own, or a ValueError / RuntimeError that the project's own code raised (its messages
@@ -278,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Stopped as e:  # a stop signal, taken at a step boundary after saving
+        print(f"{name}: {e}", file=sys.stderr)
+        return e.exit_status
     except Exception as e:  # noqa: BLE001 - the one place that turns any error into an exit status
         if args.debug:
             traceback.print_exc()

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -65,7 +67,8 @@ from crma_jax.train.cl_stats import task_stats
 from crma_jax.train.config import TrainConfig, parse_seeds, setting
 from crma_jax.train.finetune import OnCheckpoint, Session, evaluate_holdout, fresh_adapters, open_session, \
     save_run_adapters, train
-from crma_jax.train.run_dir import begin_run, commit, recover, write_config
+from crma_jax.train import stops
+from crma_jax.train.run_dir import claim_run, commit, recover, write_config
 
 CONDITIONS = tuple(METHODS)
 
@@ -232,6 +235,9 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         session.train_data = mix_replay(train_rows, earlier, method.replay, seed * 1000 + i)
         session.holdout, session.data_spec = holdout, spec
         step_cfg = dataclasses.replace(cfg, out=str(root / name), data=spec.source, seed=seed, crma=method.crma)
+        if cfg.resume and distributed.is_writer():
+            restart_uncheckpointed(root / name)
+        distributed.sync(f"looked at {root / name}")
         carried = progress.get("zclip") if cfg.zclip_across_domains else None
         train(step_cfg, session, log_prefix=f"{name_of_method} s{seed} {name}", on_checkpoint=on_checkpoint,
               data_name=name, method=method, memory=memory, zclip_from=carried)
@@ -340,6 +346,15 @@ def agnostic_eval(cfg: CLConfig, method: Method, session: Session, names: list[s
     return out
 
 
+def restart_uncheckpointed(run: Path) -> None:
+    """Remove the run directory of a domain that was cut short before its first checkpoint, saying
+    so: `crma cl --resume` trains that domain again from its start (its steps are not counted
+    anywhere: only a domain's finished run enters the results)."""
+    if run.is_dir() and not any((run / "checkpoints").glob("[0-9]*")):
+        print(f"{run}: cut short before its first checkpoint; training this domain again", file=sys.stderr)
+        shutil.rmtree(run)
+
+
 def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
     """Every condition x seed over the domains; writes results.json/.md and the plots.
 
@@ -353,35 +368,35 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
     seeds = parse_seeds(cfg.seeds)
     out = Path(cfg.out)
     cfg.validate()
-    begin_run(out, cfg, cfg.resume, cfg.launch)
-    writer = distributed.is_writer()
-    results: dict[str, dict[int, dict[str, Any]]] = {}
-    domains: dict[str, Domain] | None = None
-    fingerprints: dict[str, Any] = {}
-    sessions: dict[bool, Session] = {}
-    for cond in conditions:
-        # The methods without CRMA share one session, those with it another: all seeds and
-        # domains reuse the loaded base and the compiled steps.
-        with_crma = cfg.method(cond).crma
-        if with_crma not in sessions:
-            sessions[with_crma] = open_session(dataclasses.replace(cfg, crma=with_crma), load_data=False)
-        session = sessions[with_crma]
-        if domains is None:
-            domains, fingerprints = build_domains(cfg, sources, session.tokenizer)
-            check_fingerprints(out, fingerprints)
-            write_config(out, cfg)  # model and data loaded: the run directory is claimed
-            if writer:
-                (out / "fingerprints.json").write_text(json.dumps(fingerprints, indent=2))
-        for seed in seeds:
-            results.setdefault(cond, {})[seed] = run_sequence(cfg, cond, seed, domains, session, on_checkpoint)
-    names = list(sources)
-    summary = summarize(results)
-    payload = {"domains": names, "conditions": conditions, "seeds": seeds, "fingerprints": fingerprints,
-               "results": results, "summary": summary}
-    if writer:
-        (out / "results.json").write_text(json.dumps(payload, indent=2))
-        (out / "results.md").write_text(markdown_table(summary, names, seeds))
-        if cfg.plots:
-            plot_continual(payload, out)
-    distributed.sync(f"finished {out}")
+    with stops.deferred(), claim_run(out, cfg, cfg.resume, cfg.launch):
+        writer = distributed.is_writer()
+        results: dict[str, dict[int, dict[str, Any]]] = {}
+        domains: dict[str, Domain] | None = None
+        fingerprints: dict[str, Any] = {}
+        sessions: dict[bool, Session] = {}
+        for cond in conditions:
+            # The methods without CRMA share one session, those with it another: all seeds and
+            # domains reuse the loaded base and the compiled steps.
+            with_crma = cfg.method(cond).crma
+            if with_crma not in sessions:
+                sessions[with_crma] = open_session(dataclasses.replace(cfg, crma=with_crma), load_data=False)
+            session = sessions[with_crma]
+            if domains is None:
+                domains, fingerprints = build_domains(cfg, sources, session.tokenizer)
+                check_fingerprints(out, fingerprints)
+                write_config(out, cfg)  # model and data loaded: the run directory is claimed
+                if writer:
+                    (out / "fingerprints.json").write_text(json.dumps(fingerprints, indent=2))
+            for seed in seeds:
+                results.setdefault(cond, {})[seed] = run_sequence(cfg, cond, seed, domains, session, on_checkpoint)
+        names = list(sources)
+        summary = summarize(results)
+        payload = {"domains": names, "conditions": conditions, "seeds": seeds, "fingerprints": fingerprints,
+                   "results": results, "summary": summary}
+        if writer:
+            (out / "results.json").write_text(json.dumps(payload, indent=2))
+            (out / "results.md").write_text(markdown_table(summary, names, seeds))
+            if cfg.plots:
+                plot_continual(payload, out)
+        distributed.sync(f"finished {out}")
     return payload

@@ -2,17 +2,15 @@
 
 RUN/ receives: config.yaml (the effective config), metrics.jsonl (one object per step),
 tb/ (TensorBoard events), checkpoints/ (Orbax, the last K), plots (PNG) and summary.json.
-`--resume` continues from the latest checkpoint exactly (same data order, RNG and optimizer
-state); Ctrl-C saves a checkpoint before exiting.
+`--resume` continues from the latest checkpoint that restores, exactly (same data order, RNG and
+optimizer state); Ctrl-C, SIGTERM and SIGUSR1 save a checkpoint before exiting (`stops`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,10 +31,11 @@ from crma_jax.memory_plan import REMAT_BY_SPEED, RematChoice, fastest_fitting, f
 from crma_jax.optim import ZClipState, learning_rates, make_optimizer, zclip_metrics
 from crma_jax.pretrained import load_tokenizer
 from crma_jax.sharding import make_mesh
-from crma_jax.train.checkpointing import checkpoint_manager, restore_state, save_state
+from crma_jax.train.checkpointing import checkpoint_manager, restore_latest, save_state
 from crma_jax.train.config import TrainConfig
-from crma_jax.train.metrics import MetricsWriter
-from crma_jax.train.run_dir import begin_run, settings_of, write_config
+from crma_jax.train.metrics import MetricsWriter, require_nothing_lost
+from crma_jax.train import stops
+from crma_jax.train.run_dir import claim_run, settings_of, write_config
 from crma_jax.train_step import BATCH_KEYS, batch_sharding, jit_train_step, make_train_step
 
 # Called right after a checkpoint save of `step` has started (Orbax saves asynchronously; call
@@ -211,28 +210,6 @@ def step_metrics(metrics: dict[str, Any], opt_state: Any, dt: float) -> dict[str
     return out
 
 
-def defer_sigint() -> tuple[list[int], Any]:
-    """Make Ctrl-C stop the training loop only between steps: returns (hits, restore).
-
-    The first SIGINT just appends to `hits`; the loop checks it before each step, so the
-    interrupt checkpoint always holds a whole step (a KeyboardInterrupt raised inside the jit'ed
-    step finds its donated buffers deleted, one raised after it mislabels the state by a step,
-    and one inside Orbax can hang its async save). A second SIGINT interrupts at once.
-    `restore()` puts the previous handler back. A no-op off the main thread or if SIGINT is ignored.
-    """
-    hits: list[int] = []
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        return hits, lambda: None
-
-    def handler(signum: int, frame: Any) -> None:
-        hits.append(signum)
-        if len(hits) > 1:
-            raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    return hits, lambda: signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-
-
 def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "train",
           on_checkpoint: OnCheckpoint | None = None, data_name: str = "default", method: Method | None = None,
           memory: Memory | None = None, zclip_from: Sequence[Any] | None = None) -> dict[str, Any]:
@@ -244,11 +221,22 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     `zclip_from` (a ZClipState's fields, arrays or lists) starts ZClip from earlier statistics
     instead of a fresh warmup (`crma cl` carries them from task to task); the run's final ones
     are left in `session.zclip_state`.
+
+    A stop signal (`crma_jax.train.stops`) ends the run at a step boundary with a checkpoint and
+    raises `stops.Stopped`; RUN is locked against a second writer for the whole call.
     """
-    run = Path(cfg.out)
     cfg.validate()
-    begin_run(run, cfg, cfg.resume, cfg.launch)
-    session = session or open_session(cfg)  # bad model/data fail here, before RUN exists
+    with stops.deferred(), claim_run(cfg.out, cfg, cfg.resume, cfg.launch):
+        return _train(cfg, session, log_prefix, on_checkpoint, data_name, method, memory, zclip_from)
+
+
+def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkpoint: OnCheckpoint | None,
+           data_name: str, method: Method | None, memory: Memory | None,
+           zclip_from: Sequence[Any] | None) -> dict[str, Any]:
+    """`train`'s body, run under RUN's lock with stop signals deferred."""
+    run = Path(cfg.out)
+    session = session or open_session(cfg)  # bad model/data fail here, before RUN holds anything
+    stops.check("while loading, before anything was written")
     write_config(run, cfg)
     writer = distributed.is_writer()
     if jax.process_count() > 1:
@@ -267,6 +255,7 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
         choice = session.compiled[key][3]
         if cfg.remat == "auto" or not choice.fits:
             tqdm.write(f"{log_prefix}: {choice.describe()}", file=sys.stderr)
+        stops.check("while compiling, before the first step")
     optimizer, step_fn, shardings, choice = session.compiled[key]
     if writer:
         remat_file.write_text(json.dumps({"policy": choice.policy}))
@@ -284,10 +273,13 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     data = BatchIterator(session.train_data, cfg.batch_size, seed=cfg.seed, rows=rows)
     mngr = checkpoint_manager(run, cfg.keep_checkpoints)
     start = 0
-    if cfg.resume and mngr.latest_step() is not None:
-        start, state, meta = restore_state(mngr, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
+    restored = restore_latest(mngr, {"trainable": trainable, "opt_state": opt_state, "rng": rng}) if cfg.resume else None
+    if restored is not None:
+        start, state, meta = restored
         trainable, opt_state, rng = place((state["trainable"], state["opt_state"], state["rng"]))
         data.restore(meta["data"])
+    elif cfg.resume:
+        require_nothing_lost(run)
     metrics_out = MetricsWriter(run, trackers=cfg.trackers, append=start > 0, files=writer, config=settings_of(cfg),
                                 wandb_project=cfg.wandb_project)
     initial_file = run / "initial_eval.json"
@@ -304,11 +296,17 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
     skipped_run = 0
     step = start
     bar = tqdm(total=cfg.steps, initial=start, desc=log_prefix, unit="step", dynamic_ncols=True, disable=not writer)
-    interrupted, restore_sigint = defer_sigint()
     try:
         while step < cfg.steps:
-            if distributed.any_process(bool(interrupted)):  # all processes stop at the same step
-                raise KeyboardInterrupt
+            signum = stops.agreed()  # every process stops at the same step
+            if signum:
+                if step > start and mngr.latest_step() != step:
+                    checkpoint(step)
+                mngr.wait_until_finished()
+                saved = mngr.latest_step()
+                raise stops.Stopped(signum, f"at step {step} of {run}" + (
+                    f"; checkpoint {saved} is saved, and --resume continues from it" if saved is not None else
+                    "; no step was saved, and --resume starts again"))
             batch = distributed.global_batch(next(data), shardings["batch"], cfg.batch_size)
             rng, sub = jax.random.split(rng)
             t0 = time.perf_counter()
@@ -330,14 +328,7 @@ def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "t
                 checkpoint(step)  # async: training goes on while Orbax writes
                 if on_checkpoint is not None:
                     on_checkpoint(step, mngr)
-    except KeyboardInterrupt:
-        tqdm.write(f"interrupted at step {step}: saving a checkpoint")
-        if step > start and mngr.latest_step() != step:
-            checkpoint(step)
-        mngr.wait_until_finished()
-        raise
     finally:
-        restore_sigint()
         bar.close()
         metrics_out.close()
     mngr.wait_until_finished()

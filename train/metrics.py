@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,14 +12,69 @@ from typing import Any, Sequence
 import numpy as np
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    """One metrics line as a record, or None if it is not one (cut short, NUL bytes, not JSON)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
+
+
 def read_metrics(run: Path) -> list[dict[str, Any]]:
-    """All records of RUN/metrics.jsonl (a resumed run's repeated steps keep the latest)."""
+    """All readable records of RUN/metrics.jsonl, one per step (a resumed run's repeated steps
+    keep the latest). Unreadable lines (a line cut by a crash or a full disk, NUL bytes) are
+    skipped and reported on stderr with their line numbers, so a damaged log never blocks a run."""
+    path = Path(run) / METRICS_FILE
     by_step: dict[int, dict[str, Any]] = {}
-    for line in (Path(run) / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
+    bad: list[int] = []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = _parse(line)
+        if rec is None:
+            bad.append(number)
+        else:
             by_step[rec["step"]] = rec
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        print(f"{path}: line {bad[0]}{more} unreadable (cut short or overwritten); skipped", file=sys.stderr)
     return [by_step[s] for s in sorted(by_step)]
+
+
+def logged_steps(run: Path) -> int:
+    """How many steps RUN/metrics.jsonl records (0 without the file)."""
+    return len(read_metrics(run)) if (Path(run) / METRICS_FILE).is_file() else 0
+
+
+def require_nothing_lost(run: Path) -> None:
+    """For `--resume` without a checkpoint that restores: starting over at step 0 is allowed only
+    when the earlier attempt logged no step; otherwise FileExistsError naming RUN."""
+    steps = logged_steps(run)
+    if steps:
+        raise FileExistsError(f"{run}: --resume found no checkpoint to continue from, but {METRICS_FILE} records "
+                              f"{steps} steps of an earlier attempt; starting over would lose them. Choose a new "
+                              "--out, or delete the directory to start again")
+
+
+def _cut_damaged_tail(path: Path) -> None:
+    """Truncate `path` after its last readable line, so that appended records start on a line of
+    their own (a line cut by a crash would otherwise swallow the next record); says what it cut."""
+    data = path.read_bytes()
+    keep = len(data)
+    while keep:
+        start = data.rfind(b"\n", 0, keep - 1) + 1
+        line = data[start:keep]
+        if line.endswith(b"\n") and (not line.strip() or _parse(line) is not None):
+            break
+        keep = start
+    if keep < len(data):
+        print(f"{path}: dropped {len(data) - keep} unreadable bytes at its end (a line cut short)", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -90,7 +146,9 @@ class MetricsWriter:
                  config: dict[str, Any] | None = None, wandb_project: str = "crma-jax") -> None:
         self.run = Path(run)
         self._records: list[dict[str, Any]] = []
-        self._file = open(self.run / "metrics.jsonl", "a" if append else "w") if files else None
+        if files and append and (self.run / METRICS_FILE).is_file():
+            _cut_damaged_tail(self.run / METRICS_FILE)
+        self._file = open(self.run / METRICS_FILE, "a" if append else "w") if files else None
         self._trackers = [TRACKER_CLASSES[t](self.run, config or {}, wandb_project) for t in trackers] if files else []
 
     def write(self, record: dict[str, Any]) -> None:

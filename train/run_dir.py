@@ -3,13 +3,24 @@
 Without `--resume`, a non-empty output directory is refused. With `--resume`, the directory's
 saved `config.yaml` must agree with the new settings in everything that changes results; the
 error names every key that differs.
+
+One writer per run directory: `claim_run` takes an exclusive lock (`fcntl.flock` on RUN/.lock,
+which records the holder's PID and host) before it looks at anything, and the run holds it until
+it ends. A second process fails at once and names the holder. The kernel drops the lock of a
+process that dies, so a killed run's lock is taken over, and the takeover is said.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import os
+import socket
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -24,6 +35,57 @@ RESULT_NEUTRAL = frozenset({"out", "resume", "plots", "report_to", "wandb_projec
                             # how the processes of one run find each other, not what they compute
                             "distributed", "coordinator_address", "num_processes", "process_id"})
 _MISSING = "<not set>"
+LOCK_FILE = ".lock"
+
+
+class RunInUse(FileExistsError):
+    """Another process holds the run directory's lock."""
+
+
+class RunLock:
+    """The exclusive lock on a run directory (module docstring); `release()` gives it back."""
+
+    def __init__(self, out: Path | None, fd: int = -1, created: bool = False) -> None:
+        self.out, self._fd, self._created = out, fd, created
+
+    @classmethod
+    def acquire(cls, out: str | Path) -> RunLock:
+        """Lock `out` (created if absent), or raise RunInUse naming the holder."""
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out}: exists and is not a directory; choose a new --out")
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunInUse(f"{out}: in use by {holder}; wait for that run to end, or choose a new --out") from None
+        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        if previous:  # a clean release empties the file: this holder died holding it
+            print(f"{out}: taking over the lock of {previous}, which ended without releasing it",
+                  file=sys.stderr, flush=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        return cls(out, fd, created)
+
+    def release(self) -> None:
+        """Give the lock back (idempotent). A directory that `acquire` created and nothing else
+        wrote into is removed, so a run that failed before writing leaves no trace."""
+        if self._fd < 0:
+            return
+        assert self.out is not None
+        if self._created and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
+            (self.out / LOCK_FILE).unlink()
+            self.out.rmdir()
+        else:
+            os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = -1
 
 
 def settings_of(config: Any) -> dict[str, Any]:
@@ -44,7 +106,7 @@ def check_run_dir(out: str | Path, config: Any, resume: bool, neutral: frozenset
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory; choose a new --out")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not any(p.name != LOCK_FILE for p in out.iterdir()):
         return
     if not resume:
         raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it, or choose a new --out")
@@ -66,13 +128,27 @@ def check_run_dir(out: str | Path, config: Any, resume: bool, neutral: frozenset
                          f"resume with the saved settings, or choose a new --out")
 
 
-def begin_run(out: str | Path, config: Any, resume: bool, launch: distributed.Launch) -> None:
-    """Join the multi-process run `launch` describes (if any), then `check_run_dir` in every
+@contextlib.contextmanager
+def claim_run(out: str | Path, config: Any, resume: bool, launch: distributed.Launch) -> Iterator[None]:
+    """The run's hold on `out`, for the `with` block: join the multi-process run `launch`
+    describes (if any), lock `out` (process 0 holds the lock), then `check_run_dir` in every
     process, and let none go on before all have looked (so process 0's first write cannot make
-    another process find the directory taken)."""
+    another process find the directory taken). The lock is released when the block ends."""
     distributed.initialize(launch)
-    check_run_dir(out, config, resume)
-    distributed.sync(f"checked {out}")
+    lock, refused = RunLock(None), None
+    if distributed.is_writer():
+        try:
+            lock = RunLock.acquire(out)
+        except RunInUse as e:
+            refused = e
+    if distributed.any_process(refused is not None):
+        raise refused or RunInUse(f"{out}: in use by another run (process 0 could not lock it)")
+    try:
+        check_run_dir(out, config, resume)
+        distributed.sync(f"checked {out}")
+        yield
+    finally:
+        lock.release()
 
 
 def write_config(out: str | Path, config: Any) -> Path:
