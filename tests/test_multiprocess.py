@@ -61,10 +61,13 @@ def _command(argv: list[str], kill_at: int | None) -> list[str]:
     return [sys.executable, str(FAULT_DRIVER), "after_checkpoint", str(kill_at), "*", "--", *argv]
 
 
-def _launch(argv: list[str], processes: int, kill_at: dict[int, int] | None = None) -> list[tuple[int, str, str]]:
+def _launch(argv: list[str], processes: int, kill_at: dict[int, int] | None = None,
+            sigterm: tuple[int, Path] | None = None) -> list[tuple[int, str, str]]:
     """Run `crma ARGV` as `processes` processes of 8 / processes CPU devices each (the README's
-    launch); `kill_at[i]` SIGKILLs process i after that checkpoint. When a process dies, the rest
-    are killed, as a cluster scheduler tears a job down. Returns (return code, stdout, stderr)."""
+    launch); `kill_at[i]` SIGKILLs process i after that checkpoint; `sigterm = (i, run)` sends
+    SIGTERM to process i alone once RUN/metrics.jsonl logs a step. When a process fails, the rest
+    are killed, as a cluster scheduler tears a job down (a stop by SIGTERM is not a failure).
+    Returns (return code, stdout, stderr) per process."""
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
     procs, logs = [], []
@@ -80,12 +83,15 @@ def _launch(argv: list[str], processes: int, kill_at: dict[int, int] | None = No
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{argv}: still running after {LAUNCH_TIMEOUT} s")
-            if any(p.poll() not in (None, 0) for p in procs):
+            if sigterm and (sigterm[1] / "metrics.jsonl").is_file() and (sigterm[1] / "metrics.jsonl").read_text():
+                procs[sigterm[0]].send_signal(signal.SIGTERM)
+                sigterm = None
+            if any(p.poll() not in (None, 0, 128 + signal.SIGTERM) for p in procs):
                 time.sleep(1.0)  # a peer died: tear the job down
                 for p in procs:
                     if p.poll() is None:
                         os.killpg(p.pid, signal.SIGKILL)
-            time.sleep(0.2)
+            time.sleep(0.01 if sigterm else 0.2)
         results = []
         for p, files in zip(procs, logs):
             texts = []
@@ -165,6 +171,22 @@ def test_sigkill_of_one_process_then_resume_in_two_or_one_process(runs, tiny_lm,
 
     _check(_launch(_argv(tiny_lm, data_file, copy, "2,2,2") + ["--resume"], 1))
     _assert_same_trajectory(copy, runs["2,2,2"])
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(runs, tiny_lm, data_file, tmp_path):
+    """SIGTERM reaches process 1 only (a scheduler that signals one task): both processes agree
+    at the next step boundary, save that step together and exit with 143; two processes resume
+    it exactly."""
+    run = tmp_path / "stopped"
+    argv = _argv(tiny_lm, data_file, run, "8,1,1")
+    results = _launch(argv, 2, sigterm=(1, run))
+    for i, (code, _, err) in reversed(list(enumerate(results))):
+        assert code == 128 + signal.SIGTERM, f"process {i} exited with {code}:\n{err[-3000:]}"
+    step = committed_steps(run)[-1]
+    assert 1 <= step < STEPS and [r["step"] for r in read_metrics(run)] == list(range(1, step + 1))
+    assert all(f"stopped by SIGTERM at step {step} " in err for _, _, err in results)
+    _check(_launch(argv + ["--resume"], 2))
+    _assert_same_trajectory(run, runs["8,1,1"])
 
 
 def test_a_single_process_checkpoint_resumes_in_two_processes(runs, tiny_lm, data_file, tmp_path):

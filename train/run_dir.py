@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import yaml
 
 from crma_jax import distributed
+from crma_jax.train import stops
 from crma_jax.atomic import COMMITTED, STAGING, commit, recover  # noqa: F401 - re-exported (`crma cl`)
 
 CONFIG_FILE = "config.yaml"
@@ -135,6 +136,7 @@ def claim_run(out: str | Path, config: Any, resume: bool, launch: distributed.La
     process, and let none go on before all have looked (so process 0's first write cannot make
     another process find the directory taken). The lock is released when the block ends."""
     distributed.initialize(launch)
+    stops.reinstall()  # joining took SIGTERM over (JAX's preemption notifier)
     lock, refused = RunLock(None), None
     if distributed.is_writer():
         try:

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []
+_installed: list[int] = []  # the signals whose handler `deferred` replaced
 _depth = 0
 
 
@@ -65,6 +66,7 @@ def deferred() -> Iterator[None]:
         for s in STOP_SIGNALS:
             if signal.getsignal(s) is not signal.SIG_IGN:  # `nohup` and friends ignore some on purpose
                 previous[s] = signal.signal(s, _handler)
+        _installed[:] = list(previous)
     _depth += 1
     try:
         yield
@@ -72,6 +74,17 @@ def deferred() -> Iterator[None]:
         _depth -= 1
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if _depth == 0:
+            _installed.clear()
+
+
+def reinstall() -> None:
+    """Put the deferring handlers back after something replaced them below Python: joining a
+    multi-process run (`jax.distributed.initialize`) installs JAX's own SIGTERM handler (its
+    preemption notifier), which would swallow the signal. Call it after joining."""
+    if threading.current_thread() is threading.main_thread():
+        for s in _installed:
+            signal.signal(s, _handler)
 
 
 def pending() -> int:
