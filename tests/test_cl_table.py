@@ -82,13 +82,24 @@ def test_runs_with_the_same_settings_pool_their_seeds(tmp_path):
     assert rows[0][4] == "1.8000 ± 0.2000 [1.6000, 2.0000]"  # ACC over the three distinct seeds
     assert rows[0][9].rstrip(" |") == "2.0"  # minutes: seeds 0, 1, 2 took 1, 2, 3
 
-    (again / "config.yaml").write_text(yaml.safe_dump({**config, "out": str(again), "inflora_threshold": 0.5}))
+    (again / "config.yaml").write_text(yaml.safe_dump({**config, "out": str(again), "steps": 60}))
     rows = [line.split(" | ")[:3] for line in cl_table([first, again]).splitlines() if "| MODULAR |" in line]
-    assert rows[:2] == [["| 0.97", "MODULAR", "0,2"], ["| 0.5", "MODULAR", "0,1"]]  # the setting differs: apart
-
+    assert rows[:2] == [["| 30", "MODULAR", "0,2"], ["| 60", "MODULAR", "0,1"]]  # the setting differs: apart
     clash = _run(tmp_path, "clash", 1e-3, {"0": [[2.0, 1.5], [2.3, 1.0]]})
     with pytest.raises(ValueError, match=r"seed 0 of modular is in both .*first and .*clash with different results"):
         cl_table([first, clash])
+    # A key that only another method reads (InfLoRA's threshold) neither splits MODULAR's row nor
+    # shows a value in it.
+    (again / "config.yaml").write_text(yaml.safe_dump({**config, "out": str(again), "inflora_threshold": 0.5}))
+    rows = [line.split(" | ")[:3] for line in cl_table([first, again]).splitlines() if "| MODULAR |" in line]
+    assert rows[:1] == [["| –", "MODULAR", "0,1,2"]]
+    inflora = json.loads((again / "results.json").read_text())
+    inflora["results"] = {"inflora": inflora["results"]["modular"]}
+    (again / "results.json").write_text(json.dumps(inflora))
+    (first / "results.json").write_text((first / "results.json").read_text().replace('"modular"', '"inflora"'))
+    rows = [line.split(" | ")[:3] for line in cl_table([first, again]).splitlines() if "| INFLORA |" in line]
+    assert rows[:2] == [["| 0.97", "INFLORA", "0,2"], ["| 0.5", "INFLORA", "0,1"]]  # it reads it: apart
+
 
 
 def test_plots_of_pooled_rows(tmp_path, capsys):

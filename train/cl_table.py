@@ -24,7 +24,7 @@ import numpy as np
 
 from crma_jax.train.cl_results import METRICS_LEGEND
 from crma_jax.train.stats import paired_interval, spread
-from crma_jax.train.continual import CLConfig
+from crma_jax.train.continual import CLConfig, unread_settings
 from crma_jax.train.run_dir import RESULT_NEUTRAL, read_config
 
 SHOWN = {"conditions", "seeds"}  # every row names its condition and seeds anyway
@@ -81,9 +81,8 @@ def pool(payloads: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]]) 
     aside: a rerun reproduces the numbers, not the minutes)."""
     rows: dict[tuple[str, str], Row] = {}
     for payload, config in zip(payloads, configs):
-        settings = _settings_key(config)
         for cond, by_seed in payload["results"].items():
-            row = rows.setdefault((cond, settings), Row(config, cond, {}))
+            row = rows.setdefault((cond, _settings_key(config, cond)), Row(config, cond, {}))
             for seed, result in by_seed.items():
                 kept = row.by_seed.get(seed)
                 if kept is None:
@@ -98,8 +97,16 @@ def pool(payloads: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]]) 
     return list(rows.values())
 
 
-def _settings_key(config: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in config.items() if k not in RESULT_NEUTRAL | SHOWN}, sort_keys=True)
+def _settings_key(config: dict[str, Any], condition: str) -> str:
+    """The settings that decide `condition`'s results: all but the neutral ones and the
+    method-only keys it does not read."""
+    ignored = RESULT_NEUTRAL | SHOWN | unread_settings(condition)
+    return json.dumps({k: v for k, v in config.items() if k not in ignored}, sort_keys=True)
+
+
+def _shown(config: dict[str, Any], condition: str, key: str) -> str:
+    """A setting's value in `condition`'s row; "–" for a method-only key it does not read."""
+    return "–" if key in unread_settings(condition) else str(config.get(key))
 
 
 def _numbers(result: dict[str, Any]) -> str:
@@ -136,17 +143,17 @@ def transfer_table(rows: Sequence[Row], shown: Sequence[str], against: str | Non
         legend += (f" ACC vs {against.upper()}: per seed, (ACC − ACC of {against.upper()}) / ACC of {against.upper()} "
                    "under the same settings and seed, over the seeds both have, with the 95% Student-t confidence "
                    "interval of the mean difference; negative = lower loss.")
-    references = {_settings_key(row.config): row for row in rows if row.condition == against}
+    references = {_settings_key(row.config, against): row for row in rows if row.condition == against}
     lines = [legend, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry in rows:
         config, cond, by_seed = entry
         runs = list(by_seed.values())
-        row = [*(str(config.get(k)) for k in shown), cond.upper(), ",".join(by_seed),
+        row = [*(_shown(config, cond, k) for k in shown), cond.upper(), ",".join(by_seed),
                spread([np.mean(r["drift"]) for r in runs], 100, digits=2), spread([r["acc"] for r in runs], signed=False),
                spread([r["bwt"] for r in runs]), spread([r["fwt"] for r in runs]),
                spread([r["agnostic"]["acc"] for r in runs], signed=False), _routing(runs), _wall(runs)]
         if against:
-            reference = references.get(_settings_key(config))
+            reference = references.get(_settings_key(config, against))
             row += [versus(entry, reference, "acc"), versus(entry, reference, "agnostic")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -201,7 +208,7 @@ def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None, ag
         L = np.mean([r["L"] for r in runs], axis=0)
         base = np.mean([r["base"] for r in runs], axis=0)
         disp, hidden = _substrate(runs)
-        row = [*(str(config.get(k)) for k in shown), cond.upper(), ",".join(by_seed),
+        row = [*(_shown(config, cond, k) for k in shown), cond.upper(), ",".join(by_seed),
                " / ".join(f"{v:.4f}" for v in base), " / ".join(f"{L[j, j]:.4f}" for j in range(len(names))),
                " / ".join(f"{v:.4f}" for v in L[-1]),
                *(f"{_mean([r[k] for r in runs]):+.4f}" if k != "acc" else f"{_mean([r[k] for r in runs]):.4f}"
@@ -225,7 +232,8 @@ def cl_plots(run_dirs: Sequence[Path], out: Path, settings: Sequence[str] | None
     repeated = {row.condition for row in rows if sum(r.condition == row.condition for r in rows) > 1}
     results = {}
     for config, cond, by_seed in rows:
-        label = f"{cond} ({', '.join(f'{k}={config.get(k)}' for k in shown)})" if cond in repeated and shown else cond
+        settings = ", ".join(f"{k}={_shown(config, cond, k)}" for k in shown)
+        label = f"{cond} ({settings})" if cond in repeated and shown else cond
         if label in results:
             raise ValueError(f"{cond} appears under settings that --settings {','.join(shown) or '(none)'} does not "
                              "tell apart; name the settings that differ")

@@ -137,6 +137,22 @@ class CLConfig(TrainConfig):
         return METHOD_SETTINGS.get(name, lambda cfg: METHODS[name]())(self)
 
 
+# The config keys that only some methods read. `crma cl-table` pools runs that differ only in keys
+# their method does not read (NAIVE's runs are one row whatever --ewc-lambda was).
+METHOD_READS: dict[str, frozenset[str]] = {
+    "replay": frozenset({"replay_fraction"}),
+    "ewc": frozenset({"ewc_lambda", "fisher_batches"}),
+    "olora": frozenset({"olora_lambda"}),
+    "inflora": frozenset({"inflora_threshold", "fisher_batches"}),
+}
+METHOD_ONLY = frozenset().union(*METHOD_READS.values())
+
+
+def unread_settings(condition: str) -> frozenset[str]:
+    """The method-only config keys that `condition` does not read."""
+    return METHOD_ONLY - METHOD_READS.get(condition, frozenset())
+
+
 # The methods whose hyper-parameters come from the config (the others have none).
 METHOD_SETTINGS: dict[str, Callable[[CLConfig], Method]] = {
     "replay": lambda cfg: replay(cfg.replay_fraction),
