@@ -83,6 +83,19 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "head_dim": self.head_dim,
+                 "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+                 "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads}
+        for key, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value}")
+        matrices = {"vocab_size x hidden_size": self.vocab_size * self.hidden_size,
+                    "hidden_size x intermediate_size": self.hidden_size * self.intermediate_size,
+                    "hidden_size x num_attention_heads x head_dim": self.hidden_size * self.num_heads * self.head_dim}
+        for name, elements in matrices.items():
+            if elements > MAX_MATRIX_ELEMENTS:
+                raise ValueError(f"{name} = {elements:.3g} elements in one weight matrix, more than any real model "
+                                 f"has ({MAX_MATRIX_ELEMENTS:.3g}); is the config right?")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -122,10 +135,10 @@ class ModelConfig:
                 f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         fam = FAMILIES[model_type]
-        heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        layers = int(hf["num_hidden_layers"])
-        head_dim = int(hf.get("head_dim") or hidden // heads)
+        heads = _size(hf, "num_attention_heads")
+        hidden = _size(hf, "hidden_size")
+        layers = _size(hf, "num_hidden_layers")
+        head_dim = _size(hf, "head_dim") if hf.get("head_dim") else hidden // heads
         act_name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
         if model_type == "gemma" and act_name == "gelu":  # legacy Gemma value: transformers reads it as tanh GELU
             act_name = "gelu_pytorch_tanh"
@@ -134,12 +147,12 @@ class ModelConfig:
         global_rope, local_rope = _ropes_from_hf(hf, fam, head_dim)
         return cls(
             model_type=model_type,
-            vocab_size=int(hf["vocab_size"]),
+            vocab_size=_size(hf, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
+            intermediate_size=_size(hf, "intermediate_size"),
             num_layers=layers,
             num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            num_kv_heads=_size(hf, "num_key_value_heads") if hf.get("num_key_value_heads") else heads,
             head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=global_rope,
@@ -160,6 +173,20 @@ class ModelConfig:
             eos_token_id=_first(hf.get("eos_token_id")),
             pad_token_id=_first(hf.get("pad_token_id")),
         )
+
+
+# More elements than this in one weight matrix is no model anyone trains (Llama-3 405B's largest
+# has 2.1e9): a config that asks for it is a typo, refused before anything is allocated.
+MAX_MATRIX_ELEMENTS = 1 << 36
+
+
+def _size(hf: Mapping[str, Any], key: str) -> int:
+    """`hf[key]` as a positive integer; ValueError naming the key otherwise."""
+    value = hf[key]
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value != int(value) or value < 1):
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _first(x: Any) -> int | None:

@@ -39,6 +39,11 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 STYLES = ("text", "alpaca", "chat")
 
 
+# The longest record (a JSONL line, a .txt document) a load accepts, checked before anything is
+# parsed or tokenized: one 200 MB line would otherwise take gigabytes of memory to refuse.
+MAX_RECORD_BYTES = 8 << 20
+
+
 class DataError(ValueError):
     """Bad training data or tokenizer; the message names the file (and line, row or field)."""
 
@@ -180,14 +185,20 @@ def check_rows(rows: Any, fields: Fields, source: str, where: Callable[[int], st
 # Files.
 
 
-def _check_utf8(path: Path) -> list[int]:
-    """Raise DataError on an empty file or a non-UTF8 line; return the 1-based numbers of the
-    non-blank lines (a JSONL record's line number). '\\n' is ASCII, so per-line decoding is exact."""
+def _check_utf8(path: Path, cap: int | None = None) -> list[int]:
+    """Raise DataError on an empty file, a non-UTF8 line or a line longer than `cap` bytes (the
+    default `MAX_RECORD_BYTES`); return the 1-based numbers of the non-blank lines (a JSONL
+    record's line number). Reads at most `cap` + 1 bytes at a time, so a huge line costs no
+    memory. '\\n' is ASCII, so per-line decoding is exact."""
+    cap = MAX_RECORD_BYTES if cap is None else cap
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
     nonblank = []
     with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(iter(lambda: f.readline(cap + 1), b""), 1):
+            if len(raw) > cap:
+                raise DataError(f"{path}:{n}: a record longer than {cap >> 20} MiB (crma_jax.records."
+                                f"MAX_RECORD_BYTES); split it into documents of a sensible size")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -240,6 +251,9 @@ def _load_files(path: Path, fields: Fields, fmt: str | None, cache_dir: str | No
             if pq.ParquetFile(f).metadata.num_rows == 0:  # datasets fails obscurely on 0 rows
                 raise DataError(f"{f}: no records (empty parquet file)")
         else:
+            if fmt == "text" and f.stat().st_size > MAX_RECORD_BYTES:  # one document per file
+                raise DataError(f"{f}: a document longer than {MAX_RECORD_BYTES >> 20} MiB (crma_jax.records."
+                                f"MAX_RECORD_BYTES); split it into files of a sensible size")
             lines = _check_utf8(f)
             if fmt == "json" and not lines:
                 raise DataError(f"{f}: no records (only blank lines)")

@@ -95,6 +95,21 @@ def test_gqa_must_divide():
         ModelConfig.from_hf(_llama(num_attention_heads=3, num_key_value_heads=2))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", -8, "hidden_size must be a positive integer, got -8"),
+    ("vocab_size", "32000", "vocab_size must be a positive integer, got '32000'"),
+    ("num_hidden_layers", 2.5, "num_hidden_layers must be a positive integer, got 2.5"),
+    ("intermediate_size", float("inf"), "intermediate_size must be a positive integer, got inf"),
+    ("num_key_value_heads", True, "num_key_value_heads must be a positive integer, got True"),
+    ("hidden_size", 1e9, r"hidden_size x num_attention_heads x head_dim = 1e\+18 elements in one weight matrix, "
+                         r"more than any real model has \(6.87e\+10\); is the config right\?"),
+    ("vocab_size", 1e12, r"vocab_size x hidden_size = 8e\+12 elements"),
+])
+def test_absurd_sizes_are_refused_by_key_before_anything_is_allocated(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf(_llama(**{field: value}))
+
+
 def test_legacy_gemma_gelu_is_the_tanh_form_as_in_transformers():
     from transformers import GemmaConfig
 

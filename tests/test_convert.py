@@ -117,3 +117,14 @@ def test_a_killed_converts_staging_directory_is_removed_by_the_next_one(tmp_path
     assert not orphan.exists() and live.is_dir() and (out / "crma_model.json").is_file()
     assert f"{orphan}: removing what a killed run left behind" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name])
+
+
+def test_an_absurd_config_is_bad_input_naming_the_file_and_key(tmp_path, tiny_models, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["llama"], src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "hidden_size": 1e9}))
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json: vocab_size x hidden_size = " in err and "is the config right?" in err
+    assert not (tmp_path / "out").exists()

@@ -115,6 +115,31 @@ def test_non_utf8_and_bad_json(tmp_path: Path, cache: str) -> None:
         load_records(tmp_path / "nothing.jsonl")
 
 
+def test_a_huge_record_is_refused_by_line_before_it_costs_memory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "huge.jsonl"
+    with path.open("w") as f:  # a 50 MB line between two ordinary ones, as a broken export writes it
+        f.write(json.dumps({"text": "fine"}) + "\n" + '{"text": "' + "x" * (50 << 20) + '"}\n' + '{"text": "ok"}\n')
+    # In a fresh process with datasets imported, so the growth of its peak RSS (VmHWM) is this load's.
+    code = ("import sys, datasets; from crma_jax.records import DataError, load_records\n"
+            "def peak(): return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
+            "before = peak()\n"
+            "try: load_records(sys.argv[1], cache_dir=sys.argv[2])\n"
+            "except DataError as e: print(e); print(peak() - before)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "cache")], capture_output=True,
+                         text=True, timeout=120)
+    message, grew_kib = out.stdout.strip().splitlines()
+    assert message.endswith("huge.jsonl:2: a record longer than 8 MiB (crma_jax.records.MAX_RECORD_BYTES); split it "
+                            "into documents of a sensible size"), out.stderr[-2000:]
+    assert int(grew_kib) < 32 << 10  # under 32 MiB for a 50 MB line: read 8 MiB at a time, never parsed
+    big = tmp_path / "book.txt"
+    big.write_bytes(b"word " * (2 << 20))
+    with pytest.raises(DataError, match=r"book.txt: a document longer than 8 MiB"):
+        load_records(big)
+
+
 def test_save_to_disk_directories(tmp_path: Path) -> None:
     import datasets
 
