@@ -281,6 +281,11 @@ class TargetPlan:
         free = self.usable - self.plan.argument
         return step_bytes_of(self.plan) <= HEADROOM * free
 
+    def tried(self, unit: str = " GiB") -> str:
+        """Each tried policy with its GiB beyond the arguments ("refused" where the compiler
+        refused it), in the order tried: "full 1.20 GiB, dots refused"."""
+        return ", ".join(f"{p} {'refused' if n is None else f'{n / 2**30:.2f}{unit}'}" for p, n in self.needed.items())
+
 
 def step_bytes_of(plan: MemoryPlan) -> int:
     """`step_bytes` of a `MemoryPlan`: what a step allocates beyond its resident arguments."""

@@ -169,11 +169,10 @@ def _target_rows(args: argparse.Namespace):
             plan = plan_for_target(arch_config(arch), target, remat=policy, mesh_shape=mesh,
                                    batch_size=args.batch_size, seq_len=seq, quant=None if quant == "bf16" else quant,
                                    devices=devices)
-            tried = ", ".join(f"{p} {'refused' if n is None else f'{n / 2**30:.2f}'}" for p, n in plan.needed.items())
             figures = _gib(plan.plan) if plan.plan else dict.fromkeys(("weights", "arguments", "temp", "outputs", "total"), "-")
             yield {"model": arch, "base": quant, "T": seq, "target": name, "mesh": ",".join(map(str, plan.mesh_shape)),
                    "remat": f"auto -> {plan.policy}" if policy == "auto" else policy, **figures,
-                   "usable GiB": plan.usable / 2**30, "fits": plan.fits, "tried (GiB beyond arguments)": tried,
+                   "usable GiB": plan.usable / 2**30, "fits": plan.fits, "tried (GiB beyond arguments)": plan.tried(unit=""),
                    "compiler": plan.error or "ok",
                    "compile s": round(plan.compile_seconds)}
 

@@ -66,8 +66,7 @@ def report(cfg: TrainConfig, plan: TargetPlan) -> str:
              f"{target.name} ({target.chips} x {target.chip.name}), mesh {','.join(map(str, plan.mesh_shape))}, "
              f"compiled by the {target.platform.upper()} compiler in {plan.compile_seconds:.0f} s (a compiler plan, "
              "not a measurement)"]
-    tried = ", ".join(f"{p} {'refused' if n is None else f'{n / GIB:.2f} GiB'}" for p, n in plan.needed.items())
-    lines.append(f"  remat {plan.policy} (tried, beyond the arguments: {tried})")
+    lines.append(f"  remat {plan.policy} (tried, beyond the arguments: {plan.tried()})")
     if plan.plan is None:
         lines.append(f"  the compiler refused it: {plan.error}")
     else:
