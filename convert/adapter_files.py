@@ -20,12 +20,13 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from crma_jax.atomic import commit, recover
 from crma_jax.crma import CRMAConfig
 from crma_jax.errors import CheckpointError
 from crma_jax.lora import LoraConfig
+from crma_jax.safetensors_io import save_tensors
 
 ADAPTERS = "adapters"
 
@@ -86,11 +87,11 @@ def save_adapters(run: Path, adapters: Adapters) -> Path:
         out = staging / ADAPTERS
         out.mkdir()
         for name, tree in adapters.lora_sets.items():
-            save_file(_flat(tree), out / f"lora_{name}.safetensors")
+            save_tensors(_flat(tree), out / f"lora_{name}.safetensors")
         if adapters.crma_params is not None:
-            save_file(_flat(adapters.crma_params), out / "crma.safetensors")
+            save_tensors(_flat(adapters.crma_params), out / "crma.safetensors")
         if adapters.lora_init is not None:
-            save_file(_flat(adapters.lora_init), out / "lora_init.safetensors")
+            save_tensors(_flat(adapters.lora_init), out / "lora_init.safetensors")
         (out / "meta.json").write_text(json.dumps(meta, indent=2))
 
     commit(run, write)

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from crma_jax.config import ModelConfig
 from crma_jax.convert.convert import atomic_dir
@@ -28,6 +28,7 @@ from crma_jax.crma import CRMAConfig, mixing_operator
 from crma_jax.errors import CheckpointError
 from crma_jax.hf_params import part_rows, to_hf_state_dict
 from crma_jax.lora import ALL_TARGETS, LoraConfig, merge_lora
+from crma_jax.safetensors_io import save_tensors
 
 PEFT_PREFIX = "base_model.model.model.layers"
 _MODULE_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -101,7 +102,7 @@ def export_peft(lora: Any, cfg: LoraConfig, out: Path, base_model: str = "", mod
     }
 
     def write(d: Path) -> None:
-        save_file(lora_to_peft_tensors(lora), d / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_tensors(lora_to_peft_tensors(lora), d / "adapter_model.safetensors", metadata={"format": "pt"})
         (d / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
     return atomic_dir(out, write)
@@ -153,7 +154,7 @@ def crma_tensors(crma_params: Any, cfg: CRMAConfig) -> dict[str, np.ndarray]:
 def export_crma(crma_params: Any, cfg: CRMAConfig, out_file: Path) -> Path:
     """Write `crma_adapter.safetensors` (tensors above, config in the metadata)."""
     meta = {"format": "crma-jax/crma", "config": json.dumps({"rank": cfg.rank, "sinkhorn_iters": cfg.sinkhorn_iters})}
-    save_file(crma_tensors(crma_params, cfg), out_file, metadata=meta)
+    save_tensors(crma_tensors(crma_params, cfg), out_file, metadata=meta)
     return out_file
 
 
@@ -166,7 +167,7 @@ def export_merged(params: Any, lora: Any, cfg: LoraConfig, hf_config: dict[str, 
     config.setdefault("architectures", [model.family.architecture])
 
     def write(d: Path) -> None:
-        save_file(to_hf_state_dict(merged, model), d / "model.safetensors", metadata={"format": "pt"})
+        save_tensors(to_hf_state_dict(merged, model), d / "model.safetensors", metadata={"format": "pt"})
         (d / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(d))

@@ -323,6 +323,17 @@ def _load_named(name: str, config: str | None, split: str, cache_dir: str | None
             f"or save the dataset with save_to_disk and pass its directory") from None
 
 
+def check_source(source: str | Path) -> None:
+    """DataError at once for a source that names a file that is not there (a path with a data
+    suffix or a leading ".", "/" or "~", that is no built-in domain), so that a typo in --data
+    fails before a model loads. Names of datasets in the local cache are checked when loaded."""
+    text, path = str(source), Path(source)
+    if is_builtin(text) or path.exists():
+        return
+    if path.suffix.lower() in FORMATS or text.startswith((".", "/", "~")):
+        raise DataError(f"{path}: no such file or directory")
+
+
 def load_records(source: str | Path, *, fields: Fields = Fields(), format: str | None = None,
                  config: str | None = None, split: str = "train", max_documents: int | None = None,
                  cache_dir: str | None = None, skip_bad: bool = False) -> Records:
@@ -340,9 +351,8 @@ def load_records(source: str | Path, *, fields: Fields = Fields(), format: str |
             rows = _load_saved(path, split)
         else:
             rows, where = _load_files(path, fields, format, cache_dir)
-    elif path.suffix.lower() in FORMATS or text.startswith((".", "/", "~")):
-        raise DataError(f"{path}: no such file or directory")
     else:
+        check_source(text)
         rows = _load_named(text, config, split, cache_dir)
     if max_documents is not None:
         rows = rows[:max_documents] if isinstance(rows, list) else rows.select(range(min(max_documents, len(rows))))

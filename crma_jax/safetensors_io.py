@@ -5,7 +5,8 @@ We parse the safetensors header ourselves (8-byte length, JSON, raw bytes) and h
 `safetensors.safe_open(framework="numpy")` reads each tensor into memory (it does return
 bfloat16 as `ml_dtypes.bfloat16` since safetensors 0.8; older versions could not).
 Pickled `.bin`/`.pt` weights are refused unless the caller opts into torch's
-`weights_only=True` loader, which cannot run arbitrary code.
+`weights_only=True` loader, which cannot run arbitrary code. Every `.safetensors` file the
+project writes goes through `save_tensors`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ _DTYPES = {
     "BOOL": np.bool_,
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def save_tensors(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.numpy.save_file`, then the mode every other file gets (0666 less the umask):
+    safetensors writes owner-only files, which other users of a shared filesystem cannot read."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_header(path: Path) -> dict[str, Any]:

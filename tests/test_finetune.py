@@ -168,6 +168,20 @@ def test_yaml_config_and_flag_precedence(tiny_lm, data_file, tmp_path, capsys):
     assert not (tmp_path / "bad_run").exists()
 
 
+def test_an_unset_warmup_fits_a_short_run_and_a_set_one_is_kept(tmp_path):
+    def warmup(*argv: str) -> int:
+        return parse_config(["--model", "m", "--data", "d", *argv]).warmup_steps
+
+    assert [warmup("--steps", str(n)) for n in (2, 5, 50, 100, 5000)] == [0, 0, 5, 10, 10]
+    assert warmup("--steps", "50", "--warmup-steps", "20") == 20
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 40\nwarmup_steps: 30\n")
+    assert warmup("--config", str(config)) == 30  # set in the YAML: the user's
+    cfg = parse_config(["--model", "m", "--data", "d", "--steps", "2", "--warmup-steps", "10"])
+    with pytest.raises(ValueError, match="--warmup-steps 10 must be < --steps 2"):
+        cfg.validate()
+
+
 def test_yaml_values_of_the_wrong_type_are_refused_before_the_run_is_claimed(tiny_lm, data_file, tmp_path, capsys):
     """YAML 1.1 reads `lr_lora: 1e-3` as the string '1e-3': refused with the key named, before RUN
     exists, so the corrected rerun into the same --out is not refused as a second run."""
@@ -360,3 +374,13 @@ def test_bad_input_exits_2_naming_the_path(what, tiny_lm, data_file, tmp_path, c
     # Nothing of a run is left behind (an empty run directory at most).
     if run.exists():
         assert not list(run.iterdir()), sorted(p.name for p in run.iterdir())
+
+
+def test_a_missing_data_file_is_named_before_the_model_loads(tiny_lm, tmp_path, capsys, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(finetune, "load_pretrained", lambda *args, **kwargs: loaded.append(args))
+    for flags in (["--data", str(tmp_path / "nope.jsonl")], ["--data", "legal", "--eval-data", "./held.jsonl"]):
+        argv = ["train", "--model", str(tiny_lm), "--out", str(tmp_path / "run"), *flags]
+        assert main(argv) == 2
+        assert f"{flags[-1].lstrip('./')}: no such file or directory" in capsys.readouterr().err
+    assert not loaded and not (tmp_path / "run").exists()

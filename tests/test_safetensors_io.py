@@ -122,3 +122,20 @@ def test_pickle_refused_unless_weights_only_requested(tmp_path, tiny_models, bat
     m1, p1 = crma_jax.load_pretrained(src, allow_pickle=True)
     m2, p2 = crma_jax.load_pretrained(tiny_models["llama"])
     np.testing.assert_array_equal(m1.apply({"params": p1}, ids), m2.apply({"params": p2}, ids))
+
+
+def test_saved_tensors_get_the_mode_of_every_other_file(tmp_path):
+    import os
+
+    import numpy as np
+
+    from crma_jax.safetensors_io import save_tensors
+
+    old = os.umask(0o022)
+    try:
+        save_tensors({"w": np.zeros((2, 3), np.float32)}, tmp_path / "a.safetensors", metadata={"format": "pt"})
+        (tmp_path / "b.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "a.safetensors").stat().st_mode & 0o777) == oct((tmp_path / "b.json").stat().st_mode & 0o777) \
+        == "0o644"

@@ -84,7 +84,8 @@ class TrainConfig:
     lr_lora: float = setting(2e-4, "peak learning rate of the LoRA factors")
     lr_crma_mix: float = setting(1e-2, "peak learning rate of CRMA's read and log_mix")
     lr_crma_gate: float = setting(5e-2, "peak learning rate of CRMA's gate")
-    warmup_steps: int = setting(10, "linear warmup steps before the cosine decay")
+    warmup_steps: int = setting(10, "linear warmup steps before the cosine decay; unless set, at most a tenth of "
+                                    "--steps (so a short run needs no --warmup-steps)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     zclip: bool = setting(True, "ZClip adaptive gradient clipping")
     zclip_warmup: int = setting(25, "steps ZClip collects norms before it clips")
@@ -248,7 +249,17 @@ def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, flags: d
         if given is not None:
             values[f.name] = given
     values.update(flags or {})
-    return cls(**values)
+    return cls(**{**values, **short_run_warmup(cls, values)})
+
+
+def short_run_warmup(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """{"warmup_steps": n} when the user set no warmup: the default, but at most a tenth of the
+    steps, so that a 5-step trial run is valid as typed; {} when the warmup was set."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "warmup_steps" not in fields or "warmup_steps" in values:
+        return {}
+    steps = values.get("steps", fields["steps"].default)
+    return {"warmup_steps": min(fields["warmup_steps"].default, steps // 10)}
 
 
 def parse_config(argv: Sequence[str], cls: type = TrainConfig) -> Any:

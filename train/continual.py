@@ -51,7 +51,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from crma_jax import distributed
 from crma_jax.cl import METHODS, EWC, FrozenSubstrate, InfLoRA, Memory, Method, OLoRA, replay, transfer_metrics
@@ -61,13 +61,14 @@ from crma_jax.data import PackedData, split_holdout
 from crma_jax.domains import FACTS_PREFIX, is_builtin
 from crma_jax.evaluate import crma_effect, route
 from crma_jax.facts import Fact, answer_questions, domain_facts, questions
+from crma_jax.safetensors_io import save_tensors
+from crma_jax.train import stops
 from crma_jax.train.cl_data import Domain, build_domains, check_fingerprints, mix_replay  # noqa: F401 - re-exported
 from crma_jax.train.cl_results import markdown_table, summarize
 from crma_jax.train.cl_stats import task_stats
 from crma_jax.train.config import TrainConfig, parse_seeds, setting
 from crma_jax.train.finetune import OnCheckpoint, Session, evaluate_holdout, fresh_adapters, open_session, \
     save_run_adapters, train
-from crma_jax.train import stops
 from crma_jax.train.run_dir import claim_run, commit, recover, write_config
 
 CONDITIONS = tuple(METHODS)
@@ -163,7 +164,7 @@ METHOD_SETTINGS: dict[str, Callable[[CLConfig], Method]] = {
 
 
 def _save_memory(path: Path, memory: Memory) -> None:
-    save_file({k: np.asarray(v) for k, v in traverse_util.flatten_dict(memory, sep="/").items()}, str(path))
+    save_tensors({k: np.asarray(v) for k, v in traverse_util.flatten_dict(memory, sep="/").items()}, str(path))
 
 
 def _load_memory(path: Path) -> Memory:

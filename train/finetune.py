@@ -30,6 +30,7 @@ from crma_jax.evaluate import evaluate
 from crma_jax.memory_plan import REMAT_BY_SPEED, RematChoice, fastest_fitting, free_bytes
 from crma_jax.optim import ZClipState, learning_rates, make_optimizer, zclip_metrics
 from crma_jax.pretrained import load_tokenizer
+from crma_jax.records import check_source
 from crma_jax.sharding import make_mesh
 from crma_jax.train.checkpointing import checkpoint_manager, restore_latest, save_state
 from crma_jax.train.config import TrainConfig
@@ -108,6 +109,10 @@ def data_spec(cfg: TrainConfig, source: str | None = None, split_seed: int | Non
 def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
     """Load model + adapters onto the mesh, the tokenizer, and (optionally) the train/holdout data."""
     cfg.validate()
+    if load_data:  # a typo in a data path fails now, not after the model has loaded
+        for source in (cfg.data, cfg.eval_data):
+            if source:
+                check_source(source)
     distributed.initialize(cfg.launch)
     mesh = make_mesh(cfg.mesh_shape)
     path = resolve_model_path(cfg.model, cfg.allow_download)
