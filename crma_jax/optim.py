@@ -93,7 +93,7 @@ def zclip(
         buffer = jnp.where(record, state.buffer.at[slot].set(g_safe), state.buffer)
         fills = record & (state.count == warmup_steps - 1)
         warm_mu = jnp.mean(buffer)
-        warm_var = jnp.mean(jnp.square(buffer - warm_mu))  # population variance, as DESIGN.md asks
+        warm_var = jnp.mean(jnp.square(buffer - warm_mu))  # population variance (ddof 0) of the warmup norms
 
         # (2) z-rule, reciprocal: the further out the spike, the closer to mu it lands.
         sigma = jnp.sqrt(state.var)

@@ -18,7 +18,7 @@ LR = {"lora_a": 1e-2, "lora_b": 2e-2, "crma_mix": 3e-2, "crma_gate": 4e-2}
 
 
 def zclip_reference(norms, alpha=0.97, z_thresh=2.5, warmup_steps=25, eps=1e-6, max_grad_norm=None):
-    """ZClip as DESIGN.md states it, in float64 Python: one dict of expected state per step."""
+    """ZClip as `crma_jax.optim.zclip` documents it, in float64 Python: one dict of expected state per step."""
     buf: list[float] = []
     mu = var = 0.0
     rows = []
