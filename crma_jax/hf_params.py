@@ -172,13 +172,19 @@ def assemble_params(
     for path, spec in items:
         names, transpose = hf_names(path, config.num_layers)
         transform = transforms.get(path)
-        buf = None if transform else np.empty(spec.shape, target)
+        buf = None
         stacked = len(names) > 1 or path[0] == "layers"
+        absent = next((n for n in names if n not in available), None)
+        if absent is not None:  # e.g. a config with more layers than the file: named before any allocation
+            _read(source, absent, available, transpose, ())
         for i, name in enumerate(names):
             tensor = _read(source, name, available, transpose, spec.shape[1:] if stacked else spec.shape)
             if transform:
                 buf = _put_layer(buf, i, len(names), transform(i, np.ascontiguousarray(tensor, target)))
-            elif stacked:
+                continue
+            if buf is None:  # only once the file's first tensor has the config's shape: a wrong config
+                buf = np.empty(spec.shape, target)  # is named by key, not met with an allocation of its size
+            if stacked:
                 buf[i] = tensor
             else:
                 buf[...] = tensor

@@ -202,3 +202,26 @@ def test_a_cut_metrics_line_does_not_block_resume(tiny_lm, data_file, reference,
     assert "metrics.jsonl: dropped 123 unreadable bytes" in capsys.readouterr().err
     _assert_same_run(run, reference)
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_a_disk_that_refuses_the_checkpoint_is_one_line_and_resume_continues(tiny_lm, data_file, reference, tmp_path):
+    import resource
+
+    run = tmp_path / "run"
+    argv = _argv(tiny_lm, data_file, run)
+    # Files may not grow past 32 KiB in the child: config and metrics fit, Orbax's checkpoint
+    # metadata (about 60 KB) does not, as on a full disk. Python ignores SIGXFSZ, so the write
+    # fails with EFBIG.
+    limit = 32 << 10
+    proc = subprocess.run([sys.executable, "-m", "crma_jax.train.cli", *argv], cwd=REPO, env=dict(os.environ),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"crma train: error: {run / 'checkpoints'}: saving the checkpoint of step 20 failed (")
+    assert last.endswith("make room, then run again with --resume")
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr  # no Orbax thread dumps
+    assert not committed_steps(run)
+    # No checkpoint was committed, and 20 steps were logged: --resume says so rather than
+    # silently starting over them.
+    assert main(argv + ["--resume"]) == 2

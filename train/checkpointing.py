@@ -10,10 +10,12 @@ to the one before.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -21,6 +23,36 @@ import orbax.checkpoint as ocp
 from crma_jax import distributed
 
 ASIDE = "checkpoints.unreadable"  # RUN/ASIDE/<step>: checkpoints that failed to restore, kept
+
+
+class SaveFailed(OSError):
+    """Checkpoints could not be written (a full disk, a quota, permissions); names the directory,
+    the step and the cause. The committed checkpoints before it are intact."""
+
+
+@contextlib.contextmanager
+def saving(mngr: ocp.CheckpointManager, step: int) -> Iterator[None]:
+    """Turn any failure of an Orbax save (or of an earlier asynchronous one, which surfaces here)
+    into one `SaveFailed` line."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types for a failed write
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SaveFailed(f"{mngr.directory}: saving the checkpoint of step {step} failed ({cause}); the checkpoints "
+                         "before it are intact: make room, then run again with --resume") from e
+
+
+def _not_orbax(record: logging.LogRecord) -> bool:
+    return "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def quiet_orbax() -> None:
+    """Drop Orbax's own log records: a failed asynchronous save logs its traceback from every
+    thread (hundreds of lines), while the failure itself reaches the program as one `SaveFailed`.
+    `--debug` runs skip this and keep them."""
+    absl = logging.getLogger("absl")
+    if _not_orbax not in absl.filters:
+        absl.addFilter(_not_orbax)
 
 
 def checkpoint_manager(run_dir: Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:

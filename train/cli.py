@@ -1,8 +1,9 @@
 """The `crma` command line: one entry point, one subcommand per program.
 
 Errors: bad input (a missing file, a bad setting, a corrupt checkpoint) prints one line naming
-the culprit and exits with 2; any other error prints one line and exits with 1; `--debug`
-prints the traceback as well. A stop signal (Ctrl-C, SIGTERM, SIGUSR1) during training saves a
+the culprit and exits with 2; a failure of the machine (a full disk, a permission) prints one
+line and exits with 1; any other error prints one line and exits with 1, with a hint that
+`--debug` prints the traceback as well. A stop signal (Ctrl-C, SIGTERM, SIGUSR1) during training saves a
 checkpoint at the next step boundary and exits with 128 + its number: 130, 143, 138 (`stops`).
 """
 
@@ -286,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place that turns any error into an exit status
         if args.debug:
             traceback.print_exc()
+        if isinstance(e, OSError) and not isinstance(e, PATH_ERRORS):  # the machine's: a full disk, permissions
+            print(f"{name}: error: {e}", file=sys.stderr)
+            return 1
         known = is_bad_input(e)
         hint = "" if args.debug else " (run again with --debug for the traceback)"
         print(f"{name}: error: {e}" if known else f"{name}: internal error: {type(e).__name__}: {e}{hint}",
