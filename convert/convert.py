@@ -13,20 +13,15 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from crma_jax.errors import CheckpointError
 from crma_jax.pretrained import load_source, open_source, save_converted
+from crma_jax.progress import progress_callback
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-
-
-def tqdm_progress(desc: str, unit: str = "tensor") -> Any:
-    """A `progress(items, total)` callback (for `load_pretrained`, `evaluate`) that draws a tqdm bar."""
-    return lambda items, total: tqdm(items, total=total, desc=desc, unit=unit, leave=False)
 
 
 def remove_orphans(out: Path) -> None:
@@ -84,7 +79,7 @@ def convert_checkpoint(
     if Path(out).exists():
         raise FileExistsError(f"{out}: already exists; choose a new output directory")
     source = open_source(src, allow_pickle=allow_pickle)
-    bar = tqdm_progress(f"convert {Path(src).name}") if progress else None
+    bar = progress_callback(f"convert {Path(src).name}") if progress else None
     _, params = load_source(source, dtype, dtype, mesh, bar)
 
     def write(d: Path) -> None:

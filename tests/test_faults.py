@@ -119,6 +119,7 @@ def test_a_stop_signal_at_a_random_step_saves_that_step_and_resume_is_exact(sign
     first = getattr(signal, signals[0])
     assert proc.returncode == 128 + first, err[-3000:]
     assert f"stopped by {signals[0]} at step" in err
+    assert "\r" not in err and "train: " in err  # a log, not a terminal: progress as plain lines
     if len(signals) > 1:
         assert "already stopping on SIGUSR1" in err
     step, state, meta = _restore(run)

@@ -12,7 +12,7 @@ import argparse
 from typing import Any
 
 from crma_jax.convert.adapter_files import load_adapters
-from crma_jax.convert.convert import tqdm_progress
+from crma_jax.progress import progress_callback
 from crma_jax.data import DataSpec
 from crma_jax.evaluate import EvalResult, evaluate
 from crma_jax.train.config import DATA_SETTINGS, TrainConfig, add_config_flags, config_from_args
@@ -61,7 +61,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     total = EvalResult(0.0, 0)
     for rows in parts:
         r = evaluate(model, variables, rows, args.batch_size, crma_enabled=not args.no_crma,
-                     progress=tqdm_progress("eval", unit="batch"))
+                     progress=progress_callback("eval", unit="batch"))
         total = EvalResult(total.nll_sum + r.nll_sum, total.tokens + r.tokens)
     return {"model": args.model, "lora": set_name, "crma": "crma" in variables and not args.no_crma,
             "data": spec.as_dict(), "split": args.split, **total.as_dict()}

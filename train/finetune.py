@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from crma_jax import CRMAConfig, LoraConfig, distributed, load_pretrained, param_labels
+from crma_jax import CRMAConfig, LoraConfig, distributed, load_pretrained, param_labels, progress
 from crma_jax.adapters import TRAINABLE, init_adapters, store_as_bits
 from crma_jax.cl import Memory, Method
 from crma_jax.convert.adapter_files import Adapters, BaseSpec, save_adapters
@@ -308,7 +308,7 @@ def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkp
 
     skipped_run = 0
     step = start
-    bar = tqdm(total=cfg.steps, initial=start, desc=log_prefix, unit="step", dynamic_ncols=True, disable=not writer)
+    bar = progress.bar(total=cfg.steps, initial=start, desc=log_prefix, unit="step", disable=not writer)
     try:
         while step < cfg.steps:
             signum = stops.agreed()  # every process stops at the same step
