@@ -129,6 +129,15 @@ def per_sequence_grads(mean_loss: Callable[[Any, Any], jax.Array]) -> Callable[[
     return grad_fn
 
 
+@jax.jit
+def _accumulate_squares(total: Any, grads: Any, weights: jax.Array) -> tuple[Any, jax.Array]:
+    """total + Σ_rows weight·grad² per leaf, and Σ weights, as one compiled program: in a
+    multi-process run, a chain of eager ops on global arrays is a chain of SPMD programs whose
+    collectives can deadlock when several are in flight."""
+    sq = jax.tree.map(lambda g: jnp.tensordot(weights, jnp.square(g.astype(jnp.float32)), axes=1), grads)
+    return (sq if total is None else jax.tree.map(jnp.add, total, sq)), jnp.sum(weights)
+
+
 def diagonal_fisher(grad_fn: Callable[[Any, Any], tuple[Any, jax.Array]], params: Any, batches: Iterable[Any]) -> Any:
     """The empirical diagonal Fisher: the mean over every sequence of `batches` of its squared
     gradient, per leaf (float32, shaped like `params`).
@@ -141,9 +150,8 @@ def diagonal_fisher(grad_fn: Callable[[Any, Any], tuple[Any, jax.Array]], params
     total, n = None, 0.0
     for batch in batches:
         grads, weights = grad_fn(params, batch)
-        sq = jax.tree.map(lambda g: jnp.tensordot(weights, jnp.square(g.astype(jnp.float32)), axes=1), grads)
-        total = sq if total is None else jax.tree.map(jnp.add, total, sq)
-        n += float(jnp.sum(weights))
+        total, count = _accumulate_squares(total, grads, weights)
+        n += float(count)  # also waits for the batch: one multi-process computation in flight at a time
     if total is None or n == 0:
         raise ValueError("diagonal_fisher needs at least one sequence with targets")
     return jax.tree.map(lambda t: t / n, total)

@@ -44,7 +44,7 @@ def test_a_kill_while_writing_keeps_the_old_adapters(tmp_path, monkeypatch):
     def dies(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(files, "save_file", dies)
+    monkeypatch.setattr(files, "save_tensors", dies)
     with pytest.raises(KeyboardInterrupt):
         save_adapters(tmp_path, _adapters(2.0))
     monkeypatch.undo()

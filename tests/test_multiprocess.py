@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAULT_DRIVER = REPO / "tests" / "fault_injection.py"
 WORDS = "a clause may bind each party to the terms that the court reads into the contract"
 STEPS, KILL_AT = 8, 4
-LAUNCH_TIMEOUT = 300
+LAUNCH_TIMEOUT = 600  # a hang guard: loaded 2-core CI machines run a launch in minutes
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,12 @@ def _launch(argv: list[str], processes: int, kill_at: dict[int, int] | None = No
         deadline = time.monotonic() + LAUNCH_TIMEOUT
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{argv}: still running after {LAUNCH_TIMEOUT} s")
+                tails = []
+                for i, (_, err) in enumerate(logs):
+                    err.seek(0)
+                    lines = [line for line in err.read().splitlines() if "cudart" not in line and "absl" not in line]
+                    tails.append(f"process {i}, last lines of stderr:\n" + "\n".join(lines[-15:]))
+                raise TimeoutError(f"{argv}: still running after {LAUNCH_TIMEOUT} s\n" + "\n".join(tails))
             if sigterm and (sigterm[1] / "metrics.jsonl").is_file() and (sigterm[1] / "metrics.jsonl").read_text():
                 procs[sigterm[0]].send_signal(signal.SIGTERM)
                 sigterm = None

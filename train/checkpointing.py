@@ -11,7 +11,6 @@ to the one before.
 from __future__ import annotations
 
 import contextlib
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -40,19 +39,6 @@ def saving(mngr: ocp.CheckpointManager, step: int) -> Iterator[None]:
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SaveFailed(f"{mngr.directory}: saving the checkpoint of step {step} failed ({cause}); the checkpoints "
                          "before it are intact: make room, then run again with --resume") from e
-
-
-def _not_orbax(record: logging.LogRecord) -> bool:
-    return "/orbax/" not in record.pathname.replace("\\", "/")
-
-
-def quiet_orbax() -> None:
-    """Drop Orbax's own log records: a failed asynchronous save logs its traceback from every
-    thread (hundreds of lines), while the failure itself reaches the program as one `SaveFailed`.
-    `--debug` runs skip this and keep them."""
-    absl = logging.getLogger("absl")
-    if _not_orbax not in absl.filters:
-        absl.addFilter(_not_orbax)
 
 
 def checkpoint_manager(run_dir: Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:

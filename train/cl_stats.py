@@ -49,10 +49,11 @@ def task_input_grams(session: Session, method: Method, lora: Any, memory: Memory
                                        method="hidden", mutable=[LORA_INPUTS])
         return jax.tree.map(lambda sown: sown[0], state[LORA_INPUTS], is_leaf=lambda x: isinstance(x, tuple))
 
+    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))  # one program, not one per leaf (`_accumulate_squares`)
     total = None
     for batch in batches:
         g = grams(method.forward_lora(lora, memory), session.place(batch))
-        total = g if total is None else jax.tree.map(jnp.add, total, g)
+        total = g if total is None else jax.block_until_ready(add(total, g))
     if total is None:
         raise ValueError(f"no batch of {session.cfg.batch_size} rows to measure the inputs on")
     # {module: {proj: {"gram": G}}} -> {module: {proj: G}}, the layout of a LoRA set's pairs

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -273,9 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_orbax(record: logging.LogRecord) -> bool:
+    return "/orbax/" not in record.pathname.replace("\\", "/")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = f"crma {args.command}"
+    # A failed asynchronous save makes Orbax log its traceback from every thread (hundreds of
+    # lines); the failure reaches the program as one `SaveFailed` line. --debug keeps them.
+    absl = logging.getLogger("absl")
+    absl.removeFilter(_not_orbax)
+    if not args.debug:
+        absl.addFilter(_not_orbax)
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -32,7 +32,7 @@ from crma_jax.optim import ZClipState, learning_rates, make_optimizer, zclip_met
 from crma_jax.pretrained import load_tokenizer
 from crma_jax.records import check_source
 from crma_jax.sharding import make_mesh
-from crma_jax.train.checkpointing import checkpoint_manager, quiet_orbax, restore_latest, save_state, saving
+from crma_jax.train.checkpointing import checkpoint_manager, restore_latest, save_state, saving
 from crma_jax.train.config import TrainConfig
 from crma_jax.train.metrics import MetricsWriter, require_nothing_lost
 from crma_jax.train import stops
@@ -276,8 +276,6 @@ def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkp
     trainable, opt_state, rng = place((trainable, opt_state, jax.random.PRNGKey(cfg.seed)))
     rows = distributed.local_rows(shardings["batch"], cfg.batch_size)  # this process's share of each batch
     data = BatchIterator(session.train_data, cfg.batch_size, seed=cfg.seed, rows=rows)
-    if not cfg.debug:
-        quiet_orbax()
     mngr = checkpoint_manager(run, cfg.keep_checkpoints)
     start = 0
     restored = restore_latest(mngr, {"trainable": trainable, "opt_state": opt_state, "rng": rng}) if cfg.resume else None
