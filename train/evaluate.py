@@ -12,9 +12,9 @@ import argparse
 from typing import Any
 
 from crma_jax.convert.adapter_files import load_adapters
-from crma_jax.progress import progress_callback
 from crma_jax.data import DataSpec
 from crma_jax.evaluate import EvalResult, evaluate
+from crma_jax.progress import progress_callback
 from crma_jax.train.config import DATA_SETTINGS, TrainConfig, add_config_flags, config_from_args
 from crma_jax.train.finetune import data_spec
 from crma_jax.train.inference import is_run, load_for_inference, pick_set
