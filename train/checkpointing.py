@@ -37,8 +37,10 @@ def saving(mngr: ocp.CheckpointManager, step: int) -> Iterator[None]:
         yield
     except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types for a failed write
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SaveFailed(f"{mngr.directory}: saving the checkpoint of step {step} failed ({cause}); the checkpoints "
-                         "before it are intact: make room, then run again with --resume") from e
+        last = mngr.latest_step()
+        kept = f"the last committed one (step {last}) is intact" if last is not None else "none was committed"
+        raise SaveFailed(f"{mngr.directory}: saving a checkpoint failed by step {step} ({cause}); {kept}: make room, "
+                         "then run again with --resume") from e
 
 
 def checkpoint_manager(run_dir: Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
