@@ -137,6 +137,17 @@ def committed_steps(run: Path) -> list[int]:
         mngr.close()
 
 
+def restore_checkpoint(run: Path, step: int | None = None) -> tuple[int, Any, dict]:
+    """(step, state as saved (nested dicts of arrays), meta) of a run's checkpoint (default: latest)."""
+    from crma_jax.train.checkpointing import checkpoint_manager, restore_state
+
+    mngr = checkpoint_manager(run, keep=10, async_save=False)
+    try:
+        return restore_state(mngr, None, step)
+    finally:
+        mngr.close()
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     """Write `rows` as JSONL (one object per line) and return `path`."""
     import json

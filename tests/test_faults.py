@@ -24,8 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import committed_steps, word_jsonl
-from crma_jax.train.checkpointing import ASIDE, checkpoint_manager, restore_state
+from conftest import committed_steps, restore_checkpoint, word_jsonl
+from crma_jax.train.checkpointing import ASIDE
 from crma_jax.train.cli import main
 from crma_jax.train.metrics import read_metrics
 from crma_jax.train.run_dir import LOCK_FILE
@@ -55,21 +55,13 @@ def reference(tiny_lm, data_file, tmp_path_factory) -> Path:
     return run
 
 
-def _restore(run: Path, step: int | None = None):
-    mngr = checkpoint_manager(run, keep=10, async_save=False)
-    try:
-        return restore_state(mngr, None, step)
-    finally:
-        mngr.close()
-
-
 def _assert_same_run(run: Path, reference: Path) -> None:
     """Every step's loss and the final training state (adapters, optimizer, RNG) bit for bit."""
     got, want = read_metrics(run), read_metrics(reference)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
-    step, state, meta = _restore(run)
-    ref_step, ref_state, ref_meta = _restore(reference)
+    step, state, meta = restore_checkpoint(run)
+    ref_step, ref_state, ref_meta = restore_checkpoint(reference)
     assert step == ref_step == STEPS and meta == ref_meta
     for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -123,7 +115,7 @@ def test_a_stop_signal_at_a_random_step_saves_that_step_and_resume_is_exact(sign
     assert "\r" not in err and "train: " in err  # a log, not a terminal: progress as plain lines
     if len(signals) > 1:
         assert "already stopping on SIGUSR1" in err
-    step, state, meta = _restore(run)
+    step, state, meta = restore_checkpoint(run)
     logged = [r["step"] for r in read_metrics(run)]
     assert at <= step < STEPS and logged == list(range(1, step + 1))  # the step it stopped at, saved
     assert meta["step"] == step and int(state["opt_state"]["zclip"]["count"]) == step

@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import committed_steps
+from conftest import committed_steps, restore_checkpoint
 from crma_jax.data import BatchIterator, build_dataset
 from crma_jax.pretrained import load_tokenizer
 from crma_jax.train import finetune
-from crma_jax.train.checkpointing import checkpoint_manager, restore_state
 from crma_jax.train.cli import main
 from crma_jax.train.config import TrainConfig, parse_config
 from crma_jax.train.finetune import open_session, train
@@ -57,15 +56,6 @@ def _argv(model: Path, data: Path, out: Path, *extra: str, fast: bool = True) ->
 def _env(**extra: str) -> dict[str, str]:
     """The parent's environment (conftest's XLA_FLAGS with 8 devices included) plus `extra`."""
     return {**os.environ, **extra}
-
-
-def _restore(run: Path, step: int | None = None):
-    """(step, state as saved (nested dicts of arrays), meta) of a run's checkpoint (default: latest)."""
-    mngr = checkpoint_manager(run, keep=10, async_save=False)
-    try:
-        return restore_state(mngr, None, step)
-    finally:
-        mngr.close()
 
 
 def _data_position(model: Path, data: Path, steps: int) -> dict:
@@ -123,7 +113,7 @@ def test_full_run_writes_every_artifact_and_learns(tiny_lm, data_file, tmp_path,
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
     assert committed_steps(run) == [16, 24]  # only the last `keep_checkpoints`
-    step, state, meta = _restore(run)
+    step, state, meta = restore_checkpoint(run)
     assert step == 24 and meta["step"] == 24
     assert set(state) == {"trainable", "opt_state", "rng"}
     assert int(state["opt_state"]["zclip"]["count"]) == 24
@@ -148,7 +138,7 @@ def test_yaml_config_and_flag_precedence(tiny_lm, data_file, tmp_path, capsys):
     assert saved.seq_len == 16 and saved.lora_rank == 2  # the file beats the defaults
     assert saved.batch_size == 2 and saved.lr_lora == TrainConfig.lr_lora
     assert len(read_metrics(run)) == 3
-    _, state, _ = _restore(run)
+    _, state, _ = restore_checkpoint(run)
     q_a = state["trainable"]["lora"]["layers"]["self_attn"]["q_proj"]["a"]
     assert q_a.shape[-1] == 2  # lora_rank from the YAML file reached the model
     capsys.readouterr()
@@ -250,8 +240,8 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     for g, w in zip(got, want):
         assert g["loss"] == w["loss"] and g["grad_norm"] == w["grad_norm"], g["step"]
         assert g["lr/lora_a"] == w["lr/lora_a"]
-    step, state, meta = _restore(run)
-    ref_step, ref_state, ref_meta = _restore(reference)
+    step, state, meta = restore_checkpoint(run)
+    ref_step, ref_state, ref_meta = restore_checkpoint(reference)
     assert step == ref_step == 12 and meta == ref_meta
     _assert_trees_equal(state, ref_state)  # adapters, optimizer + ZClip state, RNG
 
@@ -261,8 +251,8 @@ def test_resume_after_sigkill_is_exact(crash_runs, uninterrupted):
     assert returncode == -signal.SIGKILL, err[-3000:]
     assert committed_steps(run) == [4, 8]
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 9))
-    _, state8, meta8 = _restore(run, 8)
-    _, ref8, ref_meta8 = _restore(uninterrupted, 8)
+    _, state8, meta8 = restore_checkpoint(run, 8)
+    _, ref8, ref_meta8 = restore_checkpoint(uninterrupted, 8)
     assert meta8 == ref_meta8
     _assert_trees_equal(state8, ref8)
 
@@ -274,9 +264,9 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(crash_runs, uninter
     run, argv, returncode, err = crash_runs["during_save"]
     assert returncode == -signal.SIGKILL, err[-3000:]
     assert committed_steps(run) == [4]  # step 8 never committed (at most a temporary directory is left)
-    step, state, meta = _restore(run)
+    step, state, meta = restore_checkpoint(run)
     assert step == 4 and meta["step"] == 4
-    _, ref4, ref_meta4 = _restore(uninterrupted, 4)
+    _, ref4, ref_meta4 = restore_checkpoint(uninterrupted, 4)
     assert meta == ref_meta4
     _assert_trees_equal(state, ref4)
 
@@ -310,7 +300,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_lm, data_file, tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "stopped by SIGINT at step" in err
 
-    step, state, meta = _restore(run)
+    step, state, meta = restore_checkpoint(run)
     logged = [r["step"] for r in read_metrics(run)]
     assert step >= 3 and step == logged[-1] and logged == list(range(1, step + 1))
     # The checkpoint is consistent: it holds exactly `step` updates and the matching data position.
