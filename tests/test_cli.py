@@ -220,3 +220,40 @@ def test_eval_with_data_splits_with_the_runs_own_seed(trained, tiny_lm, tmp_path
     assert again["data"]["split_seed"] == 3 and again["loss"] == pytest.approx(own["loss"], rel=1e-6)
     assert main(["eval", str(run), "--data", str(data), "--seq-len", "32", "--split-seed", "0"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["split_seed"] == 0  # asked for: still possible
+
+
+def _complete_after_the_loop_closed() -> None:
+    """What a failed Orbax save leaves behind: a tensorstore future that completes after the
+    event loop awaiting it was closed."""
+    import asyncio
+
+    import tensorstore as ts
+
+    promise, future = ts.Promise.new()
+
+    async def wait_briefly():
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(future), 0.01)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(wait_briefly())
+    loop.close()
+    promise.set_result(0)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_late_completions_of_a_failed_save_are_quiet_unless_debug(monkeypatch):
+    import sys
+
+    from crma_jax.train.cli import _QuietClosedLoop
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+    _QuietClosedLoop.install(on=True)
+    _complete_after_the_loop_closed()
+    assert seen == []
+    _QuietClosedLoop.install(on=False)  # --debug
+    _complete_after_the_loop_closed()
+    assert seen == ["Event loop is closed"]
+    sys.unraisablehook(type("U", (), {"exc_value": ValueError("other")})())
+    assert seen[-1] == "other"

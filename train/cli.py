@@ -278,6 +278,31 @@ def _not_orbax(record: logging.LogRecord) -> bool:
     return "/orbax/" not in record.pathname.replace("\\", "/")
 
 
+class _QuietClosedLoop:
+    """`sys.unraisablehook` that drops tensorstore's late completions of a failed asynchronous save.
+
+    When one of Orbax's writes fails, its event loop closes while tensorstore's other writes are
+    still in flight; each of their completions then reports `RuntimeError('Event loop is closed')`
+    as unraisable, one traceback per write, during the run and at exit. With `on` false, and for
+    everything else, the hook that was installed before (Python's, or pytest's) gets it."""
+
+    def __init__(self, then):
+        self.then, self.on = then, True
+
+    def __call__(self, unraisable) -> None:
+        e = unraisable.exc_value
+        if self.on and isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        self.then(unraisable)
+
+    @classmethod
+    def install(cls, on: bool) -> None:
+        """Idempotent: a second `main` in one process switches the installed filter."""
+        if not isinstance(sys.unraisablehook, cls):
+            sys.unraisablehook = cls(sys.unraisablehook)
+        sys.unraisablehook.on = on
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = f"crma {args.command}"
@@ -285,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # lines); the failure reaches the program as one `SaveFailed` line. --debug keeps them.
     absl = logging.getLogger("absl")
     absl.removeFilter(_not_orbax)
+    _QuietClosedLoop.install(on=not args.debug)
     if not args.debug:
         absl.addFilter(_not_orbax)
     try:
