@@ -2,8 +2,8 @@
 
 Pipeline: `crma_jax.records.load_records` (a built-in domain, a file, a saved or cached
 `datasets` dataset) -> `drop_duplicates` (exact copies, and training documents that a separate
-evaluation source also holds) -> `tokenize_records` (plain text, Alpaca with the prompt masked,
-or chat through the tokenizer's template with the loss on assistant turns) -> `split_holdout`
+evaluation source also holds) -> `tokenize_records` (plain text, Alpaca or TRL prompt/completion
+with the prompt masked, or chat through the tokenizer's template with the loss on assistant turns) -> `split_holdout`
 (by document; or a separate evaluation source) -> `pack_documents` -> `BatchIterator`;
 `DataSpec.build` runs it all.
 
@@ -132,7 +132,8 @@ def tokenize_records(records: Records, tokenizer: Any) -> list[TokenDoc]:
     """`Records` -> [(ids, loss_mask)], one per record. No EOS is added here.
 
     text: every token counts (mask 1). alpaca: the formatted prompt (instruction, optional input)
-    has mask 0 and only the output tokens have mask 1. chat: the tokenizer's chat template, mask
+    has mask 0 and only the output tokens have mask 1. completion (TRL's prompt/completion): the
+    prompt as written, mask 0, then the completion, mask 1. chat: the tokenizer's chat template, mask
     1 on the assistant turns only (`crma_jax.chat.render_chat`); DataError naming the source and
     row when the tokenizer has no template or the template rejects a conversation.
     """
@@ -149,10 +150,14 @@ def tokenize_records(records: Records, tokenizer: Any) -> list[TokenDoc]:
                 raise DataError(f"{records.source}: {records.where(i)}: the chat template rejects this conversation "
                                 f"({type(e).__name__}: {e})") from None
         return docs
-    prompts = [PROMPT_WITH_INPUT.format(instruction=ins, input=inp) if inp else PROMPT.format(instruction=ins)
-               for ins, inp in zip(records.column(f.instruction), records.column(f.input))]
+    if records.style == "completion":
+        prompts, outputs = records.column(f.prompt), records.column(f.completion)
+    else:
+        prompts = [PROMPT_WITH_INPUT.format(instruction=ins, input=inp) if inp else PROMPT.format(instruction=ins)
+                   for ins, inp in zip(records.column(f.instruction), records.column(f.input))]
+        outputs = records.column(f.output)
     heads = _encode(tokenizer, prompts, True)
-    tails = _encode(tokenizer, records.column(f.output), False)
+    tails = _encode(tokenizer, outputs, False)
     return [(h + t, [0] * len(h) + [1] * len(t)) for h, t in zip(heads, tails)]
 
 
@@ -309,10 +314,13 @@ class DataSpec:
     eval_source: str | None = None
     eval_split: str | None = None
     skip_bad_rows: bool = False
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
 
     @property
     def fields(self) -> Fields:
-        return Fields(self.text_field, self.messages_field, self.instruction_field, self.input_field, self.output_field)
+        return Fields(self.text_field, self.messages_field, self.instruction_field, self.input_field, self.output_field,
+                      self.prompt_field, self.completion_field)
 
     def records(self, evaluation: bool = False, cache_dir: str | None = None) -> Records:
         """The usable records of the training source, or (`evaluation`) of `eval_source`."""

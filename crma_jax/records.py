@@ -11,8 +11,12 @@ Sources (`load_records`), tried in this order (an existing path wins over a buil
   where it looked.
 
 Styles (`Fields.style`), decided by the columns present: **chat** (a `messages` list of
-`{"role", "content"}` turns, the OpenAI/HF layout), **alpaca** (`instruction`, optional
-`input`, `output`) or **text**. `Fields` renames every field.
+`{"role", "content"}` turns, the OpenAI/HF layout; ShareGPT's `conversations` list of
+`{"from", "value"}` turns is mapped to it), **alpaca** (`instruction`, optional `input`,
+`output`), **completion** (TRL's `prompt` and `completion` strings; the loss is on the
+completion only) or **text**. `Fields` renames every field. Records with none of these shapes
+are refused with their columns named and, for a known other shape (`question`/`answer`), the
+renaming that reads them.
 
 A row that cannot be used (a missing or mistyped field, an empty conversation, an unknown role,
 no assistant turn, a conversation that opens with the assistant) is never dropped silently: by
@@ -36,7 +40,11 @@ from crma_jax.domains import domain_documents, is_builtin
 
 FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-STYLES = ("text", "alpaca", "chat")
+STYLES = ("text", "alpaca", "completion", "chat")
+# ShareGPT's turn speakers, as chat roles (other speakers are refused as unknown roles).
+SHAREGPT = "conversations"
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "tool": "tool", "function_response": "tool", "observation": "tool"}
 
 
 # The longest record (a JSONL line, a .txt document) a load accepts, checked before anything is
@@ -57,12 +65,17 @@ class Fields:
     instruction: str = "instruction"
     input: str = "input"
     output: str = "output"
+    prompt: str = "prompt"
+    completion: str = "completion"
 
     def style(self, columns: Sequence[str]) -> str:
-        """'chat' with a messages column, 'alpaca' with instruction and output, else 'text'."""
+        """'chat' with a messages column, 'alpaca' with instruction and output, 'completion' with
+        prompt and completion, else 'text'."""
         if self.messages in columns:
             return "chat"
-        return "alpaca" if {self.instruction, self.output} <= set(columns) else "text"
+        if {self.instruction, self.output} <= set(columns):
+            return "alpaca"
+        return "completion" if {self.prompt, self.completion} <= set(columns) else "text"
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,8 @@ class Records:
             return [key(t) for t in self.column(f.text)]
         if self.style == "chat":
             return [json.dumps([[t["role"], key(t["content"])] for t in m]) for m in self.column(f.messages)]
+        if self.style == "completion":
+            return [json.dumps([key(p), key(c)]) for p, c in zip(self.column(f.prompt), self.column(f.completion))]
         parts = zip(self.column(f.instruction), self.column(f.input), self.column(f.output))
         return [json.dumps([key(x or "") for x in row]) for row in parts]
 
@@ -139,13 +154,15 @@ def conversation_problem(messages: Any) -> str | None:
     return None
 
 
-def _problems(rows: Any, style: str, fields: Fields) -> Iterator[str | None]:
+def _problems(rows: Any, style: str, fields: Fields, sharegpt: bool = False) -> Iterator[str | None]:
     """Per row: why it cannot be used in `style`, or None."""
     if style == "chat":
-        yield from (f"field {fields.messages!r}: {p}" if (p := conversation_problem(m)) else None
+        label = f"{SHAREGPT!r} (ShareGPT speakers: {', '.join(SHAREGPT_ROLES)})" if sharegpt else repr(fields.messages)
+        yield from (f"field {label}: {p}" if (p := conversation_problem(m)) else None
                     for m in _column(rows, fields.messages))
         return
-    required = (fields.instruction, fields.output) if style == "alpaca" else (fields.text,)
+    required = {"alpaca": (fields.instruction, fields.output), "completion": (fields.prompt, fields.completion),
+                "text": (fields.text,)}[style]
     optional = (fields.input,) if style == "alpaca" else ()
     columns = {name: _column(rows, name) for name in required + optional}
     for i in range(len(rows)):
@@ -161,15 +178,47 @@ def _problems(rows: Any, style: str, fields: Fields) -> Iterator[str | None]:
         yield problem
 
 
+def sharegpt_messages(conversation: Any) -> Any:
+    """A ShareGPT conversation (a list of `{"from", "value"}` turns) as chat `messages`. Turns
+    that are not of that shape are passed on unchanged, for `conversation_problem` to name."""
+    if not isinstance(conversation, list):
+        return conversation
+    return [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
+            if isinstance(t, Mapping) and {"from", "value"} <= set(t) else t for t in conversation]
+
+
+def _no_known_shape(source: str, columns: Sequence[str], fields: Fields) -> DataError:
+    """The error for records that have no field of any style: their columns, the shapes that are
+    read, and the renaming for a known other shape."""
+    hint = ""
+    if {"question", "answer"} <= set(columns):
+        hint = (" Question/answer records read as Alpaca records with the loss on the answer: --instruction-field "
+                "question --output-field answer (Fields(instruction='question', output='answer') in Python).")
+    return DataError(
+        f"{source}: records have the fields {', '.join(map(repr, sorted(columns)))}, none of the shapes crma reads: "
+        f"{fields.text!r} (plain text), {fields.messages!r} (chat turns) or {SHAREGPT!r} (ShareGPT turns), "
+        f"{fields.instruction!r} + {fields.output!r} (Alpaca), {fields.prompt!r} + {fields.completion!r} (TRL "
+        f"prompt/completion). Rename a field with --text-field, --messages-field, --instruction-field, "
+        f"--output-field, --prompt-field or --completion-field.{hint}")
+
+
 def check_rows(rows: Any, fields: Fields, source: str, where: Callable[[int], str] | None = None,
                skip_bad: bool = False) -> Records:
     """The usable rows of `rows` as `Records`; DataError (or, with `skip_bad`, a report) for the
-    rest, naming how many and the first (`where(i)`, default 'row i+1')."""
+    rest, naming how many and the first (`where(i)`, default 'row i+1'). ShareGPT rows (a
+    `conversations` column and no messages column) become chat rows (`sharegpt_messages`)."""
     where = where or (lambda i: f"row {i + 1}")
     if len(rows) == 0:
         raise DataError(f"{source}: no records")
-    style = fields.style(_columns(rows))
-    bad = [(i, p) for i, p in enumerate(_problems(rows, style, fields)) if p]
+    columns = _columns(rows)
+    sharegpt = SHAREGPT in columns and fields.messages not in columns
+    if sharegpt:
+        rows = [{fields.messages: sharegpt_messages(c)} for c in _column(rows, SHAREGPT)]
+        columns = [fields.messages]
+    style = fields.style(columns)
+    if style == "text" and fields.text not in columns:
+        raise _no_known_shape(source, columns, fields)
+    bad = [(i, p) for i, p in enumerate(_problems(rows, style, fields, sharegpt)) if p]
     if not bad:
         return Records(rows, style, source, fields, where=where)
     first, why = bad[0]
@@ -185,11 +234,14 @@ def check_rows(rows: Any, fields: Fields, source: str, where: Callable[[int], st
 # Files.
 
 
-def _check_utf8(path: Path, cap: int | None = None) -> list[int]:
-    """Raise DataError on an empty file, a non-UTF8 line or a line longer than `cap` bytes (the
-    default `MAX_RECORD_BYTES`); return the 1-based numbers of the non-blank lines (a JSONL
-    record's line number). Reads at most `cap` + 1 bytes at a time, so a huge line costs no
-    memory. '\\n' is ASCII, so per-line decoding is exact."""
+def _scan_lines(path: Path, json_objects: bool = False, cap: int | None = None) -> list[int]:
+    """Raise DataError on an empty file, a non-UTF8 line, a line longer than `cap` bytes (the
+    default `MAX_RECORD_BYTES`) or, with `json_objects`, a non-blank line that is not a JSON
+    object; return the 1-based numbers of the non-blank lines (a JSONL record's line number).
+
+    Every line is checked here, before `datasets` reads the file, so that a bad line is named
+    once with its line number, without pyarrow's own message first. Reads at most `cap` + 1 bytes
+    at a time, so a huge line costs no memory. '\\n' is ASCII, so per-line decoding is exact."""
     cap = MAX_RECORD_BYTES if cap is None else cap
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
@@ -203,24 +255,22 @@ def _check_utf8(path: Path, cap: int | None = None) -> list[int]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
-            if line.strip():
-                nonblank.append(n)
+            if not line.strip():
+                continue
+            nonblank.append(n)
+            if json_objects:
+                try:
+                    obj = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{n}: a JSONL record must be an object, got {type(obj).__name__}")
     return nonblank
 
 
-def _find_bad_json(path: Path, error: Exception) -> str:
-    """Locate the first JSONL line that is not a JSON object (datasets' own error has no line);
-    when every line is one, `error`'s own last words (e.g. a field with two types)."""
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"{path}:{n}: invalid JSON ({e.msg})"
-            if not isinstance(obj, dict):
-                return f"{path}:{n}: a JSONL record must be an object, got {type(obj).__name__}"
+def _unreadable_json(path: Path, error: Exception) -> str:
+    """What `datasets` could not read in a file whose every line is a JSON object (e.g. a field
+    with two types): its error's own last words."""
     cause = error.__cause__ or error.__context__ or error
     detail = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
     return f"{path}: could not be read as JSONL ({detail[:300]})"
@@ -254,16 +304,21 @@ def _load_files(path: Path, fields: Fields, fmt: str | None, cache_dir: str | No
             if fmt == "text" and f.stat().st_size > MAX_RECORD_BYTES:  # one document per file
                 raise DataError(f"{f}: a document longer than {MAX_RECORD_BYTES >> 20} MiB (crma_jax.records."
                                 f"MAX_RECORD_BYTES); split it into files of a sensible size")
-            lines = _check_utf8(f)
+            lines = _scan_lines(f, json_objects=fmt == "json")
             if fmt == "json" and not lines:
                 raise DataError(f"{f}: no records (only blank lines)")
     kwargs: dict[str, Any] = {"sample_by": "document"} if fmt == "text" else {}
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" is noise in a training log
     try:
         ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir,
                                    **kwargs)
     except Exception as e:  # datasets wraps parse errors in DatasetGenerationError, without a line
-        msg = _find_bad_json(path, e) if fmt == "json" else f"{path}: could not be read as {fmt} ({e})"
+        msg = _unreadable_json(path, e) if fmt == "json" else f"{path}: could not be read as {fmt} ({e})"
         raise DataError(msg) from e
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     if fmt == "text" and fields.text != "text":
         ds = ds.rename_column("text", fields.text)
     # A JSONL row maps to its non-blank line (datasets skips blank lines).

@@ -133,6 +133,18 @@ def test_alpaca_prompt_masked(tok) -> None:
     assert kept == tok("4")["input_ids"] + [EOS] + tok("hi")["input_ids"] + [EOS]
 
 
+def test_prompt_completion_records_train_on_the_completion_only(tok) -> None:
+    recs = [{"prompt": "The capital of France is", "completion": " Paris."},
+            {"prompt": "2 + 2 =", "completion": " 4"}]
+    docs = tokenize_records(check_rows(recs, Fields(), "<test>"), tok)
+    for (ids, mask), r in zip(docs, recs):
+        assert mask == sorted(mask) and 0 in mask  # the prompt (0s), as written, then the completion (1s)
+        assert tok.decode([i for i, m in zip(ids, mask) if not m]) == r["prompt"]
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == r["completion"]
+    renamed = check_rows([{"q": "a", "c": "b"}], Fields(prompt="q", completion="c"), "<test>")
+    assert renamed.style == "completion"
+
+
 def test_text_records_all_count(tok) -> None:
     (ids, mask), = tokenize_records(check_rows([{"body": "abc"}], Fields(text="body"), "<test>"), tok)
     assert tok.decode(ids) == "abc" and mask == [1, 1, 1]
@@ -256,7 +268,7 @@ def test_separate_eval_data_trains_on_all_of_data_and_scores_all_of_eval(tmp_pat
     datasets.Dataset.from_list([{"text": f"train doc {i}"} for i in range(10)]).save_to_disk(str(tmp_path / "saved"))
     held = write_jsonl(tmp_path / "eval.jsonl", [{"body": f"eval {i}"} for i in range(3)])
     spec = DataSpec(str(tmp_path / "saved"), seq_len=16, eval_source=str(held), text_field="text")
-    with pytest.raises(DataError, match="missing field 'text'"):  # one set of field names for both
+    with pytest.raises(DataError, match="eval.jsonl: records have the fields 'body', none"):  # one set of names for both
         spec.build(tok)
     held = write_jsonl(tmp_path / "eval2.jsonl", [{"text": f"eval {i}"} for i in range(3)])
     train, hold = DataSpec(str(tmp_path / "saved"), seq_len=16, eval_source=str(held)).build(tok)

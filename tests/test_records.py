@@ -43,8 +43,27 @@ def test_styles_follow_the_mapped_fields(tmp_path: Path, cache: str) -> None:
     assert load_records(path, fields=Fields(messages="conv"), cache_dir=cache).style == "chat"
     alpaca = load_records(path, fields=Fields(messages="none", instruction="q", output="a"), cache_dir=cache)
     assert alpaca.style == "alpaca" and alpaca.column("q") == ["a"]
-    with pytest.raises(DataError, match="missing field 'text'"):  # no mapped field: plain text, which is absent
+    with pytest.raises(DataError, match=r"m.jsonl: records have the fields 'a', 'conv', 'q', none of the shapes "
+                                         r"crma reads: 'text' \(plain text\).*Rename a field with --text-field"):
         load_records(path, cache_dir=cache)
+
+
+def test_trl_and_sharegpt_records_are_read_and_question_answer_gets_its_flags(tmp_path: Path, cache: str) -> None:
+    trl = load_records(write_jsonl(tmp_path / "trl.jsonl", [{"prompt": "p", "completion": "c"}]), cache_dir=cache)
+    assert trl.style == "completion" and trl.column("completion") == ["c"]
+    turns = [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    share = load_records(write_jsonl(tmp_path / "sg.jsonl", [{"conversations": turns, "id": "x"}]), cache_dir=cache)
+    assert share.style == "chat" and share.column("messages") == [
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+    bad = [{"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}]
+    with pytest.raises(DataError, match=r"bad.jsonl: line 1: field 'conversations' \(ShareGPT speakers: system, human"
+                                         r".*\): unknown role 'bot'"):
+        load_records(write_jsonl(tmp_path / "bad.jsonl", bad), cache_dir=cache)
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"qa.jsonl: records have the fields 'answer', 'question', none of the shapes"
+                                         r".* --instruction-field question --output-field answer"):
+        load_records(qa, cache_dir=cache)
+    assert load_records(qa, fields=Fields(instruction="question", output="answer"), cache_dir=cache).style == "alpaca"
 
 
 def test_empty_file(tmp_path: Path, cache: str) -> None:
@@ -99,14 +118,20 @@ def test_unusable_conversations_are_named_with_their_line(tmp_path: Path, cache:
         load_records(path, cache_dir=cache)
 
 
-def test_non_utf8_and_bad_json(tmp_path: Path, cache: str) -> None:
+def test_non_utf8_and_bad_json(tmp_path: Path, cache: str, capfd) -> None:
     for name, body in (("u.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n'), ("u.txt", b"fine\nbad \xff\n")):
         (tmp_path / name).write_bytes(body)
         with pytest.raises(DataError, match=rf"{name}:2: not valid UTF-8"):
             load_records(tmp_path / name, cache_dir=cache)
-    (tmp_path / "j.jsonl").write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(DataError, match=r"j.jsonl:2: invalid JSON"):
+    (tmp_path / "j.jsonl").write_text('{"text": "a"}\n\n{"text": "b"\n{"text": "c"}\n')
+    capfd.readouterr()
+    with pytest.raises(DataError, match=r"j.jsonl:3: invalid JSON \(Expecting ',' delimiter at column 13\)$"):
         load_records(tmp_path / "j.jsonl", cache_dir=cache)
+    printed = capfd.readouterr()
+    assert "pyarrow" not in printed.err + printed.out and "row" not in printed.err + printed.out  # no library noise
+    (tmp_path / "list.jsonl").write_text('{"text": "a"}\n["text"]\n')
+    with pytest.raises(DataError, match=r"list.jsonl:2: a JSONL record must be an object, got list"):
+        load_records(tmp_path / "list.jsonl", cache_dir=cache)
     # One field, two types: arrow's own words, after the file name.
     (tmp_path / "mixed.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n\n" + json.dumps({"messages": "x"}))
     with pytest.raises(DataError, match=r"mixed.jsonl: could not be read as JSONL \(.*changed from array to string"):

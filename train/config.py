@@ -123,6 +123,9 @@ class TrainConfig:
     instruction_field: str = setting("instruction", "Alpaca records: the instruction field")
     input_field: str = setting("input", "Alpaca records: the optional input field")
     output_field: str = setting("output", "Alpaca records: the response field (the only part in the loss)")
+    prompt_field: str = setting("prompt", "TRL prompt/completion records: the prompt field (not in the loss)")
+    completion_field: str = setting("completion", "TRL prompt/completion records: the completion field (the only part "
+                                                  "in the loss)")
     skip_bad_rows: bool = setting(False, "drop rows that cannot be used (reported with their count and first line) "
                                          "instead of stopping")
     tokenizer: str = setting("", "tokenizer directory; empty = the model's own")
@@ -186,7 +189,8 @@ def cli_fields(cls: type) -> list[dataclasses.Field]:
 
 # The settings that say how records are read (besides the source): `crma eval --data` takes them too.
 DATA_SETTINGS = ("data_config", "data_split", "holdout_fraction", "max_documents", "text_field", "messages_field",
-                 "instruction_field", "input_field", "output_field", "skip_bad_rows")
+                 "instruction_field", "input_field", "output_field", "prompt_field", "completion_field",
+                 "skip_bad_rows")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig,

@@ -103,7 +103,8 @@ def data_spec(cfg: TrainConfig, source: str | None = None, split_seed: int | Non
                     max_documents=cfg.max_documents or None, messages_field=cfg.messages_field,
                     instruction_field=cfg.instruction_field, input_field=cfg.input_field, output_field=cfg.output_field,
                     config=cfg.data_config or None, split=cfg.data_split, eval_source=cfg.eval_data or None,
-                    eval_split=cfg.eval_split or None, skip_bad_rows=cfg.skip_bad_rows)
+                    eval_split=cfg.eval_split or None, skip_bad_rows=cfg.skip_bad_rows, prompt_field=cfg.prompt_field,
+                    completion_field=cfg.completion_field)
 
 
 def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
