@@ -13,6 +13,7 @@ Mask convention (matches `crma_jax.loss.next_token_loss`): `loss_mask[b, t] == 1
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,7 +59,9 @@ def drop_duplicates(records: Records, exclude: Records | None = None) -> Records
                       "dropped from training", DuplicatesWarning, stacklevel=3)
     if not keep:
         raise DataError(f"{records.source}: no training documents left after dropping duplicates")
-    return records.subset(keep) if len(keep) < len(keys) else records
+    if len(keep) == len(keys):
+        return records
+    return dataclasses.replace(records.subset(keep), duplicates=records.duplicates + len(keys) - len(keep))
 
 
 @dataclass(frozen=True)
@@ -364,6 +367,38 @@ class DataSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+# A holdout below either bound gives a loss too noisy to compare runs by (`data_summary` warns).
+SMALL_HOLDOUT_TOKENS = 1000
+SMALL_HOLDOUT_DOCUMENTS = 8
+
+
+def data_summary(train: Records, held: Records, train_rows: PackedData, holdout_rows: PackedData,
+                 batch_size: int) -> dict[str, Any]:
+    """What a run trains and evaluates on, as JSON: the records `DataSpec.split_records` returned
+    and their packed rows. Tokens count every real token (the EOS after each document included);
+    `*_in_loss` only the targets (an Alpaca output, a chat's assistant turns). `warnings` says
+    when the holdout is too small to trust (`SMALL_HOLDOUT_TOKENS`, `SMALL_HOLDOUT_DOCUMENTS`)."""
+    separate = held.source != train.source
+    summary: dict[str, Any] = {
+        "source": train.source, "eval_source": held.source if separate else None, "style": train.style,
+        "documents": {"train": len(train), "holdout": len(held),
+                      "duplicates_dropped": train.duplicates + (held.duplicates if separate else 0),
+                      "unusable_skipped": train.skipped_rows + (held.skipped_rows if separate else 0)},
+        "tokens": {"train": train_rows.num_tokens, "train_in_loss": int(train_rows.loss_mask.sum()),
+                   "holdout": holdout_rows.num_tokens, "holdout_in_loss": int(holdout_rows.loss_mask.sum())},
+        "rows": {"train": train_rows.num_rows, "holdout": holdout_rows.num_rows, "seq_len": train_rows.seq_len},
+        "steps_per_epoch": train_rows.num_rows // batch_size,
+    }
+    small = [f"{n} {what}" for n, what, bound in ((len(held), "documents", SMALL_HOLDOUT_DOCUMENTS),
+                                                   (holdout_rows.num_tokens, "tokens", SMALL_HOLDOUT_TOKENS))
+             if n < bound]
+    summary["warnings"] = [] if not small else [
+        f"the holdout has only {' and '.join(small)} (fewer than {SMALL_HOLDOUT_DOCUMENTS} documents or "
+        f"{SMALL_HOLDOUT_TOKENS} tokens): its loss is too noisy to compare runs by. Hold out more "
+        + ("evaluation data" if separate else "with --holdout-fraction") + " or pass a larger --eval-data"]
+    return summary
 
 
 def build_dataset(source: str, tokenizer: Any, seq_len: int, *, holdout_fraction: float = 0.1, seed: int = 0,

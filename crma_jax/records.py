@@ -83,6 +83,8 @@ class Records:
     """Usable records of one source: a `datasets.Dataset` or a list of dicts, all of `style`.
 
     skipped: the report of rows dropped with `skip_bad=True` (None when none were).
+    skipped_rows, duplicates: how many rows of the source were dropped as unusable, and (by
+             `crma_jax.data.drop_duplicates`) as duplicates, before these.
     where:   where record i came from in the source ('line 7' of a JSONL, 'row 3'), counted before
              any row was skipped.
     """
@@ -93,6 +95,8 @@ class Records:
     fields: Fields
     skipped: str | None = None
     where: Callable[[int], str] = lambda i: f"row {i + 1}"
+    skipped_rows: int = 0
+    duplicates: int = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -227,7 +231,8 @@ def check_rows(rows: Any, fields: Fields, source: str, where: Callable[[int], st
     if not skip_bad or len(bad) == len(rows):
         raise DataError(report if len(bad) > 1 else f"{source}: {where(first)}: {why}")
     keep = sorted(set(range(len(rows))) - {i for i, _ in bad})
-    return Records(rows, style, source, fields, skipped=report + "; skipped", where=where).subset(keep)
+    return Records(rows, style, source, fields, skipped=report + "; skipped", where=where,
+                   skipped_rows=len(bad)).subset(keep)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -79,8 +79,23 @@ def test_full_run_writes_every_artifact_and_learns(tiny_lm, data_file, tmp_path,
     argv = _argv(tiny_lm, data_file, run, "--steps", "24", "--checkpoint-every", "8", "--eval-every", "8",
                  "--keep-checkpoints", "2", fast=False)
     assert main(argv) == 0
-    printed = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    printed = json.loads(out)
     assert printed["steps"] == 24
+
+    # What the run used, said at its start and recorded: 60 distinct documents, a tenth held out.
+    data = printed["data"]
+    assert data["documents"] == {"train": 54, "holdout": 6, "duplicates_dropped": 0, "unusable_skipped": 0}
+    tok = load_tokenizer(tiny_lm)
+    docs = [json.loads(line)["text"] for line in data_file.read_text().splitlines()]
+    ids = [tok(d)["input_ids"] for d in docs]
+    tokens = sum(len(i) - (i[-1] == tok.eos_token_id) + 1 for i in ids)  # each document and one EOS
+    assert data["tokens"]["train"] + data["tokens"]["holdout"] == tokens
+    assert data["rows"]["train"] == -(-data["tokens"]["train"] // 32) and data["steps_per_epoch"] == data["rows"]["train"] // 4
+    assert f"  train:   54 documents, {data['tokens']['train']} tokens" in err
+    assert f"  holdout: 6 documents held out of it, {data['tokens']['holdout']} tokens" in err
+    assert f"writing:  {run}/" in err
+    assert data["warnings"] and "warning: the holdout has only 6 documents" in err and "--holdout-fraction" in err
 
     # The effective config: complete, reloadable, and it reproduces the settings given.
     saved = yaml.safe_load((run / "config.yaml").read_text())

@@ -25,7 +25,7 @@ from crma_jax.adapters import TRAINABLE, init_adapters, store_as_bits
 from crma_jax.cl import Memory, Method
 from crma_jax.convert.adapter_files import Adapters, BaseSpec, save_adapters
 from crma_jax.convert.hub import resolve_model_path
-from crma_jax.data import BatchIterator, DataSpec, PackedData, check_tokenizer
+from crma_jax.data import BatchIterator, DataSpec, PackedData, check_tokenizer, data_summary
 from crma_jax.evaluate import evaluate
 from crma_jax.memory_plan import REMAT_BY_SPEED, RematChoice, fastest_fitting, free_bytes
 from crma_jax.optim import ZClipState, learning_rates, make_optimizer, zclip_metrics
@@ -60,8 +60,10 @@ class Session:
     train_data: PackedData | None
     holdout: PackedData | None
     mesh: Any
-    # The spec that `train_data` and `holdout` were built from (recorded with the adapters).
+    # The spec that `train_data` and `holdout` were built from (recorded with the adapters), and
+    # what they hold (`crma_jax.data.data_summary`).
     data_spec: DataSpec | None = None
+    data_summary: dict[str, Any] | None = None
     # PiSSA's initial factors (A0, B0), the LoRA every fresh PiSSA set starts from; None otherwise.
     lora_init: Any = None
     # The clipper's state (`crma_jax.optim.ZClipState`) at the end of the last `train`.
@@ -126,14 +128,37 @@ def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
         variables["params"] = store_as_bits(variables["params"])
     tokenizer = load_tokenizer(cfg.tokenizer or path)
     check_tokenizer(tokenizer, model.config.vocab_size)
-    train_data = holdout = spec = None
+    train_data = holdout = spec = summary = None
     if load_data:
         spec = data_spec(cfg)
-        train_data, holdout = spec.build(tokenizer)
+        records = spec.split_records()
+        train_data, holdout = spec.pack(*records, tokenizer)
+        summary = data_summary(*records, train_data, holdout, cfg.batch_size)
     trainable = {c: variables[c] for c in TRAINABLE if c in variables}
     lora_init = variables["lora"] if cfg.lora_init == "pissa" else None
     return Session(cfg, model, variables["params"], trainable, tokenizer, train_data, holdout, mesh,
-                   data_spec=spec, lora_init=lora_init)
+                   data_spec=spec, data_summary=summary, lora_init=lora_init)
+
+
+def describe_data(summary: dict[str, Any], run: Path, steps: int) -> str:
+    """The block `crma train` prints at its start: what `summary` (`data_summary`) holds, the
+    epochs `steps` make, where the run writes, and the summary's warnings."""
+    d, t, r = summary["documents"], summary["tokens"], summary["rows"]
+    dropped = [f"{n} {what}" for n, what in ((d["duplicates_dropped"], "duplicates"),
+                                             (d["unusable_skipped"], "unusable rows")) if n]
+    held = f"from {summary['eval_source']}" if summary["eval_source"] else "held out of it"
+    lines = [
+        f"data:     {summary['source']} ({summary['style']} records)"
+        + (f", dropped {' and '.join(dropped)}" if dropped else ""),
+        f"  train:   {d['train']} documents, {t['train']} tokens ({t['train_in_loss']} in the loss), "
+        f"{r['train']} rows of {r['seq_len']}",
+        f"  holdout: {d['holdout']} documents {held}, {t['holdout']} tokens ({t['holdout_in_loss']} in the loss), "
+        f"{r['holdout']} rows",
+        f"  {steps} steps = {steps / max(summary['steps_per_epoch'], 1):.2f} epochs of "
+        f"{summary['steps_per_epoch']} steps",
+        f"writing:  {run}/ (metrics.jsonl, summary.json, adapters/, checkpoints/)",
+    ]
+    return "\n".join(lines + [f"warning: {w}" for w in summary["warnings"]])
 
 
 def fresh_adapters(session: Session, rng: jax.Array) -> dict[str, Any]:
@@ -245,6 +270,8 @@ def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkp
     stops.check("while loading, before anything was written")
     write_config(run, cfg)
     writer = distributed.is_writer()
+    if writer and session.data_summary is not None and session.train_data is not None:
+        tqdm.write(describe_data(session.data_summary, run, cfg.steps), file=sys.stderr)
     if jax.process_count() > 1:
         tqdm.write(f"{log_prefix}: {distributed.describe()}, {jax.local_device_count()} of {jax.device_count()} "
                    f"devices here, mesh {dict(session.mesh.shape)}", file=sys.stderr)
@@ -346,6 +373,8 @@ def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkp
     committed()
     summary = {"steps": step, "final_loss": metrics_out.last("loss"), "remat": choice.policy,
                **metrics_out.summary()}
+    if session.data_summary is not None:
+        summary["data"] = session.data_summary
     if cfg.eval_every:
         summary["initial_holdout_loss"] = (json.loads(initial_file.read_text())["holdout_loss"] if initial is None
                                            else initial)
