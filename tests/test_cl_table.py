@@ -42,7 +42,7 @@ def test_rows_are_seed_means_with_the_settings_that_differ(tmp_path):
     # Drift of the seeds: (2.2 − 2.0)/2.0 = 10% and (2.4 − 2.2)/2.2 = 9.09%; their mean, std and range.
     assert cells[3] == "+9.55 ± 0.64 [+9.09, +10.00]"  # sample std (ddof 1)
     assert cells[4] == "1.7000 ± 0.1414 [1.6000, 1.8000]"
-    assert cells[7] == "1.8000 ± 0.1414 [1.7000, 1.9000]"  # task-agnostic ACC
+    assert cells[7] == "1.8000 ± 0.1414 [1.7000, 1.9000]"  # task-agnostic mean loss
     assert cells[8] == "75.0 ± 0.0 [75.0, 75.0]%"  # routing accuracy, mean over domains
     assert cells[9].rstrip(" |") == "1.5"  # minutes: seed 0 took 1, seed 1 took 2
     rows = [line for line in losses.splitlines() if line.startswith("| ")]
@@ -50,7 +50,7 @@ def test_rows_are_seed_means_with_the_settings_that_differ(tmp_path):
     assert first[0] == "| 0.001" and first[1] == "MODULAR" and first[2] == "0,1"
     assert first[4] == "2.1000 / 1.1000"  # L[j][j]: seed means of 2.0, 2.2 and of 1.0, 1.2
     assert first[5] == "2.3000 / 1.1000"
-    assert first[6] == "1.7000"  # ACC: mean of (2.2 + 1.0)/2 and (2.4 + 1.2)/2
+    assert first[6] == "1.7000"  # mean loss: mean of (2.2 + 1.0)/2 and (2.4 + 1.2)/2
     assert first[7] == "-0.2000"
     assert first[9] == "0.002 → 0.2 → 0.3" and first[10].rstrip(" |") == "0.01 → 0.5 → 0.25"
     second = rows[2].split(" | ")
@@ -79,7 +79,7 @@ def test_runs_with_the_same_settings_pool_their_seeds(tmp_path):
     rows = [line.split(" | ") for line in cl_table([first, again, other]).split("\n\nDomains ")[0].splitlines()
             if line.startswith("| 0.0")]
     assert [(r[1], r[2]) for r in rows] == [("MODULAR", "0,1,2"), ("MODULAR", "1")]
-    assert rows[0][4] == "1.8000 ± 0.2000 [1.6000, 2.0000]"  # ACC over the three distinct seeds
+    assert rows[0][4] == "1.8000 ± 0.2000 [1.6000, 2.0000]"  # mean loss over the three distinct seeds
     assert rows[0][9].rstrip(" |") == "2.0"  # minutes: seeds 0, 1, 2 took 1, 2, 3
 
     (again / "config.yaml").write_text(yaml.safe_dump({**config, "out": str(again), "steps": 60}))
@@ -136,9 +136,10 @@ def test_versus_is_paired_per_seed_under_the_same_settings(tmp_path):
                                                "2": [[2.0, 1.5], [2.0, 1.0]]})
     other = _run(tmp_path, "other", 1e-2, {"0": [[2.0, 1.5], [2.2, 1.0]]})
     lines = cl_table([frozen, modular, other], against="frozen").split("\n\nDomains ")[0].splitlines()
-    assert "ACC vs FROZEN" in lines[0] and lines[2].endswith("| ACC vs FROZEN % | task-agnostic ACC vs FROZEN % |")
+    assert "Mean loss vs FROZEN" in lines[0]
+    assert lines[2].endswith("| mean loss vs FROZEN % | task-agnostic mean loss vs FROZEN % |")
     cells = {tuple(c.strip() for c in line.split("|")[1:3]): line.split(" | ") for line in lines[4:]}
-    # FROZEN's ACC is 1.5 (seed 0) and 2.0 (seed 1); MODULAR's 1.6 and 2.1: +6.67% and +5.00%, seed 2 unpaired.
+    # FROZEN's mean loss is 1.5 (seed 0) and 2.0 (seed 1); MODULAR's 1.6 and 2.1: +6.67% and +5.00%, seed 2 unpaired.
     from scipy import stats as scipy_stats
 
     half = scipy_stats.t.ppf(0.975, 1) * np.std([5.0, 20 / 3], ddof=1) / np.sqrt(2)  # t over 1 dof
@@ -176,17 +177,20 @@ def test_versus_the_new_baselines(tmp_path, capsys):
     for against in ("frozen_substrate", "isolated"):
         assert main(["cl-table", str(base), str(modular), "--versus", against]) == 0
         lines = capsys.readouterr().out.split("\n\nDomains ")[0].splitlines()
-        assert f"ACC vs {against.upper()}" in lines[0]
+        assert f"Mean loss vs {against.upper()}" in lines[0]
         row = next(line for line in lines if "| MODULAR |" in line)
-        assert "+6.67" in row.split(" | ")[-2]  # ACC 1.6 against 1.5, one seed
+        assert "+6.67" in row.split(" | ")[-2]  # mean loss 1.6 against 1.5, one seed
 
 
-def test_one_seed_has_no_std_and_the_legend_states_the_sample_std(tmp_path):
+def test_one_seed_shows_its_value_without_a_spread_and_the_legend_states_the_sample_std(tmp_path):
     from crma_jax.train.stats import spread, summary
 
     assert summary([1.0, 2.0, 3.0])["std"] == pytest.approx(1.0)  # ddof 1 (population: 0.816)
     assert summary([2.0]) == {"n": 1, "mean": 2.0, "std": None, "min": 2.0, "max": 2.0}
-    assert spread([2.0], signed=False) == "2.0000 ± – [2.0000, 2.0000]"
+    assert spread([2.0], signed=False) == "2.0000"
+    assert spread([2.0, 3.0], signed=False) == "2.5000 ± 0.7071 [2.0000, 3.0000]"
     one = _run(tmp_path, "one", 1e-3, {"0": [[2.0, 1.5], [2.2, 1.0]]})
     table = cl_table([one])
-    assert "sample std (ddof 1; – for one seed)" in table and "1.6000 ± – [1.6000, 1.6000]" in table
+    assert "sample std (ddof 1) [min, max] over the n seeds of the seeds column (one seed: its value)" in table
+    rows = table.split("\n\nDomains ")[0].split("\n", 1)[1]  # the first table, after its legend
+    assert "| 1.6000 |" in rows and "±" not in rows

@@ -35,30 +35,30 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
 
 
 METRICS_LEGEND = (
-    "Drift (L[K][j] − L[j][j]) / L[j][j]: positive = forgetting. ACC: mean final loss (lower is better). "
-    "BWT = mean (L[j][j] − L[K][j]) and FWT = mean (base[j] − L[j−1][j]): positive = transfer, negative BWT = "
-    "forgetting. Task-agnostic ACC: no task id (routing for the per-domain LoRAs), on the tokens after each row's "
-    "routing prefix.")
+    "Drift (L[K][j] − L[j][j]) / L[j][j]: positive = forgetting. Mean loss: the holdout loss after the last domain, "
+    "averaged over the domains (GEM's ACC, on loss: lower is better). BWT = mean (L[j][j] − L[K][j]) and FWT = mean "
+    "(base[j] − L[j−1][j]), GEM's definitions on loss: positive = transfer, negative BWT = forgetting. Task-agnostic "
+    "mean loss: no task id (routing for the per-domain LoRAs), on the tokens after each row's routing prefix.")
 
 
 def markdown_table(summary: dict[str, Any], names: list[str], seeds: list[int]) -> str:
     """Per-domain drift and the transfer metrics per condition, mean ± std over seeds."""
     earlier = names[:-1]
     lines = [
-        f"Holdout loss after the last domain, mean ± sample std (ddof 1; – for one seed) over the n = {len(seeds)} "
-        f"seeds {seeds}. {METRICS_LEGEND}",
+        f"Holdout loss after the last domain, " + ("mean ± sample std (ddof 1) " if len(seeds) > 1 else "")
+        + f"over the n = {len(seeds)} seed{'s' if len(seeds) > 1 else ''} {seeds}. {METRICS_LEGEND}",
         "",
-        "| condition | " + " | ".join(f"drift {n}" for n in earlier) + " | mean drift | ACC | BWT | FWT | "
-        "task-agnostic ACC | wall s |",
+        "| condition | " + " | ".join(f"drift {n}" for n in earlier) + " | mean drift | mean loss ↓ | BWT | FWT | "
+        "task-agnostic mean loss ↓ | wall s |",
         "|---|" + "---|" * (len(earlier) + 6),
     ]
 
     def pm(s: dict[str, Any], scale: float = 1.0, fmt: str = ".4f") -> str:
-        std = "–" if s["std"] is None else f"{scale * s['std']:{fmt.lstrip('+')}}"  # a std has no sign
-        return f"{scale * s['mean']:{fmt}} ± {std}"
+        std = "" if s["std"] is None else f" ± {scale * s['std']:{fmt.lstrip('+')}}"  # a std has no sign
+        return f"{scale * s['mean']:{fmt}}{std}"
 
     for cond, s in summary.items():
-        cells = [f"{100 * m:+.2f}% ± " + ("–" if sd is None else f"{100 * sd:.2f}")
+        cells = [f"{100 * m:+.2f}%" + ("" if sd is None else f" ± {100 * sd:.2f}")
                  for m, sd in zip(s["drift_mean"], s["drift_std"])]
         lines.append(f"| {cond.upper()} | " + " | ".join(cells) + f" | {pm(s['mean_drift'], 100, '+.2f')}% | "
                      f"{pm(s['acc'])} | {pm(s['bwt'], fmt='+.4f')} | {pm(s['fwt'], fmt='+.4f')} | "

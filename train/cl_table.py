@@ -6,7 +6,7 @@ condition's seeds may come from several invocations, provided every domain's doc
 same (their fingerprints in results.json agree; `check_same_documents`); a seed found in two
 runs is kept once if both hold the same results, and is an error otherwise. The first table
 gives the transfer metrics as mean ± sample std [min, max] over seeds (`crma_jax.train.stats`):
-mean drift, ACC, BWT, FWT, the task-agnostic ACC, (for routed methods) how often routing picked
+mean drift, mean loss (GEM's ACC), BWT, FWT, the task-agnostic mean loss, (for routed methods) how often routing picked
 the right LoRA, and the minutes per sequence. The second gives the mean starting and final
 holdout losses per domain, and how far the CRMA substrate sat from the identity at init and
 after each domain (mean over layers of ‖α(Mᵀ − I)‖_F) with the mean ‖h′ − h‖/‖h‖ it made on the
@@ -132,17 +132,17 @@ def versus(row: Row, reference: Row | None, key: str) -> str:
 
 def transfer_table(rows: Sequence[Row], shown: Sequence[str], against: str | None = None) -> str:
     """Per row: the transfer metrics as mean ± std [min, max] over its seeds; with `against` a
-    condition, also both ACCs relative to that condition's under the same settings, per seed."""
-    head = [*shown, "condition", "seeds", "mean drift %", "ACC", "BWT", "FWT", "task-agnostic ACC",
+    condition, also both mean losses relative to that condition's under the same settings, per seed."""
+    head = [*shown, "condition", "seeds", "mean drift %", "mean loss ↓", "BWT", "FWT", "task-agnostic mean loss ↓",
             "routing accuracy", "wall min"]
-    legend = (f"Mean ± sample std (ddof 1; – for one seed) [min, max] over the n seeds of the seeds column; mean drift "
-              f"over the earlier domains. {METRICS_LEGEND} Wall: "
+    legend = (f"Mean ± sample std (ddof 1) [min, max] over the n seeds of the seeds column (one seed: its value); "
+              f"mean drift over the earlier domains. {METRICS_LEGEND} Wall: "
               "minutes per sequence (training, evaluation, checkpoints), mean over seeds.")
     if against:
-        head += [f"ACC vs {against.upper()} %", f"task-agnostic ACC vs {against.upper()} %"]
-        legend += (f" ACC vs {against.upper()}: per seed, (ACC − ACC of {against.upper()}) / ACC of {against.upper()} "
-                   "under the same settings and seed, over the seeds both have, with the 95% Student-t confidence "
-                   "interval of the mean difference; negative = lower loss.")
+        head += [f"mean loss vs {against.upper()} %", f"task-agnostic mean loss vs {against.upper()} %"]
+        legend += (f" Mean loss vs {against.upper()}: per seed, (mean loss − mean loss of {against.upper()}) / "
+                   f"mean loss of {against.upper()} under the same settings and seed, over the seeds both have, "
+                   "with the 95% Student-t confidence interval of the mean difference; negative = lower loss.")
     references = {_settings_key(row.config, against): row for row in rows if row.condition == against}
     lines = [legend, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry in rows:
@@ -193,13 +193,14 @@ def check_same_documents(run_dirs: Sequence[Path], payloads: Sequence[dict[str, 
 
 def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None, against: str | None = None) -> str:
     """The markdown tables of `run_dirs` (each a finished `crma cl` RUN); `against` a condition
-    adds each row's ACCs relative to it (`versus`), which must be in the runs."""
+    adds each row's mean losses relative to it (`versus`), which must be in the runs."""
     names, configs, rows = load(run_dirs)
     if against and not any(row.condition == against for row in rows):
         raise ValueError(f"--versus {against}: no such condition in the runs (they have "
                          f"{', '.join(sorted({row.condition for row in rows}))})")
     shown = list(settings) if settings else varying_settings(configs)
-    head = [*shown, "condition", "seeds", "base loss", "L[j][j] after training j", "L[K][j] at the end", "ACC", "BWT", "FWT",
+    head = [*shown, "condition", "seeds", "base loss", "L[j][j] after training j", "L[K][j] at the end", "mean loss ↓",
+            "BWT", "FWT",
             "‖α(Mᵀ−I)‖ init → after each domain", "‖h′−h‖/‖h‖ init → after each domain"]
     lines = [f"Domains {' → '.join(names)}; losses per domain in that order, mean over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -218,7 +219,7 @@ def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None, ag
 
 
 def cl_plots(run_dirs: Sequence[Path], out: Path, settings: Sequence[str] | None = None) -> list[Path]:
-    """The `crma cl` plots (heatmaps, drift, ACC/BWT, substrate) of the pooled rows, written into
+    """The `crma cl` plots (heatmaps, drift, mean loss/BWT, substrate) of the pooled rows, written into
     `out`, which must be new or empty (earlier plots are never overwritten). A condition found
     under several settings is labelled with them."""
     from crma_jax.train.cl_results import summarize

@@ -252,9 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", type=Path, help="finished `crma cl` run directories")
     p.add_argument("--settings", help="comma-separated config keys to show (default: those that differ between runs)")
     p.add_argument("--versus", metavar="CONDITION",
-                   help="add each row's ACCs relative to CONDITION's (e.g. frozen), paired per seed")
+                   help="add each row's mean losses relative to CONDITION's (e.g. frozen), paired per seed")
     p.add_argument("--plots", type=Path, metavar="DIR",
-                   help="also draw the pooled heatmaps, drift and ACC/BWT plots into DIR (new or empty)")
+                   help="also draw the pooled heatmaps, drift and mean loss/BWT plots into DIR (new or empty)")
     p.set_defaults(fn=cmd_cl_table)
 
     p = command("report", "one self-contained HTML page of a finished run: settings, summary tables, plots")

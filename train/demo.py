@@ -86,7 +86,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print("[4/5] results\n")
     print((Path(cfg.out) / "results.md").read_text())
     report: dict[str, Any] = {"results_md": str(Path(cfg.out) / "results.md"),
-                              "plots": [str(Path(cfg.out) / p) for p in ("heatmap.png", "drift.png", "transfer.png")]}
+                              "plots": sorted(str(p) for p in Path(cfg.out).glob("*.png"))}  # every one written
     if "modular" in payload["summary"]:
         seed = cfg.seeds.split(",")[0]
         cl_run = Path(cfg.out) / "modular" / f"seed{seed}"

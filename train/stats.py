@@ -1,7 +1,8 @@
 """Mean, sample standard deviation and range over seeds: the one way every table reports them.
 
 The std is the sample std (n − 1 in the denominator, numpy's ddof=1), the estimate the papers we
-compare with report; it is undefined for one value (None, printed "–"). Every table states n.
+compare with report; it is undefined for one value (None), and a table then shows the value
+alone, without ±. Every table states n.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ def sample_std(rows: np.ndarray) -> list[float | None]:
 
 def spread(values: Sequence[float] | dict[str, Any], scale: float = 1.0, signed: bool = True, digits: int = 4) -> str:
     """"mean ± std [min, max]" of `values` (or of their `summary`) × `scale`; a std carries no
-    sign and is "–" for one value."""
+    sign. One value is just that value: it has no spread to show."""
     s = values if isinstance(values, dict) else summary(values)
     sign = "+" if signed else ""
-    std = "–" if s["std"] is None else f"{scale * s['std']:.{digits}f}"
-    return (f"{scale * s['mean']:{sign}.{digits}f} ± {std} "
+    if s["std"] is None:
+        return f"{scale * s['mean']:{sign}.{digits}f}"
+    return (f"{scale * s['mean']:{sign}.{digits}f} ± {scale * s['std']:.{digits}f} "
             f"[{scale * s['min']:{sign}.{digits}f}, {scale * s['max']:{sign}.{digits}f}]")
 
 
