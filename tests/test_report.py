@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -33,7 +34,8 @@ class _Page(HTMLParser):
         self.images: list[str] = []
         self.cells: list[str] = []
         self.external: list[str] = []
-        self._in_cell = False
+        self.headings: list[str] = []
+        self._in_cell = self._in_heading = False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -42,6 +44,9 @@ class _Page(HTMLParser):
         if tag in ("td", "th"):
             self._in_cell = True
             self.cells.append("")
+        if tag == "h2":
+            self._in_heading = True
+            self.headings.append("")
         for key in ("href", "src"):
             if attrs.get(key) and not attrs[key].startswith("data:"):
                 self.external.append(attrs[key])
@@ -49,10 +54,14 @@ class _Page(HTMLParser):
     def handle_endtag(self, tag):
         if tag in ("td", "th"):
             self._in_cell = False
+        if tag == "h2":
+            self._in_heading = False
 
     def handle_data(self, data):
         if self._in_cell:
             self.cells[-1] += data
+        if self._in_heading:
+            self.headings[-1] += data
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +89,18 @@ def test_report_embeds_settings_summary_and_every_plot(train_run, capsys):
         image.verify()
         assert image.size[0] > 100 and image.size[1] > 100
     assert "holdout_loss" in page.cells and "lr_lora" in page.cells  # summary.json and config.yaml
+    assert page.headings == ["Summary", "Speed", "Data", "Samples", "Plots", "Settings", "Versions"]
+    summary = json.loads((train_run / "summary.json").read_text())
+    cell = dict(zip(page.cells[::2], page.cells[1::2]))  # key-value tables: th, then td
+    assert float(cell["wall_s"]) == summary["wall_s"] > 0 and float(cell["mean_tokens_per_s"]) > 0
+    assert int(cell["documents.holdout"]) == summary["data"]["documents"]["holdout"] > 0
+    assert cell["jax"] == summary["versions"]["jax"] and cell["python"].count(".") == 2
+    # The samples table: a header row, then per sample the prompt and both continuations.
+    start = page.cells.index("holdout prompt")
+    assert page.cells[start:start + 3] == ["holdout prompt", "continuation, CRMA on", "continuation, CRMA off"]
+    rows = page.cells[start + 3:start + 3 + 3 * len(summary["samples"])]
+    assert rows == [x[k] for x in summary["samples"] for k in ("prompt", "crma_on", "crma_off")]
+    assert summary["samples"] and all(x["prompt"] and x["crma_on"] for x in summary["samples"])
 
 
 def test_report_of_no_run_is_a_clear_error(tmp_path, capsys):

@@ -36,9 +36,10 @@ COLUMNS = ("final_loss", "holdout_loss", "peak_grad_norm", "mean_grad_norm", "cl
 @dataclasses.dataclass
 class AblateConfig(TrainConfig):
     # every arm sets the switches, every seed the seed; planning is crma train's
-    cli_exclude = ("crma", "zclip", "seed", "compile_only", "target")
+    cli_exclude = ("crma", "zclip", "seed", "compile_only", "target", "samples")
 
     out: str = setting("runs/ablate", "output directory (one run per arm and seed inside); new or empty unless --resume")
+    samples: int = setting(0, "not offered: the arms write no sample generations")
     seeds: str = setting("0", "comma-separated seeds; every arm runs every seed (the holdout split stays seed 0's)")
 
 

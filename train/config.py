@@ -130,6 +130,8 @@ class TrainConfig:
                                          "instead of stopping")
     tokenizer: str = setting("", "tokenizer directory; empty = the model's own")
     plots: bool = setting(True, "write PNG plots into the run dir")
+    samples: int = setting(3, "at the end, greedy continuations of the first N holdout documents' openings, with "
+                              "CRMA on and off, into summary.json (and the report); 0 = none; single-process runs")
     report_to: str = setting("tensorboard", "where step metrics go beside RUN/metrics.jsonl, comma-separated: tensorboard "
                                             "(RUN/tb), wandb (the [wandb] extra; WANDB_MODE=offline works without a "
                                             "network), or none")

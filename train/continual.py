@@ -78,9 +78,10 @@ CONDITIONS = tuple(METHODS)
 class CLConfig(TrainConfig):
     # Every domain is its own source, split into train and holdout alike: one --eval-data or
     # --data-split for all of them would make every column of L the same set.
-    cli_exclude = ("data", "data_config", "data_split", "eval_data", "eval_split", "compile_only", "target")
+    cli_exclude = ("data", "data_config", "data_split", "eval_data", "eval_split", "compile_only", "target", "samples")
 
     out: str = setting("runs/cl", "output directory; must be new or empty unless --resume")
+    samples: int = setting(0, "not offered: a sequence's domains write no sample generations")
     domains: str = setting("legal,code,docs,changelog,shell", "NAME or NAME=PATH, comma-separated, in training order "
                                               "(--domain flags take precedence)")
     conditions: str = setting("naive,frozen,modular", "comma-separated methods to run: " + ", ".join(CONDITIONS))

@@ -230,6 +230,49 @@ def save_run_adapters(run: Path, session: Session, sets: dict[str, Any], crma: A
                                        data={name: spec.as_dict() for name, spec in data.items()}))
 
 
+# Sample generations at the end of a run (`--samples`): prompts of this many tokens, continued by
+# as many greedy tokens.
+SAMPLE_PROMPT_TOKENS = 24
+SAMPLE_NEW_TOKENS = 32
+
+
+def holdout_samples(session: Session, variables: dict[str, Any], n: int) -> list[dict[str, str]]:
+    """Greedy continuations of the openings of the first `n` holdout documents long enough to
+    have one (documents end at EOS in the packed rows), with CRMA on and, for a CRMA model, off
+    on the same weights: [{"prompt", "crma_on", "crma_off"?}], decoded text."""
+    from crma_jax.generate import generate
+
+    held, eos = session.holdout, session.tokenizer.eos_token_id
+    stream = held.input_ids[held.segment_ids > 0]
+    ends = np.flatnonzero(stream == eos)
+    docs = np.split(stream, ends + 1)
+    prompts = [d[:SAMPLE_PROMPT_TOKENS] for d in docs if len(d) > SAMPLE_PROMPT_TOKENS][:n]
+    if not prompts:
+        return []
+    batch = jnp.asarray(np.stack(prompts), jnp.int32)
+    toggles = {"crma_on": True, **({"crma_off": False} if session.model.crma is not None else {})}
+    text = {name: generate(session.model, variables, batch, SAMPLE_NEW_TOKENS, crma_enabled=on)[:, batch.shape[1]:]
+            for name, on in toggles.items()}
+    decode = session.tokenizer.decode
+    return [{"prompt": decode(p), **{name: decode(np.asarray(t[i])) for name, t in text.items()}}
+            for i, p in enumerate(prompts)]
+
+
+def versions() -> dict[str, str]:
+    """The packages and devices a run used, for its summary."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for package in ("crma-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    out["devices"] = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
+    return out
+
+
 def step_metrics(metrics: dict[str, Any], opt_state: Any, dt: float) -> dict[str, Any]:
     """Host-side metrics of one step: scalars as floats, per-layer arrays as lists."""
     out: dict[str, Any] = {}
@@ -265,6 +308,7 @@ def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkp
            data_name: str, method: Method | None, memory: Memory | None,
            zclip_from: Sequence[Any] | None) -> dict[str, Any]:
     """`train`'s body, run under RUN's lock with stop signals deferred."""
+    started = time.perf_counter()
     run = Path(cfg.out)
     session = session or open_session(cfg)  # bad model/data fail here, before RUN holds anything
     stops.check("while loading, before anything was written")
@@ -375,6 +419,10 @@ def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkp
                **metrics_out.summary()}
     if session.data_summary is not None:
         summary["data"] = session.data_summary
+    if cfg.samples and session.holdout is not None and jax.process_count() == 1:
+        summary["samples"] = holdout_samples(session, {"params": frozen, **trainable}, cfg.samples)
+    summary["wall_s"] = round(time.perf_counter() - started, 1)  # this invocation: load, compile, train, evaluate
+    summary["versions"] = versions()
     if cfg.eval_every:
         summary["initial_holdout_loss"] = (json.loads(initial_file.read_text())["holdout_loss"] if initial is None
                                            else initial)

@@ -176,7 +176,8 @@ class MetricsWriter:
         return values[-1] if values else None
 
     def summary(self) -> dict[str, Any]:
-        """Peak/mean gradient norm, clip and skip counts over the whole run (resumes included)."""
+        """Peak/mean gradient norm, clip and skip counts, tokens/s and the time spent in steps over
+        the whole run (resumes included)."""
         records = self.records()
         norms = np.asarray([r["grad_norm"] for r in records if np.isfinite(r["grad_norm"])])
         return {
@@ -185,4 +186,6 @@ class MetricsWriter:
             "clip_count": int(sum(bool(r.get("zclip/clipped")) for r in records)),
             "skipped_steps": int(sum(bool(r.get("zclip/skipped")) for r in records)),
             "mean_tokens_per_s": float(np.mean([r["tokens_per_s"] for r in records[1:]])) if len(records) > 1 else None,
+            # Time inside the steps (the first one's compile-free run included), over all resumes.
+            "train_step_s": round(float(sum(r["tokens"] / r["tokens_per_s"] for r in records if r.get("tokens_per_s"))), 2),
         }

@@ -1,8 +1,9 @@
 """`crma report RUN`: one self-contained HTML page for a `crma train`, `crma cl` or `crma ablate` run.
 
-The page holds the run's settings (config.yaml), its summary tables (summary.json for a train
-run; results.md or ablation.md, the same tables the programs print, for the others) and every
-PNG plot in the run directory, embedded as base64 data, so the file can be mailed or archived
+The page holds the run's settings (config.yaml), its summary tables (for a train run,
+summary.json's: the results, speed, the data it used, sample generations with CRMA on and off,
+and package versions; results.md or ablation.md, the same tables the programs print, for the
+others) and every PNG plot in the run directory, embedded as base64 data, so the file can be mailed or archived
 on its own: it loads nothing from disk or network. A few lines of script count the images the
 browser decoded into `<body data-images="decoded/total">`, which a headless browser can check.
 """
@@ -33,6 +34,8 @@ th { background: #f1f3f7; } td.num { text-align: right; font-variant-numeric: ta
 figure { display: inline-block; vertical-align: top; margin: .5rem 1rem .5rem 0; } figure img { max-width: 34rem; border: 1px solid #e4e7ee; }
 figcaption { font-size: .8rem; color: #5a6375; } .meta { color: #5a6375; font-size: .85rem; }
 details { margin: .5rem 0; } summary { cursor: pointer; }
+td.text { white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: .8rem; max-width: 24rem; }
+.warning { color: #8a4b00; background: #fff4e0; padding: .4rem .6rem; border-left: 3px solid #e0a030; }
 """
 
 # Counts the images the browser decoded (a render check: a broken data URI has naturalWidth 0).
@@ -76,6 +79,46 @@ def markdown_html(text: str) -> str:
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a nested summary as one key-value table."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def samples_table(samples: list[dict[str, str]]) -> str:
+    """Prompt and continuations side by side, one row per sample."""
+    columns = [c for c in ("prompt", "crma_on", "crma_off") if any(c in x for x in samples)]
+    names = {"prompt": "holdout prompt", "crma_on": "continuation, CRMA on", "crma_off": "continuation, CRMA off"}
+    head = "".join(f"<th>{names[c]}</th>" for c in columns)
+    rows = "".join("<tr>" + "".join(f'<td class="text">{html.escape(x.get(c, ""))}</td>' for c in columns) + "</tr>"
+                   for x in samples)
+    return f'<table class="samples"><tr>{head}</tr>{rows}</table>'
+
+
+SPEED = ("wall_s", "train_step_s", "mean_tokens_per_s")
+
+
+def train_sections(summary: dict[str, Any]) -> list[str]:
+    """The sections of a train run's page before its plots: results, speed, data, samples."""
+    nested = ("data", "samples", "versions")
+    parts = ["<h2>Summary</h2>",
+             key_value_table({k: v for k, v in summary.items() if k not in nested and k not in SPEED})]
+    parts += ["<h2>Speed</h2>", key_value_table({k: summary[k] for k in SPEED if k in summary})]
+    if "data" in summary:
+        data = {k: v for k, v in summary["data"].items() if k != "warnings"}
+        parts += ["<h2>Data</h2>", key_value_table(_flat(data))]
+        parts += [f'<p class="warning">{html.escape(w)}</p>' for w in summary["data"].get("warnings", [])]
+    if summary.get("samples"):
+        parts += ["<h2>Samples</h2>", '<p class="meta">Greedy continuations of holdout openings at the end of '
+                  "training.</p>", samples_table(summary["samples"])]
+    return parts
+
+
 def figure(png: Path) -> str:
     data = base64.b64encode(png.read_bytes()).decode("ascii")
     name = html.escape(png.name)
@@ -90,14 +133,17 @@ def render_report(run: Path) -> str:
     config = yaml.safe_load((run / CONFIG_FILE).read_text()) if (run / CONFIG_FILE).is_file() else {}
     parts = [f"<h1>{html.escape(run.name)}</h1>",
              f'<p class="meta">{kind} run in {html.escape(str(run.resolve()))}</p>']
+    summary = json.loads((run / "summary.json").read_text()) if kind == "crma train" else {}
     if kind == "crma train":
-        parts += ["<h2>Summary</h2>", key_value_table(json.loads((run / "summary.json").read_text()))]
+        parts += train_sections(summary)
     else:
         parts += ["<h2>Results</h2>", markdown_html((run / TABLES[kind]).read_text())]
     plots = sorted(run.glob("*.png"))
     if plots:
         parts += ["<h2>Plots</h2>", "".join(figure(p) for p in plots)]
     parts += ["<h2>Settings</h2>", f"<details open><summary>{CONFIG_FILE}</summary>{key_value_table(config)}</details>"]
+    if "versions" in summary:
+        parts += ["<h2>Versions</h2>", key_value_table(summary["versions"])]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(run.name)}: crma-jax report</title><style>{STYLE}</style>"
             f"<script>{CHECK_IMAGES}</script></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n")

@@ -30,7 +30,7 @@ from crma_jax.atomic import COMMITTED, STAGING, commit, recover  # noqa: F401 - 
 
 CONFIG_FILE = "config.yaml"
 # Settings that change where and how a run is written or logged, never what it computes.
-RESULT_NEUTRAL = frozenset({"out", "resume", "plots", "report_to", "wandb_project", "checkpoint_every", "keep_checkpoints",
+RESULT_NEUTRAL = frozenset({"out", "resume", "plots", "samples", "report_to", "wandb_project", "checkpoint_every", "keep_checkpoints",
                             "eval_every", "debug", "remat", "attention", "compile_only", "target",
                             "tensorboard",  # a run saved before --report-to replaced it
                             # how the processes of one run find each other, not what they compute
