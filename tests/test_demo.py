@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,10 +12,14 @@ from crma_jax.train.cli import main
 pytestmark = pytest.mark.slow
 
 
-def test_demo_small_runs_end_to_end(tmp_path, smollm2_gguf_path, capsys):
+def test_demo_small_runs_end_to_end(tmp_path, smollm2_gguf_path, capsys, recwarn):
     out = tmp_path / "demo"
     assert main(["demo", "--small", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
+    # A newcomer's first output carries no library's deprecation notices.
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, FutureWarning)]
+    plots = json.loads((out / "demo.json").read_text())["plots"]
+    assert sorted(Path(p).name for p in plots) == ["drift.png", "heatmap.png", "substrate.png", "transfer.png"]
     for cond in ("NAIVE", "FROZEN", "MODULAR"):
         assert f"| {cond} |" in printed
     report = json.loads((out / "demo.json").read_text())
