@@ -257,3 +257,41 @@ def test_late_completions_of_a_failed_save_are_quiet_unless_debug(monkeypatch):
     assert seen == ["Event loop is closed"]
     sys.unraisablehook(type("U", (), {"exc_value": ValueError("other")})())
     assert seen[-1] == "other"
+
+
+def test_asyncio_reports_of_a_failed_saves_futures_are_dropped_and_others_kept(tmp_path, monkeypatch, caplog):
+    """A failed Orbax save leaves futures whose exception nobody retrieves; asyncio logs each when
+    it is collected. Those whose traceback runs through Orbax are dropped, others are kept."""
+    import asyncio
+    import gc
+    import logging
+
+    from crma_jax.train.cli import _not_orbax
+
+    (tmp_path / "orbax").mkdir()
+    (tmp_path / "orbax" / "fake_save.py").write_text("async def write():\n    raise ValueError('disk full')\n")
+    (tmp_path / "elsewhere.py").write_text("async def write():\n    raise ValueError('ours')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path / "orbax"))
+    import elsewhere
+    import fake_save
+
+    def abandon(write) -> None:
+        async def start():
+            asyncio.gather(write())  # never awaited: its exception is never retrieved
+            await asyncio.sleep(0.01)
+
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(start())
+        loop.close()
+        gc.collect()
+
+    gc.collect()  # what earlier tests left behind is reported now, not below
+    asyncio_log = logging.getLogger("asyncio")
+    monkeypatch.setattr(asyncio_log, "filters", [])
+    asyncio_log.addFilter(_not_orbax)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        abandon(fake_save.write)
+        assert not [r for r in caplog.records if r.name == "asyncio"]
+        abandon(elsewhere.write)
+        assert [r for r in caplog.records if r.name == "asyncio" and "never retrieved" in r.getMessage()]

@@ -275,7 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _not_orbax(record: logging.LogRecord) -> bool:
-    return "/orbax/" not in record.pathname.replace("\\", "/")
+    """False for Orbax's own log records, and for asyncio's reports of Orbax's futures that a
+    failed save abandoned ("exception was never retrieved", logged when they are collected)."""
+    def orbax(path: str) -> bool:
+        return "/orbax/" in path.replace("\\", "/")
+
+    if orbax(record.pathname):
+        return False
+    if record.name == "asyncio" and record.exc_info and record.exc_info[2] is not None:
+        return not any(orbax(frame.filename) for frame in traceback.extract_tb(record.exc_info[2]))
+    return True
 
 
 class _QuietClosedLoop:
@@ -308,11 +317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"crma {args.command}"
     # A failed asynchronous save makes Orbax log its traceback from every thread (hundreds of
     # lines); the failure reaches the program as one `SaveFailed` line. --debug keeps them.
-    absl = logging.getLogger("absl")
-    absl.removeFilter(_not_orbax)
+    loggers = [logging.getLogger(logger) for logger in ("absl", "asyncio")]
+    for logger in loggers:
+        logger.removeFilter(_not_orbax)
     _QuietClosedLoop.install(on=not args.debug)
     if not args.debug:
-        absl.addFilter(_not_orbax)
+        for logger in loggers:
+            logger.addFilter(_not_orbax)
     try:
         return args.fn(args)
     except KeyboardInterrupt:
