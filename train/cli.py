@@ -41,12 +41,12 @@ def is_bad_input(e: BaseException) -> bool:
     return bool(frames) and any(Path(frames[-1].filename).is_relative_to(r) for r in roots)
 # `crma bench NAME`: each module has add_flags(parser) and run(args) -> exit status.
 BENCHMARKS = {
-    "convert": ("crma_jax.train.bench_convert", "SmolLM2 load/convert time and peak RSS vs safetensors and transformers"),
-    "crma": ("crma_jax.train.bench_crma", "CRMA's forward cost and parameter counts"),
-    "train": ("crma_jax.train.bench_train", "training throughput, ours vs PEFT, with a profile"),
-    "qlora": ("crma_jax.train.bench_qlora", "peak RSS of one QLoRA step, NF4 vs bf16 base (TinyLlama shapes)"),
-    "load": ("crma_jax.train.bench_load", "peak memory of a streaming NF4 load vs load-then-quantize"),
-    "memory": ("crma_jax.train.bench_memory", "plan a training step's memory from abstract shapes (no weights)"),
+    "convert": ("crma_jax.train.bench.convert", "SmolLM2 load/convert time and peak RSS vs safetensors and transformers"),
+    "crma": ("crma_jax.train.bench.crma", "CRMA's forward cost and parameter counts"),
+    "train": ("crma_jax.train.bench.train", "training throughput, ours vs PEFT, with a profile"),
+    "qlora": ("crma_jax.train.bench.qlora", "peak RSS of one QLoRA step, NF4 vs bf16 base (TinyLlama shapes)"),
+    "load": ("crma_jax.train.bench.load", "peak memory of a streaming NF4 load vs load-then-quantize"),
+    "memory": ("crma_jax.train.bench.memory", "plan a training step's memory from abstract shapes (no weights)"),
 }
 
 

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from crma_jax.train.bench_util import (
+from crma_jax.train.bench.util import (
     command_line,
     cpu_env,
     machine_note,

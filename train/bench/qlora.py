@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from crma_jax.model import REMAT_POLICIES
-from crma_jax.train.bench_util import command_line, run_child
+from crma_jax.train.bench.util import command_line, run_child
 
 KINDS = ("nf4", "bf16", "bf16-bits")  # bf16-bits: stored as uint16 bits, as `crma train` does on a CPU
 

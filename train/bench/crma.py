@@ -29,7 +29,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from crma_jax.train.bench_util import command_line, cpu_env
+from crma_jax.train.bench.util import command_line, cpu_env
 
 import crma_jax
 from crma_jax import CRMAConfig, Decoder, LoraConfig, ModelConfig, count_params

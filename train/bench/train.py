@@ -47,7 +47,7 @@ from crma_jax.loss import next_token_loss
 from crma_jax.memory_plan import REMAT_BY_SPEED, fastest_fitting, free_bytes
 from crma_jax.optim import make_optimizer
 from crma_jax.sharding import make_mesh
-from crma_jax.train.bench_util import command_line, cpu_env, machine_note, run_child
+from crma_jax.train.bench.util import command_line, cpu_env, machine_note, run_child
 from crma_jax.train_step import forward_loss, jit_train_step, make_train_step
 
 LR = {"lora_a": 2e-4, "lora_b": 2e-4, "crma_mix": 1e-3, "crma_gate": 1e-2}

@@ -28,7 +28,7 @@ from typing import Any
 from crma_jax.memory_plan import ARCHS, arch_config, plan_step_memory
 from crma_jax.model import REMAT_POLICIES
 from crma_jax.targets import TARGETS, resolve_target
-from crma_jax.train.bench_util import command_line, machine_note
+from crma_jax.train.bench.util import command_line, machine_note
 
 TABLE = {"arch": ("tinyllama", "mistral-7b", "gemma2-9b"), "quant": ("bf16", "nf4"),
          "remat": ("none", "full", "save_dot_except_mlp"), "seq_len": (2048, 8192)}

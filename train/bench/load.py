@@ -23,7 +23,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from crma_jax.train.bench_util import command_line, machine_note, proc_status, reset_peak_rss, run_child
+from crma_jax.train.bench.util import command_line, machine_note, proc_status, reset_peak_rss, run_child
 
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
