@@ -5,7 +5,7 @@ the new one, never a mix and never neither.
 empty staging directory inside `root`; one rename commits them; they are then moved into place,
 replacing the old ones. `recover(root)` finishes a commit that a kill cut short (moving the
 committed entries into place) or drops one that never committed; `commit` and every reader that
-needs the entries (`crma_jax.convert.adapter_files.load_adapters`) call it first.
+needs the entries (`crma_jax.adapter_files.load_adapters`) call it first.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`crma_jax.convert.adapter_files`: RUN/adapters survives a kill during its replacement."""
+"""`crma_jax.adapter_files`: RUN/adapters survives a kill during its replacement."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from crma_jax.convert.adapter_files import Adapters, BaseSpec, load_adapters, save_adapters
+from crma_jax.adapter_files import Adapters, BaseSpec, load_adapters, save_adapters
 
 
 def _adapters(value: float) -> Adapters:
@@ -37,7 +37,7 @@ def test_a_kill_while_replacing_the_adapters_never_loses_them(tmp_path, monkeypa
 
 
 def test_a_kill_while_writing_keeps_the_old_adapters(tmp_path, monkeypatch):
-    import crma_jax.convert.adapter_files as files
+    import crma_jax.adapter_files as files
 
     save_adapters(tmp_path, _adapters(1.0))
 

@@ -123,7 +123,7 @@ def test_each_method_shows_its_defining_behaviour(finished):
     assert all(r["penalty"] > 0.0 for r in olora)
     assert (out / "olora" / "seed0" / "memory.safetensors").stat().st_size > 0
     # InfLoRA: every domain's A was fixed (orthonormal columns, from its inputs) and never trained.
-    from crma_jax.convert.adapter_files import load_adapters
+    from crma_jax.adapter_files import load_adapters
 
     for name, lora in load_adapters(out / "inflora" / "seed0").lora_sets.items():
         if name == "inflora":
@@ -225,7 +225,7 @@ def test_pissa_gives_every_domain_the_same_initial_factors_on_the_residual_base(
     """With PiSSA, each fresh LoRA is (A0, B0) on W − s·A0·B0: with LR 0 every domain's set
     stays (A0, B0) and every holdout loss is the base model's."""
     import crma_jax
-    from crma_jax.convert.adapter_files import load_adapters
+    from crma_jax.adapter_files import load_adapters
     from crma_jax.data import DataSpec
     from crma_jax.evaluate import evaluate
     from crma_jax.pretrained import load_tokenizer

@@ -12,7 +12,7 @@ from conftest import make_tiny_hf, save_char_tokenizer, word_jsonl
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from crma_jax.convert.adapter_files import load_adapters
+from crma_jax.adapter_files import load_adapters
 from crma_jax.convert.export import export_run
 from crma_jax.convert.torch_crma import attach_crma
 from crma_jax.train.cli import main

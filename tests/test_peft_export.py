@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import crma_jax
 from crma_jax import CRMAConfig, LoraConfig
-from crma_jax.convert.adapter_files import Adapters, BaseSpec, load_adapters, save_adapters
+from crma_jax.adapter_files import Adapters, BaseSpec, load_adapters, save_adapters
 from crma_jax.convert.peft_export import export_crma, export_merged, export_peft, import_peft
 from crma_jax.convert.torch_crma import attach_crma
 from crma_jax.errors import CheckpointError

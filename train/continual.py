@@ -55,7 +55,7 @@ from safetensors.numpy import load_file
 
 from crma_jax import distributed
 from crma_jax.cl import METHODS, EWC, FrozenSubstrate, InfLoRA, Memory, Method, OLoRA, replay, transfer_metrics
-from crma_jax.convert.adapter_files import load_adapters
+from crma_jax.adapter_files import load_adapters
 from crma_jax.crma import mix_displacement
 from crma_jax.data import PackedData, split_holdout
 from crma_jax.domains import FACTS_PREFIX, is_builtin

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from crma_jax.convert.adapter_files import load_adapters
+from crma_jax.adapter_files import load_adapters
 from crma_jax.data import DataSpec
 from crma_jax.evaluate import EvalResult, evaluate
 from crma_jax.progress import progress_callback

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from crma_jax import CRMAConfig, LoraConfig, distributed, load_pretrained, param_labels, progress
 from crma_jax.adapters import TRAINABLE, init_adapters, store_as_bits
 from crma_jax.cl import Memory, Method
-from crma_jax.convert.adapter_files import Adapters, BaseSpec, save_adapters
+from crma_jax.adapter_files import Adapters, BaseSpec, save_adapters
 from crma_jax.convert.hub import resolve_model_path
 from crma_jax.data import BatchIterator, DataSpec, PackedData, check_tokenizer, data_summary
 from crma_jax.evaluate import evaluate

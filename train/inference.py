@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from crma_jax.adapters import quantize_params
-from crma_jax.convert.adapter_files import ADAPTERS, Adapters, load_adapters
+from crma_jax.adapter_files import ADAPTERS, Adapters, load_adapters
 from crma_jax.convert.hub import resolve_model_path
 from crma_jax.lora import subtract_pissa
 from crma_jax.pretrained import load_pretrained, load_tokenizer
