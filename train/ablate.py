@@ -19,7 +19,7 @@ import jax
 from crma_jax import distributed
 from crma_jax.train import stats
 from crma_jax.train.config import TrainConfig, parse_seeds, setting
-from crma_jax.train.finetune import Session, fresh_adapters, open_session, train
+from crma_jax.train.finetune import Session, fit, fresh_adapters, open_session
 from crma_jax.train.plots import plot_overlay
 from crma_jax.train import stops
 from crma_jax.train.run_dir import claim_run, write_config
@@ -58,8 +58,8 @@ def run_ablation(cfg: AblateConfig, arms: dict[str, tuple[bool, bool]] = ARMS) -
                     sessions[crma] = open_session(dataclasses.replace(arm_cfg, seed=0))
                     write_config(out, cfg)  # model and data loaded: the run directory is claimed
                 session = sessions[crma]
-                session.trainable = fresh_adapters(session, jax.random.PRNGKey(seed))
-                runs[name][seed] = train(arm_cfg, session, log_prefix=f"ablate {name} s{seed}")
+                task = session.task(trainable=fresh_adapters(session, jax.random.PRNGKey(seed)))
+                runs[name][seed] = fit(arm_cfg, session, task, log_prefix=f"ablate {name} s{seed}").summary
         payload = {"seeds": seeds, "runs": runs, "summary": summarize(runs)}
         if distributed.is_writer():
             (out / "ablation.json").write_text(json.dumps(payload, indent=2))

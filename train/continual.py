@@ -67,8 +67,8 @@ from crma_jax.train.cl_data import Domain, build_domains, check_fingerprints, mi
 from crma_jax.train.cl_results import markdown_table, summarize
 from crma_jax.train.cl_stats import task_stats
 from crma_jax.train.config import TrainConfig, parse_seeds, setting
-from crma_jax.train.finetune import OnCheckpoint, Session, evaluate_holdout, fresh_adapters, open_session, \
-    save_run_adapters, train
+from crma_jax.train.finetune import OnCheckpoint, Session, Task, evaluate_holdout, fit, fresh_adapters, \
+    open_session, save_run_adapters
 from crma_jax.train.run_dir import claim_run, commit, recover, write_config
 
 CONDITIONS = tuple(METHODS)
@@ -248,20 +248,19 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
             start = method.start(start, memory, stats)
         if method.crma:
             crma = method.start_crma(crma, initial)
-        session.trainable = {"lora": start, **({"crma": crma} if method.crma else {})}
         earlier = [domains[n][0] for n in names[:i]]
-        session.train_data = mix_replay(train_rows, earlier, method.replay, seed * 1000 + i)
-        session.holdout, session.data_spec = holdout, spec
+        task = Task({"lora": start, **({"crma": crma} if method.crma else {})},
+                    mix_replay(train_rows, earlier, method.replay, seed * 1000 + i), holdout, spec,
+                    zclip=progress.get("zclip") if cfg.zclip_across_domains else None)
         step_cfg = dataclasses.replace(cfg, out=str(root / name), data=spec.source, seed=seed, crma=method.crma)
         if cfg.resume and distributed.is_writer():
             restart_uncheckpointed(root / name)
         distributed.sync(f"looked at {root / name}")
-        carried = progress.get("zclip") if cfg.zclip_across_domains else None
-        train(step_cfg, session, log_prefix=f"{name_of_method} s{seed} {name}", on_checkpoint=on_checkpoint,
-              data_name=name, method=method, memory=memory, zclip_from=carried)
-        progress["zclip"] = [np.asarray(x).tolist() for x in session.zclip_state]  # JSON, resumable
-        lora = session.trainable["lora"]
-        crma = session.trainable.get("crma")
+        done = fit(step_cfg, session, task, log_prefix=f"{name_of_method} s{seed} {name}",
+                   on_checkpoint=on_checkpoint, data_name=name, method=method, memory=memory)
+        progress["zclip"] = [np.asarray(x).tolist() for x in done.zclip]  # JSON, resumable
+        lora = done.trainable["lora"]
+        crma = done.trainable.get("crma")
         if method.crma:
             substrates.append(crma)
         stats = task_stats(method.stats_after, session, method, lora, memory, train_rows, cfg.fisher_batches,
@@ -376,7 +375,7 @@ def restart_uncheckpointed(run: Path) -> None:
 def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
     """Every condition x seed over the domains; writes results.json/.md and the plots.
 
-    `on_checkpoint` is passed to every domain's `train` (tests inject faults there).
+    `on_checkpoint` is passed to every domain's `fit` (tests inject faults there).
     """
 
     from crma_jax.train.plots import plot_continual

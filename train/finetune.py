@@ -48,9 +48,36 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite gradients); names the step."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What one `fit` trains: the adapters it starts from, its packed rows and holdout, the spec
+    they were built from (recorded with the adapters) and what they hold
+    (`crma_jax.data.data_summary`), and ZClip statistics to start from instead of a fresh warmup
+    (a `ZClipState`'s fields, arrays or lists; `crma cl` carries them from domain to domain)."""
+
+    trainable: dict[str, Any]
+    train_data: PackedData
+    holdout: PackedData | None
+    data_spec: DataSpec | None = None
+    data_summary: dict[str, Any] | None = None
+    zclip: Sequence[Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """What `fit` returns: the run's summary (also RUN/summary.json), its final adapters, and
+    the clipper's final state (`crma_jax.optim.ZClipState`)."""
+
+    summary: dict[str, Any]
+    trainable: dict[str, Any]
+    zclip: Any
+
+
+@dataclasses.dataclass(frozen=True)
 class Session:
-    """Everything a run needs, built once from a config (shared by train, ablate and cl)."""
+    """Everything loaded once from a config and shared by the runs that use it (train, ablate's
+    arms, cl's domains): the model, its frozen base, the tokenizer and mesh, and what
+    `open_session` loaded as the first `Task` (adapters as initialised, the data of --data)."""
 
     cfg: TrainConfig
     model: Any
@@ -60,17 +87,18 @@ class Session:
     train_data: PackedData | None
     holdout: PackedData | None
     mesh: Any
-    # The spec that `train_data` and `holdout` were built from (recorded with the adapters), and
-    # what they hold (`crma_jax.data.data_summary`).
     data_spec: DataSpec | None = None
     data_summary: dict[str, Any] | None = None
     # PiSSA's initial factors (A0, B0), the LoRA every fresh PiSSA set starts from; None otherwise.
     lora_init: Any = None
-    # The clipper's state (`crma_jax.optim.ZClipState`) at the end of the last `train`.
-    zclip_state: Any = None
     # Compiled steps keyed by the settings they depend on: a continual run trains many domains
-    # with one program instead of recompiling per domain.
+    # with one program instead of recompiling per domain. A cache, filled by `fit`.
     compiled: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def task(self, **changes: Any) -> Task:
+        """The task of what this session loaded, with `changes` (e.g. other starting adapters)."""
+        return dataclasses.replace(Task(self.trainable, self.train_data, self.holdout, self.data_spec,
+                                        self.data_summary), **changes)
 
     def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """A whole host batch (B = --batch-size rows) as global arrays on the batch sharding,
@@ -183,15 +211,16 @@ def build_optimizer(cfg: TrainConfig, trainable: dict[str, Any]) -> Any:
     )
 
 
-def compile_step(cfg: TrainConfig, session: Session, optimizer: Any, method: Method | None = None,
+def compile_step(cfg: TrainConfig, session: Session, optimizer: Any, trainable: dict[str, Any],
+                 method: Method | None = None,
                  memory: Memory | None = None) -> tuple[Any, dict[str, Any], RematChoice]:
     """Compile the training step ahead of time, under `cfg.remat` or, for "auto", under the
     fastest remat policy whose step fits in the devices' free memory (`fastest_fitting`).
     Returns (compiled step, its shardings, the choice with what each tried policy needs)."""
-    # Shapes only: the step's in_shardings decide placement (`train` moves the real trees there),
+    # Shapes only: the step's in_shardings decide placement (`fit` moves the real trees there),
     # whatever shardings the loaded adapters happen to carry.
     trainable, frozen, memory = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-                                 for tree in (session.trainable, session.frozen, memory or {}))
+                                 for tree in (trainable, session.frozen, memory or {}))
     opt_state = jax.eval_shape(optimizer.init, trainable)
     batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.int32) for k in BATCH_KEYS}
     rng = jax.eval_shape(jax.random.PRNGKey, 0)
@@ -215,10 +244,9 @@ def compile_step(cfg: TrainConfig, session: Session, optimizer: Any, method: Met
     return choice.compiled, shardings, choice
 
 
-def evaluate_holdout(session: Session, variables: dict[str, Any], holdout: PackedData | None = None) -> float:
-    """Mean next-token loss over every token of the holdout split (`crma_jax.evaluate.evaluate`)."""
-    data = session.holdout if holdout is None else holdout
-    return evaluate(session.model, variables, data, session.cfg.batch_size, place=session.place).loss
+def evaluate_holdout(session: Session, variables: dict[str, Any], holdout: PackedData) -> float:
+    """Mean next-token loss over every token of `holdout` (`crma_jax.evaluate.evaluate`)."""
+    return evaluate(session.model, variables, holdout, session.cfg.batch_size, place=session.place).loss
 
 
 def save_run_adapters(run: Path, session: Session, sets: dict[str, Any], crma: Any,
@@ -236,13 +264,13 @@ SAMPLE_PROMPT_TOKENS = 24
 SAMPLE_NEW_TOKENS = 32
 
 
-def holdout_samples(session: Session, variables: dict[str, Any], n: int) -> list[dict[str, str]]:
+def holdout_samples(session: Session, variables: dict[str, Any], held: PackedData, n: int) -> list[dict[str, str]]:
     """Greedy continuations of the openings of the first `n` holdout documents long enough to
     have one (documents end at EOS in the packed rows), with CRMA on and, for a CRMA model, off
     on the same weights: [{"prompt", "crma_on", "crma_off"?}], decoded text."""
     from crma_jax.generate import generate
 
-    held, eos = session.holdout, session.tokenizer.eos_token_id
+    eos = session.tokenizer.eos_token_id
     stream = held.input_ids[held.segment_ids > 0]
     ends = np.flatnonzero(stream == eos)
     docs = np.split(stream, ends + 1)
@@ -285,41 +313,46 @@ def step_metrics(metrics: dict[str, Any], opt_state: Any, dt: float) -> dict[str
 
 
 def train(cfg: TrainConfig, session: Session | None = None, log_prefix: str = "train",
-          on_checkpoint: OnCheckpoint | None = None, data_name: str = "default", method: Method | None = None,
-          memory: Memory | None = None, zclip_from: Sequence[Any] | None = None) -> dict[str, Any]:
-    """Run (or resume) one fine-tuning job; returns the summary (also written to summary.json).
+          on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
+    """`crma train`: run (or resume) one fine-tuning job on what `session` loaded (or, without
+    one, on what `cfg` names); returns the summary (also written to summary.json)."""
+    return fit(cfg, session, log_prefix=log_prefix, on_checkpoint=on_checkpoint).summary
 
-    `session` reuses a loaded model and data (its `trainable` is the starting point);
+
+def fit(cfg: TrainConfig, session: Session | None = None, task: Task | None = None, *, log_prefix: str = "train",
+        on_checkpoint: OnCheckpoint | None = None, data_name: str = "default", method: Method | None = None,
+        memory: Memory | None = None) -> Trained:
+    """Run (or resume) one fine-tuning job on `task` (default: what `session` loaded; without a
+    session, one is opened from `cfg` inside RUN's lock), into `cfg.out`.
+
     `data_name` names the LoRA set in RUN/adapters. `method` and `memory` are a continual-learning
     method and what it keeps of earlier tasks (`crma_jax.cl`; `crma cl` passes them).
-    `zclip_from` (a ZClipState's fields, arrays or lists) starts ZClip from earlier statistics
-    instead of a fresh warmup (`crma cl` carries them from task to task); the run's final ones
-    are left in `session.zclip_state`.
 
     A stop signal (`crma_jax.train.stops`) ends the run at a step boundary with a checkpoint and
     raises `stops.Stopped`; RUN is locked against a second writer for the whole call.
     """
     cfg.validate()
     with stops.deferred(), claim_run(cfg.out, cfg, cfg.resume, cfg.launch):
-        return _train(cfg, session, log_prefix, on_checkpoint, data_name, method, memory, zclip_from)
+        return _fit(cfg, session, task, log_prefix, on_checkpoint, data_name, method, memory)
 
 
-def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkpoint: OnCheckpoint | None,
-           data_name: str, method: Method | None, memory: Memory | None,
-           zclip_from: Sequence[Any] | None) -> dict[str, Any]:
-    """`train`'s body, run under RUN's lock with stop signals deferred."""
+def _fit(cfg: TrainConfig, session: Session | None, task: Task | None, log_prefix: str,
+         on_checkpoint: OnCheckpoint | None, data_name: str, method: Method | None,
+         memory: Memory | None) -> Trained:
+    """`fit`'s body, run under RUN's lock with stop signals deferred."""
     started = time.perf_counter()
     run = Path(cfg.out)
     session = session or open_session(cfg)  # bad model/data fail here, before RUN holds anything
+    task = task or session.task()
     stops.check("while loading, before anything was written")
     write_config(run, cfg)
     writer = distributed.is_writer()
-    if writer and session.data_summary is not None and session.train_data is not None:
-        tqdm.write(describe_data(session.data_summary, run, cfg.steps), file=sys.stderr)
+    if writer and task.data_summary is not None:
+        tqdm.write(describe_data(task.data_summary, run, cfg.steps), file=sys.stderr)
     if jax.process_count() > 1:
         tqdm.write(f"{log_prefix}: {distributed.describe()}, {jax.local_device_count()} of {jax.device_count()} "
                    f"devices here, mesh {dict(session.mesh.shape)}", file=sys.stderr)
-    trainable, frozen = session.trainable, session.frozen
+    trainable, frozen = task.trainable, session.frozen
     memory = memory or {}
     remat_file = run / "remat.json"  # the policy --remat auto chose: a resumed run keeps it
     if cfg.remat == "auto" and cfg.resume and remat_file.exists():
@@ -328,7 +361,7 @@ def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkp
                 jax.tree.map(jnp.shape, memory)))
     if key not in session.compiled:
         optimizer = build_optimizer(cfg, trainable)
-        session.compiled[key] = (optimizer, *compile_step(cfg, session, optimizer, method, memory))
+        session.compiled[key] = (optimizer, *compile_step(cfg, session, optimizer, trainable, method, memory))
         choice = session.compiled[key][3]
         if cfg.remat == "auto" or not choice.fits:
             tqdm.write(f"{log_prefix}: {choice.describe()}", file=sys.stderr)
@@ -342,12 +375,12 @@ def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkp
     # step's outputs, and drops weak types): otherwise the second step compiles again. Fresh
     # also because the step donates both trees and optax's init may share constants.
     opt_state = optimizer.init(trainable)
-    if zclip_from is not None:
-        carried = ZClipState(*(jnp.asarray(x, fresh.dtype) for x, fresh in zip(zclip_from, opt_state.zclip)))
+    if task.zclip is not None:
+        carried = ZClipState(*(jnp.asarray(x, fresh.dtype) for x, fresh in zip(task.zclip, opt_state.zclip)))
         opt_state = opt_state._replace(zclip=carried)
     trainable, opt_state, rng = place((trainable, opt_state, jax.random.PRNGKey(cfg.seed)))
     rows = distributed.local_rows(shardings["batch"], cfg.batch_size)  # this process's share of each batch
-    data = BatchIterator(session.train_data, cfg.batch_size, seed=cfg.seed, rows=rows)
+    data = BatchIterator(task.train_data, cfg.batch_size, seed=cfg.seed, rows=rows)
     mngr = checkpoint_manager(run, cfg.keep_checkpoints)
     start = 0
     restored = restore_latest(mngr, {"trainable": trainable, "opt_state": opt_state, "rng": rng}) if cfg.resume else None
@@ -363,7 +396,7 @@ def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkp
     initial = None
     if cfg.eval_every and not initial_file.exists():
         # The holdout loss before any update, so a run can show that training helped.
-        initial = evaluate_holdout(session, {"params": frozen, **trainable})
+        initial = evaluate_holdout(session, {"params": frozen, **trainable}, task.holdout)
         if writer:
             initial_file.write_text(json.dumps({"holdout_loss": initial}))
 
@@ -403,7 +436,7 @@ def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkp
                 if skipped_run >= cfg.max_skipped_steps:
                     raise TrainingError(f"step {step}: {skipped_run} consecutive non-finite gradients; stopping")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                record["eval_loss"] = evaluate_holdout(session, {"params": frozen, **trainable})
+                record["eval_loss"] = evaluate_holdout(session, {"params": frozen, **trainable}, task.holdout)
             metrics_out.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
@@ -417,10 +450,10 @@ def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkp
     committed()
     summary = {"steps": step, "final_loss": metrics_out.last("loss"), "remat": choice.policy,
                **metrics_out.summary()}
-    if session.data_summary is not None:
-        summary["data"] = session.data_summary
-    if cfg.samples and session.holdout is not None and jax.process_count() == 1:
-        summary["samples"] = holdout_samples(session, {"params": frozen, **trainable}, cfg.samples)
+    if task.data_summary is not None:
+        summary["data"] = task.data_summary
+    if cfg.samples and task.holdout is not None and jax.process_count() == 1:
+        summary["samples"] = holdout_samples(session, {"params": frozen, **trainable}, task.holdout, cfg.samples)
     summary["wall_s"] = round(time.perf_counter() - started, 1)  # this invocation: load, compile, train, evaluate
     summary["versions"] = versions()
     if cfg.eval_every:
@@ -430,11 +463,10 @@ def _train(cfg: TrainConfig, session: Session | None, log_prefix: str, on_checkp
     if writer:
         (run / "summary.json").write_text(json.dumps(summary, indent=2))
         save_run_adapters(run, session, {data_name: trainable["lora"]}, trainable.get("crma"),
-                          {data_name: session.data_spec} if session.data_spec else {})
+                          {data_name: task.data_spec} if task.data_spec else {})
         if cfg.plots:
             from crma_jax.train.plots import plot_run
 
             plot_run(run)
     distributed.sync(f"finished {run}")  # the run's files are complete when any process returns
-    session.trainable, session.zclip_state = trainable, opt_state.zclip
-    return summary
+    return Trained(summary, trainable, opt_state.zclip)
