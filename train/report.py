@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from crma_jax.atomic import atomic_file
 from crma_jax.train.run_dir import CONFIG_FILE
 
 KINDS = {"results.json": "crma cl", "ablation.json": "crma ablate", "summary.json": "crma train"}
@@ -153,9 +154,8 @@ def write_report(run: Path, out: Path | None = None) -> Path:
     """Write the report (default RUN/report.html) atomically; returns its path."""
     out = Path(out) if out is not None else Path(run) / "report.html"
     page = render_report(Path(run))
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    with atomic_file(out) as f:
+        f.write(page.encode("utf-8"))
     return out
 
 
