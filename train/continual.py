@@ -57,13 +57,12 @@ from crma_jax import distributed
 from crma_jax.cl import METHODS, EWC, FrozenSubstrate, InfLoRA, Memory, Method, OLoRA, replay, transfer_metrics
 from crma_jax.adapter_files import load_adapters
 from crma_jax.crma import mix_displacement
-from crma_jax.data import PackedData, split_holdout
-from crma_jax.domains import FACTS_PREFIX, is_builtin
-from crma_jax.evaluate import crma_effect, route
-from crma_jax.facts import Fact, answer_questions, domain_facts, questions
+from crma_jax.data import PackedData
+from crma_jax.evaluate import crma_effect
 from crma_jax.safetensors_io import save_tensors
 from crma_jax.train import stops
 from crma_jax.train.cl_data import Domain, build_domains, check_fingerprints, mix_replay  # noqa: F401 - re-exported
+from crma_jax.train.cl_eval import agnostic_eval, qa_eval
 from crma_jax.train.cl_results import markdown_table, summarize
 from crma_jax.train.cl_stats import task_stats
 from crma_jax.train.config import TrainConfig, parse_seeds, setting
@@ -296,71 +295,6 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         result["qa"] = qa
     result["wall_s"] = progress.get("wall_s", 0.0) + time.perf_counter() - t0
     return result
-
-
-def trained_facts(cfg: CLConfig, source: str) -> list[Fact]:
-    """The facts of a facts-<domain> source whose documents fell in the training split."""
-    facts = domain_facts(source[len(FACTS_PREFIX):])
-    if cfg.max_documents:
-        facts = facts[:cfg.max_documents]
-    train_idx, _ = split_holdout(list(range(len(facts))), cfg.holdout_fraction, seed=0)
-    return [facts[i] for i in train_idx]
-
-
-def qa_eval(cfg: CLConfig, method: Method, session: Session, names: list[str], domains: dict[str, Domain],
-            trained: list[Any], memory: Memory, fresh: list[Any], substrate_of: Callable[[int], Any]
-            ) -> dict[str, Any] | None:
-    """The CRMA-toggle QA benchmark on the facts domains among `names`: each trained fact asked
-    in its held-out wording, greedy answer, exact match; with the task id, CRMA on and off on
-    the same weights (off only for a method that trains CRMA). None without facts domains."""
-    asked = {n: questions(trained_facts(cfg, domains[n][2].source)) for n in names
-             if is_builtin(domains[n][2].source) and domains[n][2].source.startswith(FACTS_PREFIX)}
-    if not asked:
-        return None
-    toggles = (True, False) if method.crma else (True,)
-    per_domain: dict[str, dict[str, float]] = {}
-    right = {on: 0 for on in toggles}
-    for j, n in enumerate(names):
-        if n not in asked:
-            continue
-        lora = method.eval_lora(trained, memory, j, fresh[j])
-        variables = {"params": session.frozen, "lora": lora, **({"crma": substrate_of(j)} if method.crma else {})}
-        per_domain[n] = {}
-        for on in toggles:
-            correct = answer_questions(session.model, variables, session.tokenizer, asked[n], crma_enabled=on,
-                                       batch_size=cfg.batch_size)
-            per_domain[n]["crma_on" if on else "crma_off"] = float(np.mean(correct))
-            right[on] += sum(correct)
-    total = sum(len(q) for q in asked.values())
-    return {"questions": total, "per_domain": per_domain,
-            **{("crma_on" if on else "crma_off"): right[on] / total for on in toggles}}
-
-
-def agnostic_eval(cfg: CLConfig, method: Method, session: Session, names: list[str], domains: dict[str, Domain],
-                  trained: list[Any], memory: Memory, fresh: list[Any], substrate_of: Callable[[int], Any]
-                  ) -> dict[str, Any]:
-    """Every domain scored without its task id, on each row's tokens after the first
-    `routing_tokens` targets: routed methods pick a LoRA per row by the loss on those first
-    tokens, the others are one model. `oracle_loss` is the task-id model on the same tokens.
-    Each domain's LoRA routes with its own substrate (`substrate_of`: ISOLATED's differ)."""
-    if method.routed:
-        sets = dict(zip(names, trained))
-        per_set = {n: {"crma": substrate_of(j)} for j, n in enumerate(names)} if method.crma else None
-    else:
-        sets = {"model": method.eval_lora(trained, memory, None, fresh[0])}
-        per_set = {"model": {"crma": substrate_of(len(names) - 1)}} if method.crma else None
-    out: dict[str, Any] = {"prefix_tokens": cfg.routing_tokens, "routed": method.routed, "loss": [], "oracle_loss": [],
-                           "scored_tokens": [], "accuracy": {}}
-    for n in names:
-        r = route(session.model, session.frozen, sets, domains[n][1], n if method.routed else "model", cfg.batch_size,
-                  cfg.routing_tokens, per_set=per_set, place=session.place)
-        out["loss"].append(r.routed.loss)
-        out["oracle_loss"].append(r.oracle.loss)
-        out["scored_tokens"].append(r.routed.tokens)
-        if method.routed:
-            out["accuracy"][n] = r.accuracy
-    out["acc"] = float(np.mean(out["loss"]))
-    return out
 
 
 def restart_uncheckpointed(run: Path) -> None:
