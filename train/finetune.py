@@ -339,134 +339,202 @@ def fit(cfg: TrainConfig, session: Session | None = None, task: Task | None = No
 def _fit(cfg: TrainConfig, session: Session | None, task: Task | None, log_prefix: str,
          on_checkpoint: OnCheckpoint | None, data_name: str, method: Method | None,
          memory: Memory | None) -> Trained:
-    """`fit`'s body, run under RUN's lock with stop signals deferred."""
+    """`fit`'s body, run under RUN's lock with stop signals deferred, in its phases: load, say
+    what runs, compile, start (or restore), loop, summarise."""
     started = time.perf_counter()
     run = Path(cfg.out)
     session = session or open_session(cfg)  # bad model/data fail here, before RUN holds anything
     task = task or session.task()
     stops.check("while loading, before anything was written")
     write_config(run, cfg)
-    writer = distributed.is_writer()
-    if writer and task.data_summary is not None:
-        tqdm.write(describe_data(task.data_summary, run, cfg.steps), file=sys.stderr)
-    if jax.process_count() > 1:
-        tqdm.write(f"{log_prefix}: {distributed.describe()}, {jax.local_device_count()} of {jax.device_count()} "
-                   f"devices here, mesh {dict(session.mesh.shape)}", file=sys.stderr)
-    trainable, frozen = task.trainable, session.frozen
+    _announce(cfg, session, task, run, log_prefix)
     memory = memory or {}
-    remat_file = run / "remat.json"  # the policy --remat auto chose: a resumed run keeps it
-    if cfg.remat == "auto" and cfg.resume and remat_file.exists():
-        cfg = dataclasses.replace(cfg, remat=json.loads(remat_file.read_text())["policy"])
-    key = repr((dataclasses.replace(cfg, out="", data="", resume=False, seed=0), method, jax.tree.structure(trainable),
-                jax.tree.map(jnp.shape, memory)))
-    if key not in session.compiled:
-        optimizer = build_optimizer(cfg, trainable)
-        session.compiled[key] = (optimizer, *compile_step(cfg, session, optimizer, trainable, method, memory))
-        choice = session.compiled[key][3]
-        if cfg.remat == "auto" or not choice.fits:
-            tqdm.write(f"{log_prefix}: {choice.describe()}", file=sys.stderr)
-        stops.check("while compiling, before the first step")
-    optimizer, step_fn, shardings, choice = session.compiled[key]
-    if writer:
-        remat_file.write_text(json.dumps({"policy": choice.policy}))
-    memory = jax.device_put(memory, shardings["memory"])
-    place = jax.jit(lambda tree: tree, out_shardings=(shardings["trainable"], shardings["opt_state"], shardings["rng"]))
-    # Fresh buffers on the step's own shardings (an identity jit types them exactly like the
-    # step's outputs, and drops weak types): otherwise the second step compiles again. Fresh
-    # also because the step donates both trees and optax's init may share constants.
-    opt_state = optimizer.init(trainable)
-    if task.zclip is not None:
-        carried = ZClipState(*(jnp.asarray(x, fresh.dtype) for x, fresh in zip(task.zclip, opt_state.zclip)))
-        opt_state = opt_state._replace(zclip=carried)
-    trainable, opt_state, rng = place((trainable, opt_state, jax.random.PRNGKey(cfg.seed)))
-    rows = distributed.local_rows(shardings["batch"], cfg.batch_size)  # this process's share of each batch
-    data = BatchIterator(task.train_data, cfg.batch_size, seed=cfg.seed, rows=rows)
-    mngr = checkpoint_manager(run, cfg.keep_checkpoints)
-    start = 0
-    restored = restore_latest(mngr, {"trainable": trainable, "opt_state": opt_state, "rng": rng}) if cfg.resume else None
-    if restored is not None:
-        start, state, meta = restored
-        trainable, opt_state, rng = place((state["trainable"], state["opt_state"], state["rng"]))
-        data.restore(meta["data"])
-    elif cfg.resume:
-        require_nothing_lost(run)
-    metrics_out = MetricsWriter(run, trackers=cfg.trackers, append=start > 0, files=writer, config=settings_of(cfg),
-                                wandb_project=cfg.wandb_project)
-    initial_file = run / "initial_eval.json"
-    initial = None
-    if cfg.eval_every and not initial_file.exists():
-        # The holdout loss before any update, so a run can show that training helped.
-        initial = evaluate_holdout(session, {"params": frozen, **trainable}, task.holdout)
-        if writer:
-            initial_file.write_text(json.dumps({"holdout_loss": initial}))
-
-    def checkpoint(step: int) -> None:
-        with saving(mngr, step):
-            save_state(mngr, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
-                       {"step": step, "data": data.state()})
-
-    def committed() -> None:
-        with saving(mngr, step):
-            mngr.wait_until_finished()
-
-    skipped_run = 0
-    step = start
-    bar = progress.bar(total=cfg.steps, initial=start, desc=log_prefix, unit="step", disable=not writer)
+    cfg, compiled = _compiled_step(cfg, session, task.trainable, method, memory, run, log_prefix)
+    memory = jax.device_put(memory, compiled.shardings["memory"])
+    state = _start(cfg, session, task, compiled, run)
+    metrics_out = MetricsWriter(run, trackers=cfg.trackers, append=state.step > 0, files=distributed.is_writer(),
+                                config=settings_of(cfg), wandb_project=cfg.wandb_project)
     try:
-        while step < cfg.steps:
-            signum = stops.agreed()  # every process stops at the same step
-            if signum:
-                if step > start and mngr.latest_step() != step:
-                    checkpoint(step)
-                committed()
-                saved = mngr.latest_step()
-                raise stops.Stopped(signum, f"at step {step} of {run}" + (
-                    f"; checkpoint {saved} is saved, and --resume continues from it" if saved is not None else
-                    "; no step was saved, and --resume starts again"))
-            batch = distributed.global_batch(next(data), shardings["batch"], cfg.batch_size)
-            rng, sub = jax.random.split(rng)
-            t0 = time.perf_counter()
-            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, sub, memory)
-            metrics = jax.device_get(metrics)
-            step += 1
-            record = {"step": step, **step_metrics(metrics, opt_state, time.perf_counter() - t0)}
-            skipped_run = skipped_run + 1 if record.get("zclip/skipped") else 0
-            if skipped_run:
-                tqdm.write(f"step {step}: non-finite gradient (norm {record['grad_norm']}); update skipped")
-                if skipped_run >= cfg.max_skipped_steps:
-                    raise TrainingError(f"step {step}: {skipped_run} consecutive non-finite gradients; stopping")
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                record["eval_loss"] = evaluate_holdout(session, {"params": frozen, **trainable}, task.holdout)
-            metrics_out.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoint(step)  # async: training goes on while Orbax writes
-                if on_checkpoint is not None:
-                    on_checkpoint(step, mngr)
+        _loop(cfg, session, task, compiled, state, memory, metrics_out, run, log_prefix, on_checkpoint)
     finally:
-        bar.close()
         metrics_out.close()
-    committed()
-    summary = {"steps": step, "final_loss": metrics_out.last("loss"), "remat": choice.policy,
-               **metrics_out.summary()}
-    if task.data_summary is not None:
-        summary["data"] = task.data_summary
-    if cfg.samples and task.holdout is not None and jax.process_count() == 1:
-        summary["samples"] = holdout_samples(session, {"params": frozen, **trainable}, task.holdout, cfg.samples)
-    summary["wall_s"] = round(time.perf_counter() - started, 1)  # this invocation: load, compile, train, evaluate
-    summary["versions"] = versions()
-    if cfg.eval_every:
-        summary["initial_holdout_loss"] = (json.loads(initial_file.read_text())["holdout_loss"] if initial is None
-                                           else initial)
-        summary["holdout_loss"] = metrics_out.last("eval_loss")
-    if writer:
+    summary = _summarize(cfg, session, task, state, compiled.choice, metrics_out, run, started)
+    if distributed.is_writer():
         (run / "summary.json").write_text(json.dumps(summary, indent=2))
-        save_run_adapters(run, session, {data_name: trainable["lora"]}, trainable.get("crma"),
+        save_run_adapters(run, session, {data_name: state.trainable["lora"]}, state.trainable.get("crma"),
                           {data_name: task.data_spec} if task.data_spec else {})
         if cfg.plots:
             from crma_jax.train.plots import plot_run
 
             plot_run(run)
     distributed.sync(f"finished {run}")  # the run's files are complete when any process returns
-    return Trained(summary, trainable, opt_state.zclip)
+    return Trained(summary, state.trainable, state.opt_state.zclip)
+
+
+def _announce(cfg: TrainConfig, session: Session, task: Task, run: Path, log_prefix: str) -> None:
+    """Say what the run trains on and, in a multi-process run, where this process stands."""
+    if distributed.is_writer() and task.data_summary is not None:
+        tqdm.write(describe_data(task.data_summary, run, cfg.steps), file=sys.stderr)
+    if jax.process_count() > 1:
+        tqdm.write(f"{log_prefix}: {distributed.describe()}, {jax.local_device_count()} of {jax.device_count()} "
+                   f"devices here, mesh {dict(session.mesh.shape)}", file=sys.stderr)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """A compiled step with its optimizer, shardings and the remat choice that made it."""
+
+    optimizer: Any
+    step: Any
+    shardings: dict[str, Any]
+    choice: RematChoice
+
+
+def _compiled_step(cfg: TrainConfig, session: Session, trainable: dict[str, Any], method: Method | None,
+                   memory: Memory, run: Path, log_prefix: str) -> tuple[TrainConfig, Compiled]:
+    """The step for `cfg` from the session's cache, compiled on a miss. A resumed `--remat auto`
+    run keeps the policy it chose (RUN/remat.json); returns `cfg` with that policy."""
+    remat_file = run / "remat.json"
+    if cfg.remat == "auto" and cfg.resume and remat_file.exists():
+        cfg = dataclasses.replace(cfg, remat=json.loads(remat_file.read_text())["policy"])
+    key = repr((dataclasses.replace(cfg, out="", data="", resume=False, seed=0), method, jax.tree.structure(trainable),
+                jax.tree.map(jnp.shape, memory)))
+    if key not in session.compiled:
+        optimizer = build_optimizer(cfg, trainable)
+        session.compiled[key] = Compiled(optimizer, *compile_step(cfg, session, optimizer, trainable, method, memory))
+        choice = session.compiled[key].choice
+        if cfg.remat == "auto" or not choice.fits:
+            tqdm.write(f"{log_prefix}: {choice.describe()}", file=sys.stderr)
+        stops.check("while compiling, before the first step")
+    compiled = session.compiled[key]
+    if distributed.is_writer():
+        remat_file.write_text(json.dumps({"policy": compiled.choice.policy}))
+    return cfg, compiled
+
+
+@dataclasses.dataclass
+class _State:
+    """The loop's state: it changes every step, and checkpoints save it."""
+
+    trainable: dict[str, Any]
+    opt_state: Any
+    rng: jax.Array
+    data: BatchIterator
+    mngr: Any
+    step: int
+    start: int
+    initial_loss: float | None = None
+
+    def checkpoint(self) -> None:
+        with saving(self.mngr, self.step):
+            save_state(self.mngr, self.step, self.tree(), {"step": self.step, "data": self.data.state()})
+
+    def tree(self) -> dict[str, Any]:
+        """What a checkpoint holds besides its metadata."""
+        return {"trainable": self.trainable, "opt_state": self.opt_state, "rng": self.rng}
+
+    def committed(self) -> None:
+        """Wait for the asynchronous saves; a failed one raises here (`saving`)."""
+        with saving(self.mngr, self.step):
+            self.mngr.wait_until_finished()
+
+
+def _start(cfg: TrainConfig, session: Session, task: Task, compiled: Compiled, run: Path) -> _State:
+    """The loop's first state: fresh (ZClip carried from `task.zclip`), or the newest checkpoint
+    that restores with --resume; and the holdout loss before any update, measured once."""
+    shardings = compiled.shardings
+    place = jax.jit(lambda tree: tree, out_shardings=(shardings["trainable"], shardings["opt_state"], shardings["rng"]))
+    # Fresh buffers on the step's own shardings (an identity jit types them exactly like the
+    # step's outputs, and drops weak types): otherwise the second step compiles again. Fresh
+    # also because the step donates both trees and optax's init may share constants.
+    opt_state = compiled.optimizer.init(task.trainable)
+    if task.zclip is not None:
+        carried = ZClipState(*(jnp.asarray(x, fresh.dtype) for x, fresh in zip(task.zclip, opt_state.zclip)))
+        opt_state = opt_state._replace(zclip=carried)
+    trainable, opt_state, rng = place((task.trainable, opt_state, jax.random.PRNGKey(cfg.seed)))
+    rows = distributed.local_rows(shardings["batch"], cfg.batch_size)  # this process's share of each batch
+    data = BatchIterator(task.train_data, cfg.batch_size, seed=cfg.seed, rows=rows)
+    mngr = checkpoint_manager(run, cfg.keep_checkpoints)
+    start = 0
+    restored = restore_latest(mngr, {"trainable": trainable, "opt_state": opt_state, "rng": rng}) if cfg.resume else None
+    if restored is not None:
+        start, saved, meta = restored
+        trainable, opt_state, rng = place((saved["trainable"], saved["opt_state"], saved["rng"]))
+        data.restore(meta["data"])
+    elif cfg.resume:
+        require_nothing_lost(run)
+    state = _State(trainable, opt_state, rng, data, mngr, start, start)
+    initial_file = run / "initial_eval.json"
+    if cfg.eval_every and initial_file.exists():
+        state.initial_loss = json.loads(initial_file.read_text())["holdout_loss"]
+    elif cfg.eval_every:
+        # The holdout loss before any update, so a run can show that training helped.
+        state.initial_loss = evaluate_holdout(session, {"params": session.frozen, **trainable}, task.holdout)
+        if distributed.is_writer():
+            initial_file.write_text(json.dumps({"holdout_loss": state.initial_loss}))
+    return state
+
+
+def _loop(cfg: TrainConfig, session: Session, task: Task, compiled: Compiled, state: _State, memory: Any,
+          metrics_out: MetricsWriter, run: Path, log_prefix: str, on_checkpoint: OnCheckpoint | None) -> None:
+    """Step `state` to `cfg.steps`: log, evaluate and checkpoint on schedule; stop with a saved
+    checkpoint when a stop signal is agreed; end with every save committed."""
+    skipped_run = 0
+    bar = progress.bar(total=cfg.steps, initial=state.start, desc=log_prefix, unit="step",
+                       disable=not distributed.is_writer())
+    try:
+        while state.step < cfg.steps:
+            signum = stops.agreed()  # every process stops at the same step
+            if signum:
+                if state.step > state.start and state.mngr.latest_step() != state.step:
+                    state.checkpoint()
+                state.committed()
+                saved = state.mngr.latest_step()
+                raise stops.Stopped(signum, f"at step {state.step} of {run}" + (
+                    f"; checkpoint {saved} is saved, and --resume continues from it" if saved is not None else
+                    "; no step was saved, and --resume starts again"))
+            batch = distributed.global_batch(next(state.data), compiled.shardings["batch"], cfg.batch_size)
+            state.rng, sub = jax.random.split(state.rng)
+            t0 = time.perf_counter()
+            state.trainable, state.opt_state, metrics = compiled.step(state.trainable, state.opt_state, session.frozen,
+                                                                      batch, sub, memory)
+            metrics = jax.device_get(metrics)
+            state.step += 1
+            step = state.step
+            record = {"step": step, **step_metrics(metrics, state.opt_state, time.perf_counter() - t0)}
+            skipped_run = skipped_run + 1 if record.get("zclip/skipped") else 0
+            if skipped_run:
+                tqdm.write(f"step {step}: non-finite gradient (norm {record['grad_norm']}); update skipped")
+                if skipped_run >= cfg.max_skipped_steps:
+                    raise TrainingError(f"step {step}: {skipped_run} consecutive non-finite gradients; stopping")
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                record["eval_loss"] = evaluate_holdout(session, {"params": session.frozen, **state.trainable},
+                                                       task.holdout)
+            metrics_out.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                state.checkpoint()  # async: training goes on while Orbax writes
+                if on_checkpoint is not None:
+                    on_checkpoint(step, state.mngr)
+    finally:
+        bar.close()
+    state.committed()
+
+
+def _summarize(cfg: TrainConfig, session: Session, task: Task, state: _State, choice: RematChoice,
+               metrics_out: MetricsWriter, run: Path, started: float) -> dict[str, Any]:
+    """summary.json: the run's results, speed, data, samples and versions."""
+    summary = {"steps": state.step, "final_loss": metrics_out.last("loss"), "remat": choice.policy,
+               **metrics_out.summary()}
+    if task.data_summary is not None:
+        summary["data"] = task.data_summary
+    if cfg.samples and task.holdout is not None and jax.process_count() == 1:
+        summary["samples"] = holdout_samples(session, {"params": session.frozen, **state.trainable}, task.holdout,
+                                             cfg.samples)
+    summary["wall_s"] = round(time.perf_counter() - started, 1)  # this invocation: load, compile, train, evaluate
+    summary["versions"] = versions()
+    if cfg.eval_every:
+        summary["initial_holdout_loss"] = state.initial_loss
+        summary["holdout_loss"] = metrics_out.last("eval_loss")
+    return summary
