@@ -171,6 +171,69 @@ def _load_memory(path: Path) -> Memory:
     return traverse_util.unflatten_dict(dict(load_file(str(path))), sep="/")
 
 
+@dataclasses.dataclass
+class SequenceProgress:
+    """Where one method's sequence for one seed stands, in RUN/<condition>/seed<s>: the finished
+    domains' LoRA sets, the substrate (and each finished domain's, for a method that keeps them),
+    the method's memory, and progress.json (finished names, loss rows, base losses, substrate
+    displacements, ZClip's statistics, seconds spent). `load` recovers and resumes it; `commit`
+    writes it all as one (`crma_jax.atomic.commit`), so adapters, memory and progress always
+    describe the same finished domains."""
+
+    root: Path
+    progress: dict[str, Any]
+    trained: list[Any]
+    crma: Any
+    memory: Memory
+    substrates: list[Any]
+
+    PROGRESS, MEMORY, SUBSTRATES = "progress.json", "memory.safetensors", "substrates.safetensors"
+
+    @classmethod
+    def load(cls, root: Path, method: Method, memory: Memory, crma: Any, resume: bool) -> SequenceProgress:
+        """A fresh sequence starting from `memory` and substrate `crma`, or (`resume`) the one saved
+        in `root`, after finishing or dropping a commit that a kill cut short."""
+        root.mkdir(parents=True, exist_ok=True)
+        if distributed.is_writer():
+            recover(root)  # a kill while a domain was being saved: its files all in place, or none
+        distributed.sync(f"recovered {root}")
+        state = cls(root, {"finished": [], "L": [], "substrate": [], "zclip": None}, [], crma, memory, [])
+        if resume and (root / cls.PROGRESS).exists():
+            state.progress = json.loads((root / cls.PROGRESS).read_text())
+        if state.progress["finished"]:
+            saved = load_adapters(root)
+            state.trained = [saved.lora_sets[n] for n in state.progress["finished"]]
+            state.crma = saved.crma_params if method.crma else None
+            if (root / cls.MEMORY).exists():
+                state.memory = _load_memory(root / cls.MEMORY)
+            if (root / cls.SUBSTRATES).exists():
+                stored = _load_memory(root / cls.SUBSTRATES)
+                state.substrates = [stored[str(t)] for t in range(len(stored))]
+        return state
+
+    @property
+    def finished(self) -> list[str]:
+        return self.progress["finished"]
+
+    def commit(self, session: Session, method: Method, domains: dict[str, Domain]) -> None:
+        """Write the finished domains' adapters, memory, substrates and progress as one."""
+        if not distributed.is_writer():
+            return
+
+        def write(staging: Path) -> None:
+            save_run_adapters(staging, session, method.saved_sets(self.finished, self.trained), self.crma,
+                              {n: domains[n][2] for n in self.finished})
+            if self.memory:
+                _save_memory(staging / self.MEMORY, self.memory)
+            if self.substrates:
+                _save_memory(staging / self.SUBSTRATES, {str(t): c for t, c in enumerate(self.substrates)})
+            (staging / self.PROGRESS).write_text(json.dumps(self.progress, indent=2))
+
+        # Adapters, memory and progress describe the same finished domains, or resume would
+        # redo a domain on a memory (EWC's anchors, InfLoRA's subspace) that already has it.
+        commit(self.root, write)
+
+
 def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[str, Domain], session: Session,
                  on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
     """Train one method over `domains` in order for one seed.
@@ -182,51 +245,30 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
     across resumes; of a domain cut short, only the run that finished it counts) plus the final
     evaluation's.
     """
-
     method = cfg.method(name_of_method)
     root = Path(cfg.out) / name_of_method / f"seed{seed}"
-    root.mkdir(parents=True, exist_ok=True)
-    progress_file, memory_file = root / "progress.json", root / "memory.safetensors"
-    substrates_file = root / "substrates.safetensors"
     names = list(domains)
     key = jax.random.PRNGKey(seed)
     fresh = [fresh_adapters(session, jax.random.fold_in(key, i))["lora"] for i in range(len(names))]
     initial = fresh_adapters(session, key).get("crma") if method.crma else None  # the seed's substrate
-    crma = initial
-    substrates: list[Any] = []  # each finished domain's substrate, for a method with one
-    memory = method.init_memory(fresh[0], len(names))
-    progress: dict[str, Any] = {"finished": [], "L": [], "substrate": [], "zclip": None}
-    trained: list[Any] = []
-    if distributed.is_writer():
-        recover(root)  # a kill while a domain was being saved: its files all in place, or none
-    distributed.sync(f"recovered {root}")
-    if cfg.resume and progress_file.exists():
-        progress = json.loads(progress_file.read_text())
-    if progress["finished"]:
-        saved = load_adapters(root)
-        trained = [saved.lora_sets[n] for n in progress["finished"]]
-        crma = saved.crma_params if method.crma else None
-        if memory_file.exists():
-            memory = _load_memory(memory_file)
-        if substrates_file.exists():
-            stored = _load_memory(substrates_file)
-            substrates = [stored[str(t)] for t in range(len(stored))]
+    state = SequenceProgress.load(root, method, method.init_memory(fresh[0], len(names)), initial, cfg.resume)
+    progress = state.progress
 
     def substrate_of(j: int) -> Any:
         """The substrate that domain j is evaluated with now (None without CRMA)."""
-        return method.eval_crma(substrates, crma, j, initial) if method.crma else None
+        return method.eval_crma(state.substrates, state.crma, j, initial) if method.crma else None
 
     def variables(lora: Any, substrate: Any = None) -> dict[str, Any]:
-        chosen = crma if substrate is None else substrate
+        chosen = state.crma if substrate is None else substrate
         return {"params": session.frozen, "lora": lora, **({"crma": chosen} if method.crma else {})}
 
     def loss_row() -> list[float]:
-        return [evaluate_holdout(session, variables(method.eval_lora(trained, memory, j, fresh[j]), substrate_of(j)),
-                                 domains[n][1]) for j, n in enumerate(names)]
+        return [evaluate_holdout(session, variables(method.eval_lora(state.trained, state.memory, j, fresh[j]),
+                                                    substrate_of(j)), domains[n][1]) for j, n in enumerate(names)]
 
     def substrate(lora: Any, holdout: PackedData) -> dict[str, Any]:
         return {
-            "mix_displacement": np.asarray(mix_displacement(crma, session.model.crma.sinkhorn_iters)).tolist(),
+            "mix_displacement": np.asarray(mix_displacement(state.crma, session.model.crma.sinkhorn_iters)).tolist(),
             "hidden_change": crma_effect(session.model, variables(lora), holdout, cfg.batch_size, place=session.place),
         }
 
@@ -236,19 +278,21 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         if method.crma:  # where the substrate starts, on the first domain's holdout
             progress["substrate_init"] = substrate(fresh[0], domains[names[0]][1])
     for i, name in enumerate(names):
-        if name in progress["finished"]:
+        if name in state.finished:
             continue
         t0 = time.perf_counter()
-        start = fresh[i] if method.fresh_lora or not trained else trained[-1]
         train_rows, holdout, spec = domains[name]
+        # 1. Where this domain starts: a fresh or the last LoRA, moved by the method's statistics.
+        start = fresh[i] if method.fresh_lora or not state.trained else state.trained[-1]
         if method.stats_before:
-            stats = task_stats(method.stats_before, session, method, start, memory, train_rows, cfg.fisher_batches,
-                               seed * 1000 + i)
-            start = method.start(start, memory, stats)
+            stats = task_stats(method.stats_before, session, method, start, state.memory, train_rows,
+                               cfg.fisher_batches, seed * 1000 + i)
+            start = method.start(start, state.memory, stats)
         if method.crma:
-            crma = method.start_crma(crma, initial)
+            state.crma = method.start_crma(state.crma, initial)
+        # 2. Train it: an ordinary resumable run in RUN/<condition>/seed<s>/<domain>.
         earlier = [domains[n][0] for n in names[:i]]
-        task = Task({"lora": start, **({"crma": crma} if method.crma else {})},
+        task = Task({"lora": start, **({"crma": state.crma} if method.crma else {})},
                     mix_replay(train_rows, earlier, method.replay, seed * 1000 + i), holdout, spec,
                     zclip=progress.get("zclip") if cfg.zclip_across_domains else None)
         step_cfg = dataclasses.replace(cfg, out=str(root / name), data=spec.source, seed=seed, crma=method.crma)
@@ -256,41 +300,31 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
             restart_uncheckpointed(root / name)
         distributed.sync(f"looked at {root / name}")
         done = fit(step_cfg, session, task, log_prefix=f"{name_of_method} s{seed} {name}",
-                   on_checkpoint=on_checkpoint, data_name=name, method=method, memory=memory)
+                   on_checkpoint=on_checkpoint, data_name=name, method=method, memory=state.memory)
+        # 3. Remember it: the method's memory, the substrate, and every domain's loss now.
         progress["zclip"] = [np.asarray(x).tolist() for x in done.zclip]  # JSON, resumable
-        lora = done.trainable["lora"]
-        crma = done.trainable.get("crma")
+        lora, state.crma = done.trainable["lora"], done.trainable.get("crma")
         if method.crma:
-            substrates.append(crma)
-        stats = task_stats(method.stats_after, session, method, lora, memory, train_rows, cfg.fisher_batches,
+            state.substrates.append(state.crma)
+        stats = task_stats(method.stats_after, session, method, lora, state.memory, train_rows, cfg.fisher_batches,
                            seed * 1000 + i)
-        memory = method.remember(memory, lora, i, stats)
-        trained.append(lora)
-        progress["finished"].append(name)
+        state.memory = method.remember(state.memory, lora, i, stats)
+        state.trained.append(lora)
+        state.finished.append(name)
         progress["L"].append(loss_row())
         if method.crma:
             progress["substrate"].append(substrate(lora, holdout))
         progress["wall_s"] = progress.get("wall_s", 0.0) + time.perf_counter() - t0
-        if distributed.is_writer():
-            def write(staging: Path) -> None:
-                save_run_adapters(staging, session, method.saved_sets(progress["finished"], trained), crma,
-                                  {n: domains[n][2] for n in progress["finished"]})
-                if memory:
-                    _save_memory(staging / memory_file.name, memory)
-                if substrates:
-                    _save_memory(staging / substrates_file.name, {str(t): c for t, c in enumerate(substrates)})
-                (staging / progress_file.name).write_text(json.dumps(progress, indent=2))
-
-            # Adapters, memory and progress describe the same finished domains, or resume would
-            # redo a domain on a memory (EWC's anchors, InfLoRA's subspace) that already has it.
-            commit(root, write)
+        # 4. Commit it.
+        state.commit(session, method, domains)
         distributed.sync(f"finished {root / name}")
     result: dict[str, Any] = {"L": progress["L"], "base": progress["base"], "substrate": progress["substrate"],
                               "substrate_init": progress.get("substrate_init"),
                               **transfer_metrics(np.asarray(progress["L"]), np.asarray(progress["base"]))}
     t0 = time.perf_counter()
-    result["agnostic"] = agnostic_eval(cfg, method, session, names, domains, trained, memory, fresh, substrate_of)
-    qa = qa_eval(cfg, method, session, names, domains, trained, memory, fresh, substrate_of)
+    evaluated = (cfg, method, session, names, domains, state.trained, state.memory, fresh, substrate_of)
+    result["agnostic"] = agnostic_eval(*evaluated)
+    qa = qa_eval(*evaluated)
     if qa:
         result["qa"] = qa
     result["wall_s"] = progress.get("wall_s", 0.0) + time.perf_counter() - t0
