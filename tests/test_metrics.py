@@ -24,6 +24,11 @@ def test_a_writer_without_files_writes_nothing_and_still_summarises(tmp_path):
     writer.close()
     assert list(tmp_path.iterdir()) == []  # no metrics.jsonl, no tb/
     assert writer.last("loss") == 2.25 and writer.summary()["peak_grad_norm"] == 1.0
+    assert writer.summary()["train_step_s"] == 0.0  # records without token counts take no time
+    timed = MetricsWriter(tmp_path, trackers=(), files=False)
+    for r in RECORDS:
+        timed.write({**r, "tokens": 20, "tokens_per_s": 10.0})
+    assert timed.summary()["train_step_s"] == 2.0 * len(RECORDS)  # each step: 20 tokens at 10 per second
 
 
 def _tensorboard_scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:

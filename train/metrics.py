@@ -187,5 +187,6 @@ class MetricsWriter:
             "skipped_steps": int(sum(bool(r.get("zclip/skipped")) for r in records)),
             "mean_tokens_per_s": float(np.mean([r["tokens_per_s"] for r in records[1:]])) if len(records) > 1 else None,
             # Time inside the steps (the first one's compile-free run included), over all resumes.
-            "train_step_s": round(float(sum(r["tokens"] / r["tokens_per_s"] for r in records if r.get("tokens_per_s"))), 2),
+            "train_step_s": round(float(sum(r["tokens"] / r["tokens_per_s"] for r in records
+                                            if r.get("tokens_per_s") and "tokens" in r)), 2),
         }
