@@ -375,12 +375,12 @@ SMALL_HOLDOUT_DOCUMENTS = 8
 
 
 def data_summary(train: Records, held: Records, train_rows: PackedData, holdout_rows: PackedData,
-                 batch_size: int) -> dict[str, Any]:
+                 batch_size: int, separate: bool) -> dict[str, Any]:
     """What a run trains and evaluates on, as JSON: the records `DataSpec.split_records` returned
     and their packed rows. Tokens count every real token (the EOS after each document included);
     `*_in_loss` only the targets (an Alpaca output, a chat's assistant turns). `warnings` says
-    when the holdout is too small to trust (`SMALL_HOLDOUT_TOKENS`, `SMALL_HOLDOUT_DOCUMENTS`)."""
-    separate = held.source != train.source
+    when the holdout is too small to trust (`SMALL_HOLDOUT_TOKENS`, `SMALL_HOLDOUT_DOCUMENTS`).
+    `separate`: the holdout is separate evaluation data (`DataSpec.eval_source`), not a split."""
     summary: dict[str, Any] = {
         "source": train.source, "eval_source": held.source if separate else None, "style": train.style,
         "documents": {"train": len(train), "holdout": len(held),
@@ -391,7 +391,7 @@ def data_summary(train: Records, held: Records, train_rows: PackedData, holdout_
         "rows": {"train": train_rows.num_rows, "holdout": holdout_rows.num_rows, "seq_len": train_rows.seq_len},
         "steps_per_epoch": train_rows.num_rows // batch_size,
     }
-    small = [f"{n} {what}" for n, what, bound in ((len(held), "documents", SMALL_HOLDOUT_DOCUMENTS),
+    small = [f"{n} {what if n != 1 else what[:-1]}" for n, what, bound in ((len(held), "documents", SMALL_HOLDOUT_DOCUMENTS),
                                                    (holdout_rows.num_tokens, "tokens", SMALL_HOLDOUT_TOKENS))
              if n < bound]
     summary["warnings"] = [] if not small else [

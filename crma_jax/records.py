@@ -187,7 +187,8 @@ def sharegpt_messages(conversation: Any) -> Any:
     that are not of that shape are passed on unchanged, for `conversation_problem` to name."""
     if not isinstance(conversation, list):
         return conversation
-    return [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
+    return [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]) if isinstance(t["from"], str) else t["from"],
+             "content": t["value"]}
             if isinstance(t, Mapping) and {"from", "value"} <= set(t) else t for t in conversation]
 
 
@@ -215,11 +216,13 @@ def check_rows(rows: Any, fields: Fields, source: str, where: Callable[[int], st
     if len(rows) == 0:
         raise DataError(f"{source}: no records")
     columns = _columns(rows)
-    sharegpt = SHAREGPT in columns and fields.messages not in columns
+    style = fields.style(columns)
+    # ShareGPT only where no other style applies: a source with a text field as well keeps it.
+    sharegpt = style == "text" and fields.text not in columns and SHAREGPT in columns
     if sharegpt:
         rows = [{fields.messages: sharegpt_messages(c)} for c in _column(rows, SHAREGPT)]
         columns = [fields.messages]
-    style = fields.style(columns)
+        style = "chat"
     if style == "text" and fields.text not in columns:
         raise _no_known_shape(source, columns, fields)
     bad = [(i, p) for i, p in enumerate(_problems(rows, style, fields, sharegpt)) if p]
@@ -265,7 +268,7 @@ def _scan_lines(path: Path, json_objects: bool = False, cap: int | None = None) 
             nonblank.append(n)
             if json_objects:
                 try:
-                    obj = json.loads(line.rstrip("\r\n"))
+                    obj = json.loads(line.rstrip("\r\n").lstrip("\ufeff") if n == 1 else line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict):
@@ -309,7 +312,8 @@ def _load_files(path: Path, fields: Fields, fmt: str | None, cache_dir: str | No
             if fmt == "text" and f.stat().st_size > MAX_RECORD_BYTES:  # one document per file
                 raise DataError(f"{f}: a document longer than {MAX_RECORD_BYTES >> 20} MiB (crma_jax.records."
                                 f"MAX_RECORD_BYTES); split it into files of a sensible size")
-            lines = _scan_lines(f, json_objects=fmt == "json")
+            # A .json file may hold one array over many lines; .jsonl has one object per line.
+            lines = _scan_lines(f, json_objects=fmt == "json" and f.suffix.lower() != ".json")
             if fmt == "json" and not lines:
                 raise DataError(f"{f}: no records (only blank lines)")
     kwargs: dict[str, Any] = {"sample_by": "document"} if fmt == "text" else {}

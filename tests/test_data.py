@@ -19,6 +19,7 @@ from crma_jax.data import (
     DataSpec,
     build_dataset,
     check_tokenizer,
+    data_summary,
     pack_documents,
     split_holdout,
     tokenize_records,
@@ -328,3 +329,17 @@ def test_alpaca_and_chat_duplicates_are_found_by_content(tmp_path: Path) -> None
     with pytest.warns(DuplicatesWarning, match="1 of 3"):
         train, hold = DataSpec(str(path), seq_len=16).split_records()
     assert len(train) + len(hold) == 2
+
+
+def test_the_data_summary_counts_and_warns_about_a_small_holdout(tok) -> None:
+    train = check_rows([{"text": f"train {i}"} for i in range(10)], Fields(), "src.jsonl")
+    held = check_rows([{"text": "held"}], Fields(), "src.jsonl")  # the same source, another split
+    train_rows, held_rows = (pack_documents(tokenize_records(r, tok), 8, EOS) for r in (train, held))
+    split = data_summary(train, held, train_rows, held_rows, batch_size=2, separate=False)
+    assert split["documents"] == {"train": 10, "holdout": 1, "duplicates_dropped": 0, "unusable_skipped": 0}
+    assert split["tokens"]["train"] == train_rows.num_tokens == sum(len(tok(f"train {i}")["input_ids"]) + 1
+                                                                    for i in range(10))
+    assert split["steps_per_epoch"] == train_rows.num_rows // 2 and split["eval_source"] is None
+    assert "only 1 document and" in split["warnings"][0] and "--holdout-fraction" in split["warnings"][0]
+    separate = data_summary(train, held, train_rows, held_rows, batch_size=2, separate=True)
+    assert separate["eval_source"] == "src.jsonl" and "evaluation data" in separate["warnings"][0]

@@ -185,6 +185,8 @@ def test_an_unset_warmup_fits_a_short_run_and_a_set_one_is_kept(tmp_path):
     cfg = parse_config(["--model", "m", "--data", "d", "--steps", "2", "--warmup-steps", "10"])
     with pytest.raises(ValueError, match="--warmup-steps 10 must be < --steps 2"):
         cfg.validate()
+    with pytest.raises(ValueError, match="--samples must be >= 0, got -1"):
+        parse_config(["--model", "m", "--data", "d", "--samples", "-1"]).validate()
 
 
 def test_yaml_values_of_the_wrong_type_are_refused_before_the_run_is_claimed(tiny_lm, data_file, tmp_path, capsys):
@@ -389,3 +391,16 @@ def test_a_missing_data_file_is_named_before_the_model_loads(tiny_lm, tmp_path, 
         assert main(argv) == 2
         assert f"{flags[-1].lstrip('./')}: no such file or directory" in capsys.readouterr().err
     assert not loaded and not (tmp_path / "run").exists()
+
+
+def test_a_sample_generation_that_fails_loses_nothing_of_the_run(tiny_lm, data_file, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no decode path for this model")
+
+    monkeypatch.setattr(finetune, "holdout_samples", broken)
+    run = tmp_path / "run"
+    assert main(_argv(tiny_lm, data_file, run, "--steps", "2", "--warmup-steps", "0")) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["samples_error"] == "RuntimeError: no decode path for this model" and "samples" not in summary
+    assert (run / "adapters").is_dir() and summary["steps"] == 2
+    assert "warning: no sample generations (RuntimeError: no decode path" in capsys.readouterr().err

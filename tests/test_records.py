@@ -208,3 +208,17 @@ def test_a_dataset_name_resolves_from_the_local_cache_and_nothing_is_downloaded(
         load_records("local/absent", cache_dir=str(hf_cache))
     with pytest.raises(DataError, match=r"local/toy: .*config 'other'"):
         load_records("local/toy", config="other", cache_dir=str(hf_cache))
+
+
+def test_a_json_array_file_and_a_bom_load_and_a_text_field_wins_over_conversations(tmp_path: Path, cache: str) -> None:
+    # Stanford's alpaca_data.json: one array over many lines.
+    rows = [{"instruction": "i1", "input": "", "output": "o1"}, {"instruction": "i2", "input": "x", "output": "o2"}]
+    (tmp_path / "alpaca.json").write_text(json.dumps(rows, indent=2))
+    assert load_records(tmp_path / "alpaca.json", cache_dir=cache).column("output") == ["o1", "o2"]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\n{"text": "b"}\n')  # Windows tools
+    assert load_records(tmp_path / "bom.jsonl", cache_dir=cache).column("text") == ["a", "b"]
+    both = [{"text": "plain", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]
+    assert load_records(write_jsonl(tmp_path / "both.jsonl", both), cache_dir=cache).style == "text"
+    odd = [{"conversations": [{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "a"}]}]
+    with pytest.raises(DataError, match=r"odd.jsonl: line 1: field 'conversations'.*string 'role'"):
+        load_records(write_jsonl(tmp_path / "odd.jsonl", odd), cache_dir=cache)

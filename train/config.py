@@ -164,6 +164,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"--warmup-steps {self.warmup_steps} must be < --steps {self.steps}")
+        if self.samples < 0:
+            raise ValueError(f"--samples must be >= 0, got {self.samples}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"--batch-size {self.batch_size} is not divisible by --accum-steps {self.accum_steps}")
         if self.remat != "auto" and self.remat not in REMAT_POLICIES:

@@ -161,7 +161,7 @@ def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
         spec = data_spec(cfg)
         records = spec.split_records()
         train_data, holdout = spec.pack(*records, tokenizer)
-        summary = data_summary(*records, train_data, holdout, cfg.batch_size)
+        summary = data_summary(*records, train_data, holdout, cfg.batch_size, separate=bool(spec.eval_source))
     trainable = {c: variables[c] for c in TRAINABLE if c in variables}
     lora_init = variables["lora"] if cfg.lora_init == "pissa" else None
     return Session(cfg, model, variables["params"], trainable, tokenizer, train_data, holdout, mesh,
@@ -530,8 +530,13 @@ def _summarize(cfg: TrainConfig, session: Session, task: Task, state: _State, ch
     if task.data_summary is not None:
         summary["data"] = task.data_summary
     if cfg.samples and task.holdout is not None and jax.process_count() == 1:
-        summary["samples"] = holdout_samples(session, {"params": session.frozen, **state.trainable}, task.holdout,
-                                             cfg.samples)
+        try:
+            summary["samples"] = holdout_samples(session, {"params": session.frozen, **state.trainable},
+                                                 task.holdout, cfg.samples)
+        except Exception as e:  # noqa: BLE001 - samples illustrate a finished run; they must not lose it
+            summary["samples_error"] = f"{type(e).__name__}: {e}"
+            tqdm.write(f"warning: no sample generations ({summary['samples_error']}); the run itself is complete",
+                       file=sys.stderr)
     summary["wall_s"] = round(time.perf_counter() - started, 1)  # this invocation: load, compile, train, evaluate
     summary["versions"] = versions()
     if cfg.eval_every:

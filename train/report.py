@@ -109,7 +109,8 @@ def train_sections(summary: dict[str, Any]) -> list[str]:
     nested = ("data", "samples", "versions")
     parts = ["<h2>Summary</h2>",
              key_value_table({k: v for k, v in summary.items() if k not in nested and k not in SPEED})]
-    parts += ["<h2>Speed</h2>", key_value_table({k: summary[k] for k in SPEED if k in summary})]
+    if any(k in summary for k in SPEED):  # a run summarised before speed was recorded has none
+        parts += ["<h2>Speed</h2>", key_value_table({k: summary[k] for k in SPEED if k in summary})]
     if "data" in summary:
         data = {k: v for k, v in summary["data"].items() if k != "warnings"}
         parts += ["<h2>Data</h2>", key_value_table(_flat(data))]
