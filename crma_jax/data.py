@@ -391,9 +391,9 @@ def data_summary(train: Records, held: Records, train_rows: PackedData, holdout_
         "rows": {"train": train_rows.num_rows, "holdout": holdout_rows.num_rows, "seq_len": train_rows.seq_len},
         "steps_per_epoch": train_rows.num_rows // batch_size,
     }
-    small = [f"{n} {what if n != 1 else what[:-1]}" for n, what, bound in ((len(held), "documents", SMALL_HOLDOUT_DOCUMENTS),
-                                                   (holdout_rows.num_tokens, "tokens", SMALL_HOLDOUT_TOKENS))
-             if n < bound]
+    counts = ((len(held), "document", SMALL_HOLDOUT_DOCUMENTS),
+              (holdout_rows.num_tokens, "token", SMALL_HOLDOUT_TOKENS))
+    small = [f"{n} {what}{'s' if n != 1 else ''}" for n, what, bound in counts if n < bound]
     summary["warnings"] = [] if not small else [
         f"the holdout has only {' and '.join(small)} (fewer than {SMALL_HOLDOUT_DOCUMENTS} documents or "
         f"{SMALL_HOLDOUT_TOKENS} tokens): its loss is too noisy to compare runs by. Hold out more "

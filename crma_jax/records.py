@@ -217,14 +217,12 @@ def check_rows(rows: Any, fields: Fields, source: str, where: Callable[[int], st
         raise DataError(f"{source}: no records")
     columns = _columns(rows)
     style = fields.style(columns)
-    # ShareGPT only where no other style applies: a source with a text field as well keeps it.
-    sharegpt = style == "text" and fields.text not in columns and SHAREGPT in columns
-    if sharegpt:
-        rows = [{fields.messages: sharegpt_messages(c)} for c in _column(rows, SHAREGPT)]
-        columns = [fields.messages]
-        style = "chat"
+    sharegpt = False
     if style == "text" and fields.text not in columns:
-        raise _no_known_shape(source, columns, fields)
+        # ShareGPT only where no other style applies: a source with a text field as well keeps it.
+        if SHAREGPT not in columns:
+            raise _no_known_shape(source, columns, fields)
+        rows, style, sharegpt = [{fields.messages: sharegpt_messages(c)} for c in _column(rows, SHAREGPT)], "chat", True
     bad = [(i, p) for i, p in enumerate(_problems(rows, style, fields, sharegpt)) if p]
     if not bad:
         return Records(rows, style, source, fields, where=where)
@@ -268,7 +266,8 @@ def _scan_lines(path: Path, json_objects: bool = False, cap: int | None = None) 
             nonblank.append(n)
             if json_objects:
                 try:
-                    obj = json.loads(line.rstrip("\r\n").lstrip("\ufeff") if n == 1 else line.rstrip("\r\n"))
+                    text = line.rstrip("\r\n")
+                    obj = json.loads(text.removeprefix("\ufeff") if n == 1 else text)  # a BOM opens some files
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict):
