@@ -34,8 +34,8 @@ def plain_lora(adapters: Adapters, name: str) -> tuple[Any, LoraConfig]:
     wider than the run's rank, such as O-LoRA's sum of every domain's LoRA, keeps its scale)."""
     lora = adapters.lora_sets[name]
     if adapters.lora_init is None:
-        return lora, with_rank(adapters.lora, lora_rank(lora))
-    return pissa_as_lora(lora, adapters.lora_init, adapters.lora)
+        return lora, with_rank(adapters.lora_config, lora_rank(lora))
+    return pissa_as_lora(lora, adapters.lora_init, adapters.lora_config)
 
 
 def export_run(run: Path, out: Path, merged: list[str] | None = None) -> dict[str, Any]:
@@ -54,8 +54,8 @@ def export_run(run: Path, out: Path, merged: list[str] | None = None) -> dict[st
             export_peft(lora, cfg, d / f"peft_{name}", base_model=base_model_name(adapters.model),
                         model=model_config)
             written[f"peft_{name}"] = str(out / f"peft_{name}")
-        if adapters.crma is not None:
-            export_crma(adapters.crma_params, adapters.crma, d / "crma_adapter.safetensors")
+        if adapters.crma_config is not None:
+            export_crma(adapters.crma_params, adapters.crma_config, d / "crma_adapter.safetensors")
             written["crma"] = str(out / "crma_adapter.safetensors")
         if merged:
             _, params = load_pretrained(model_path)

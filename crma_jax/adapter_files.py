@@ -46,8 +46,8 @@ class Adapters:
     """What a run trained, and on what. `data` maps a LoRA set name to its `DataSpec` dict."""
 
     base: BaseSpec
-    lora: LoraConfig | None
-    crma: CRMAConfig | None
+    lora_config: LoraConfig | None
+    crma_config: CRMAConfig | None
     lora_sets: dict[str, Any]
     crma_params: Any | None
     lora_init: Any | None = None
@@ -77,8 +77,8 @@ def save_adapters(run: Path, adapters: Adapters) -> Path:
     meta = {
         "model": base.model,
         "base": dataclasses.asdict(base),
-        "lora": dataclasses.asdict(adapters.lora) if adapters.lora else None,
-        "crma": dataclasses.asdict(adapters.crma) if adapters.crma else None,
+        "lora_config": dataclasses.asdict(adapters.lora_config) if adapters.lora_config else None,
+        "crma_config": dataclasses.asdict(adapters.crma_config) if adapters.crma_config else None,
         "lora_sets": list(adapters.lora_sets),
         "data": adapters.data,
     }
@@ -107,14 +107,16 @@ def load_adapters(run: Path) -> Adapters:
         meta = json.loads(meta_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_file}: no adapters here ({e}); was the run finished?") from e
-    lora_cfg = meta.get("lora")
-    lora = LoraConfig(**{**lora_cfg, "targets": tuple(lora_cfg["targets"])}) if lora_cfg else None
-    crma = CRMAConfig(**meta["crma"]) if meta.get("crma") else None
+    # Runs written before the settings' keys were renamed say "lora" and "crma".
+    lora_settings = meta.get("lora_config", meta.get("lora"))
+    crma_settings = meta.get("crma_config", meta.get("crma"))
+    lora_config = LoraConfig(**{**lora_settings, "targets": tuple(lora_settings["targets"])}) if lora_settings else None
+    crma_config = CRMAConfig(**crma_settings) if crma_settings else None
     sets = {name: _read(root / f"lora_{name}.safetensors") for name in meta["lora_sets"]}
-    crma_params = _read(root / "crma.safetensors") if crma else None
-    lora_init = _read(root / "lora_init.safetensors") if lora and lora.init == "pissa" else None
+    crma_params = _read(root / "crma.safetensors") if crma_config else None
+    lora_init = _read(root / "lora_init.safetensors") if lora_config and lora_config.init == "pissa" else None
     base = BaseSpec(**meta.get("base", {"model": meta["model"]}))
-    return Adapters(base, lora, crma, sets, crma_params, lora_init, meta.get("data", {}))
+    return Adapters(base, lora_config, crma_config, sets, crma_params, lora_init, meta.get("data", {}))
 
 
 def _read(path: Path) -> Any:

@@ -4,7 +4,7 @@ Variables are a dict of three collections, kept apart so that each has its own r
 
     {"params": frozen base weights, "lora": one LoRA set, "crma": the shared CRMA substrate}
 
-`param_labels` names every leaf for the optimizer (`lora_a`, `lora_b`, `crma_mix`, `crma_gate`,
+`param_labels` names every leaf for the optimizer (`lora_a`, `lora_b`, `crma_read_mix`, `crma_gate`,
 `frozen`); training differentiates only `lora` and `crma`.
 """
 
@@ -28,7 +28,7 @@ QUANT_KINDS = ("nf4", "int8")
 def init_adapters(model: Any, params: Any, rng: jax.Array) -> dict[str, Any]:
     """Fresh `lora` and `crma` collections for `model` over loaded `params` (no base re-init)."""
     ids = jnp.zeros((1, 1), jnp.int32)
-    wanted = [c for c, cfg in (("lora", model.lora), ("crma", model.crma)) if cfg is not None]
+    wanted = [c for c, cfg in (("lora", model.lora_config), ("crma", model.crma_config)) if cfg is not None]
     if not wanted:
         return {}
     _, state = jax.jit(
@@ -82,7 +82,7 @@ def _label(collection: str, name: str) -> str:
     if collection == "lora":
         return "lora_a" if name == "a" else "lora_b"
     if collection == "crma":
-        return "crma_gate" if name == "gate" else "crma_mix"
+        return "crma_gate" if name == "gate" else "crma_read_mix"
     return "frozen"
 
 

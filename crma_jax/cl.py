@@ -12,7 +12,7 @@ A *method* says, for a sequence of tasks (domains) trained one after another:
 - the statistics of a task's training data it needs (`stats_before` the task, `stats_after`):
   the diagonal Fisher, the Gram matrix of each LoRA target's inputs;
 - which LoRA evaluation uses (`eval_lora`): with the task id (oracle) or without it;
-- whether it has a CRMA substrate (`crma`), which one each task trains from (`start_crma`:
+- whether it has a CRMA substrate (`uses_crma`), which one each task trains from (`start_crma`:
   the one substrate, or a fresh one per task), whether a task trains it (`trains_crma`; the
   forward pass of `forward` stops its gradient otherwise), which one evaluation uses
   (`eval_crma`), and how much earlier data it replays (`replay`).
@@ -217,14 +217,14 @@ def _zeros_like(tree: Any) -> Any:
 class Method:
     """NAIVE: one LoRA trained on every task in turn; the base class of the other methods.
 
-    Attributes: `crma` trains a CRMA substrate shared by every task; `fresh_lora` starts each
-    task from a new LoRA (else from the previous task's); `replay` is the fraction of each
+    Attributes: `uses_crma` trains a CRMA substrate shared by every task; `fresh_lora` starts
+    each task from a new LoRA (else from the previous task's); `replay` is the fraction of each
     later task's training rows drawn from earlier tasks' training data; `routed` means the
     method keeps one LoRA per task and needs the task id, or automatic routing, to evaluate.
     """
 
     name: str = "naive"
-    crma: bool = False
+    uses_crma: bool = False
     fresh_lora: bool = False
     replay: float = 0.0
     routed: bool = False
@@ -301,7 +301,7 @@ def frozen() -> Method:
 
 def modular() -> Method:
     """MODULAR (CRMA's proposal): a fresh LoRA per task on a CRMA substrate trained throughout."""
-    return Method("modular", crma=True, fresh_lora=True, routed=True)
+    return Method("modular", uses_crma=True, fresh_lora=True, routed=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +312,7 @@ class FrozenSubstrate(Method):
     against FROZEN, what a trained substrate adds. Memory: the 0/1 flag `substrate_frozen`."""
 
     name: str = "frozen_substrate"
-    crma: bool = True
+    uses_crma: bool = True
     fresh_lora: bool = True
     routed: bool = True
 
@@ -330,7 +330,7 @@ class Isolated(Method):
     no-interference bound with CRMA's capacity."""
 
     name: str = "isolated"
-    crma: bool = True
+    uses_crma: bool = True
     fresh_lora: bool = True
     routed: bool = True
 

@@ -37,7 +37,7 @@ class Linear(nn.Module):
 
     features: int
     dtype: Dtype = jnp.float32
-    lora: LoraConfig | None = None
+    lora_config: LoraConfig | None = None
     use_bias: bool = False
 
     @nn.compact
@@ -56,7 +56,7 @@ class Linear(nn.Module):
             kernel = self.get_variable("params", "kernel")
         else:
             kernel = self.param("kernel", _KERNEL_INIT, (x.shape[-1], self.features), jnp.float32)
-        cfg = self.lora
+        cfg = self.lora_config
         if cfg is None or self.name not in cfg.targets:
             return frozen_linear(x, kernel, self.dtype)
         if not self.has_variable("lora", "a") and not self.is_mutable_collection("lora"):
@@ -76,7 +76,7 @@ def project(parent: Any, name: str, features: int, x: jax.Array, deterministic: 
     """Run the `Linear` named `name` inside `parent` (which has `config`, `dtype` and `lora`);
     it has a bias when the config lists `name` in `biases`."""
     use_bias = name in parent.config.biases
-    return Linear(features, parent.dtype, parent.lora, use_bias, name=name)(x, deterministic)
+    return Linear(features, parent.dtype, parent.lora_config, use_bias, name=name)(x, deterministic)
 
 
 class RMSNorm(nn.Module):
@@ -155,7 +155,7 @@ class Attention(nn.Module):
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    lora: LoraConfig | None = None
+    lora_config: LoraConfig | None = None
     impl: str = "auto"
     block: int = 512
 
@@ -210,7 +210,7 @@ class MLP(nn.Module):
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    lora: LoraConfig | None = None
+    lora_config: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:

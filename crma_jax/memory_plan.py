@@ -186,7 +186,8 @@ def abstract_base(model: Decoder, dtype: Any, quant: str | None, platform: str =
 
 def plan_step_memory(config: ModelConfig, *, batch_size: int = 1, seq_len: int = 2048, quant: str | None = "nf4",
                      dtype: Any = jnp.bfloat16, compute_dtype: Any = jnp.bfloat16,
-                     lora: LoraConfig | None = LoraConfig(rank=8), crma: CRMAConfig | None = CRMAConfig(rank=4),
+                     lora_config: LoraConfig | None = LoraConfig(rank=8),
+                     crma_config: CRMAConfig | None = CRMAConfig(rank=4),
                      accum_steps: int = 1, backend: str | None = None, mesh_shape: Sequence[int] = (1, 1, 1),
                      devices: Sequence[Any] | None = None, **model_options: Any) -> MemoryPlan:
     """Compile one training step of `config` from abstract shapes and return XLA's buffer plan.
@@ -200,7 +201,7 @@ def plan_step_memory(config: ModelConfig, *, batch_size: int = 1, seq_len: int =
     `weights` included.
     """
     devices = list(devices) if devices is not None else (jax.devices(backend) if backend else jax.devices())
-    model = Decoder(config, dtype=compute_dtype, lora=lora, crma=crma, **model_options)
+    model = Decoder(config, dtype=compute_dtype, lora_config=lora_config, crma_config=crma_config, **model_options)
     compiled, frozen, frozen_shardings = compile_step_from_shapes(
         model, devices, mesh_shape, batch_size=batch_size, seq_len=seq_len, quant=quant, dtype=dtype,
         accum_steps=accum_steps)
@@ -217,7 +218,7 @@ def memory_plan_of(compiled: Any, frozen: Any, frozen_shardings: Any) -> MemoryP
 
 
 def _default_optimizer(trainable: Any) -> Any:
-    lr = {"lora_a": 1e-4, "lora_b": 1e-4, "crma_mix": 1e-3, "crma_gate": 1e-2}
+    lr = {"lora_a": 1e-4, "lora_b": 1e-4, "crma_read_mix": 1e-3, "crma_gate": 1e-2}
     return make_optimizer(param_labels(trainable), lr, total_steps=1000)
 
 
@@ -298,8 +299,8 @@ def _out_of_memory(error: Exception) -> bool:
 
 def plan_for_target(config: ModelConfig, target: Any, *, remat: str = "auto", mesh_shape: Sequence[int] | None = None,
                     batch_size: int = 1, seq_len: int = 2048, quant: str | None = "nf4", dtype: Any = jnp.bfloat16,
-                    compute_dtype: Any = jnp.bfloat16, lora: LoraConfig | None = LoraConfig(rank=8),
-                    crma: CRMAConfig | None = CRMAConfig(rank=4), accum_steps: int = 1,
+                    compute_dtype: Any = jnp.bfloat16, lora_config: LoraConfig | None = LoraConfig(rank=8),
+                    crma_config: CRMAConfig | None = CRMAConfig(rank=4), accum_steps: int = 1,
                     optimizer: Callable[[Any], Any] | None = None, devices: Sequence[Any] | None = None,
                     **model_options: Any) -> TargetPlan:
     """Compile one training step for `target` (a `crma_jax.targets.Target`) with its own
@@ -314,7 +315,7 @@ def plan_for_target(config: ModelConfig, target: Any, *, remat: str = "auto", me
 
     devices = list(devices) if devices is not None else target_devices(target)
     mesh = tuple(mesh_shape) if mesh_shape is not None else (1, len(devices), 1)
-    model = Decoder(config, dtype=compute_dtype, lora=lora, crma=crma, **model_options)
+    model = Decoder(config, dtype=compute_dtype, lora_config=lora_config, crma_config=crma_config, **model_options)
     usable = target.usable_bytes()
     needed: dict[str, int | None] = {}
     plan = error = None

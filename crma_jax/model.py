@@ -67,8 +67,8 @@ class DecoderLayer(nn.Module):
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    lora: LoraConfig | None = None
-    crma: CRMAConfig | None = None
+    lora_config: LoraConfig | None = None
+    crma_config: CRMAConfig | None = None
     attention: str = "auto"
     attention_block: int = 512
 
@@ -94,8 +94,8 @@ class DecoderLayer(nn.Module):
 
         window = cfg.windows[0] if len(set(cfg.windows)) == 1 else layer_window
         mask = mask._replace(offset=0 if cache_index is None else cache_index, window=window)
-        attn = Attention(cfg, self.dtype, self.lora, self.attention, self.attention_block, name="self_attn")
-        mlp = MLP(cfg, self.dtype, self.lora, name="mlp")
+        attn = Attention(cfg, self.dtype, self.lora_config, self.attention, self.attention_block, name="self_attn")
+        mlp = MLP(cfg, self.dtype, self.lora_config, name="mlp")
         index = 0 if cache_index is None else cache_index
         # The barrier keeps XLA from hoisting this layer's float32 upcast of h out of the layer
         # scan's backward loop, where it would convert every layer's saved input at once.
@@ -107,8 +107,8 @@ class DecoderLayer(nn.Module):
         else:
             h = h + a
             h = h + mlp(norm("post_attention_layernorm")(h), deterministic)
-        if self.crma is not None:
-            h = CRMA(self.crma, name="crma")(h, crma_enabled)
+        if self.crma_config is not None:
+            h = CRMA(self.crma_config, name="crma")(h, crma_enabled)
         return h, kv_cache
 
 
@@ -132,8 +132,8 @@ class Decoder(nn.Module):
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    lora: LoraConfig | None = None
-    crma: CRMAConfig | None = None
+    lora_config: LoraConfig | None = None
+    crma_config: CRMAConfig | None = None
     remat: str = "none"
     attention: str = "auto"
     attention_block: int = 512
@@ -157,7 +157,7 @@ class Decoder(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * 6 + (0, 0),
             length=cfg.num_layers,
-        )(cfg, self.dtype, self.lora, self.crma, self.attention, self.attention_block)
+        )(cfg, self.dtype, self.lora_config, self.crma_config, self.attention, self.attention_block)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norm, self.dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(

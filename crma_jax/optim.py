@@ -1,7 +1,7 @@
 """The optimizer: ZClip adaptive gradient clipping, then per-label AdamW with warmup + cosine.
 
     tx = make_optimizer(param_labels(trainable), {"lora_a": 2e-4, "lora_b": 2e-4,
-                        "crma_mix": 1e-3, "crma_gate": 1e-2}, total_steps=1000, warmup_steps=10)
+                        "crma_read_mix": 1e-3, "crma_gate": 1e-2}, total_steps=1000, warmup_steps=10)
 
 A step whose gradient norm is not finite is skipped by the whole chain: the updates are zero and
 neither ZClip's statistics nor AdamW's moments, step count or schedule position move, so the

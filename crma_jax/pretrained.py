@@ -71,8 +71,8 @@ def load_pretrained(
     dtype: Any = "float32",
     compute_dtype: Any = None,
     mesh: Mesh | None = None,
-    lora: LoraConfig | None = None,
-    crma: CRMAConfig | None = None,
+    lora_config: LoraConfig | None = None,
+    crma_config: CRMAConfig | None = None,
     quant: str | None = None,
     seed: int = 0,
     allow_pickle: bool = False,
@@ -85,21 +85,21 @@ def load_pretrained(
       dtype: storage dtype of the parameters, "float32" or "bfloat16".
       compute_dtype: activation dtype (default: `dtype`). Logits are always float32.
       mesh: place each parameter on its `NamedSharding` over this (data, fsdp, model) mesh.
-      lora, crma: adapter configs; the model then carries them and the adapters are initialized
+      lora_config, crma_config: adapter settings; the model then carries them and the adapters are initialized
         from `seed` (PiSSA from the full-precision weights, before any quantization).
       quant: None, "nf4" or "int8" storage for the frozen projection kernels.
       allow_pickle: permit `.bin` PyTorch weights through `torch.load(weights_only=True)`.
 
     Returns:
       Without adapters, `(model, params)`: call `model.apply({"params": params}, input_ids)`.
-      With `lora` or `crma`, `(model, variables)` with the collections "params", "lora",
+      With `lora_config` or `crma_config`, `(model, variables)` with the collections "params", "lora",
       "crma": call `model.apply(variables, input_ids)`.
     """
     store = resolve_dtype(dtype)
     compute = resolve_dtype(compute_dtype) if compute_dtype is not None else store
     if quant is not None:
         kernel_quantizer(quant)  # refuse an unknown kind before reading anything
-    pissa = lora if lora is not None and lora.init == "pissa" else None
+    pissa = lora_config if lora_config is not None and lora_config.init == "pissa" else None
     pissa_key = jax.random.PRNGKey(seed + 1)
     streamed = quant is not None and not is_converted(path)
     if is_converted(path):
@@ -107,17 +107,17 @@ def load_pretrained(
     else:
         source = open_source(path, allow_pickle=allow_pickle)
         model = Decoder(config_from_hf(source.hf_config(), _config_file(source)), dtype=compute)
-        transforms = _quantize_transforms(model.clone(lora=lora), quant, pissa, pissa_key) if streamed else None
+        transforms = _quantize_transforms(model.clone(lora_config=lora_config), quant, pissa, pissa_key) if streamed else None
         model, params = load_source(source, store, compute, mesh, progress, transforms)
     pissa_factors = _split_pissa(params) if streamed and pissa else None
-    if lora is None and crma is None:
+    if lora_config is None and crma_config is None:
         return model, quantize_params(params, quant) if quant and not streamed else params
-    model = model.clone(lora=lora, crma=crma)
+    model = model.clone(lora_config=lora_config, crma_config=crma_config)
     adapters = init_adapters(model, params, jax.random.PRNGKey(seed))
     if pissa_factors is not None:
         adapters["lora"] = _with_factors(adapters["lora"], pissa_factors)
     elif pissa is not None:
-        params, adapters["lora"] = pissa_init(params, adapters["lora"], lora, pissa_key)
+        params, adapters["lora"] = pissa_init(params, adapters["lora"], lora_config, pissa_key)
     if quant and not streamed:
         params = quantize_params(params, quant)
     return model, {"params": params, **adapters}

@@ -29,7 +29,7 @@ def forward_loss(model: Any, variables: dict[str, Any], batch: Batch, rng: jax.A
     """(summed next-token NLL, (token count, diagnostics state)) on one (micro-)batch, through
     the chunked LM head + cross-entropy (`Decoder.loss`)."""
     deterministic = rng is None
-    collect = [DIAGNOSTICS] if model.crma is not None else []
+    collect = [DIAGNOSTICS] if model.crma_config is not None else []
     (total, count), state = model.apply(
         variables,
         batch["input_ids"],
@@ -54,7 +54,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, accum_s
     loss), `tokens`, `grad_norm` (before clipping), `penalty` with a method and, with CRMA,
     per-layer diagnostics.
     """
-    use_dropout = model.lora is not None and model.lora.dropout > 0
+    use_dropout = model.lora_config is not None and model.lora_config.dropout > 0
 
     def grads_of(trainable: Any, frozen: Any, batch: Batch, rng: jax.Array, memory: Any) -> tuple[Any, jax.Array, jax.Array, Any]:
         def loss(t: Any) -> tuple[jax.Array, Any]:
@@ -91,7 +91,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, accum_s
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads), **penalty}
-        if model.crma is not None:
+        if model.crma_config is not None:
             diag = crma_diagnostics(state)
             metrics["crma_spectral_dev"] = jnp.max(jnp.abs(diag["spectral_norm"] - 1.0))
             metrics["crma_sinkhorn_residual"] = jnp.max(diag["sinkhorn_residual"])

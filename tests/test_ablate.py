@@ -25,7 +25,7 @@ def ablated(tiny_lm, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ablate") / "run"
     argv = ["ablate", "--model", str(tiny_lm), "--data", str(data), "--out", str(out), "--steps", "5",
             "--seq-len", "32", "--batch-size", "4", "--warmup-steps", "1", "--lora-rank", "4", "--zclip-warmup", "2",
-            "--lr-lora", "2e-2", "--lr-crma-mix", "5e-2", "--eval-every", "5", "--seeds", "0,1",
+            "--lr-lora", "2e-2", "--lr-crma-read-mix", "5e-2", "--eval-every", "5", "--seeds", "0,1",
             "--no-plots", "--report-to", "none", "--mesh", "1,1,1"]
     assert main(argv) == 0
     return out, json.loads((out / "ablation.json").read_text())

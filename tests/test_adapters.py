@@ -16,7 +16,7 @@ from crma_jax.quant import Int8Tensor, NF4Tensor, nbytes
 
 @pytest.fixture(scope="module")
 def loaded(tiny_models):
-    return crma_jax.load_pretrained(tiny_models["llama"], lora=LoraConfig(rank=8), crma=CRMAConfig(rank=4))
+    return crma_jax.load_pretrained(tiny_models["llama"], lora_config=LoraConfig(rank=8), crma_config=CRMAConfig(rank=4))
 
 
 def test_labels_name_every_leaf_by_role(loaded):
@@ -26,7 +26,7 @@ def test_labels_name_every_leaf_by_role(loaded):
     assert set(jax.tree.leaves(labels["params"])) == {"frozen"}
     assert set(jax.tree.leaves(labels["lora"])) == {"lora_a", "lora_b"}
     crma = labels["crma"]["layers"]["crma"]
-    assert (crma["read"], crma["log_mix"], crma["gate"]) == ("crma_mix", "crma_mix", "crma_gate")
+    assert (crma["read"], crma["log_mix"], crma["gate"]) == ("crma_read_mix", "crma_read_mix", "crma_gate")
 
 
 def test_counts_follow_the_shapes(loaded):
@@ -47,7 +47,7 @@ def test_counts_follow_the_shapes(loaded):
 @pytest.mark.parametrize("kind,cls", [("nf4", NF4Tensor), ("int8", Int8Tensor)])
 def test_quantized_base_keeps_labels_counts_and_runs_under_jit(kind, cls, tiny_models, loaded):
     _, fp32 = loaded
-    model, variables = crma_jax.load_pretrained(tiny_models["llama"], lora=LoraConfig(rank=8), crma=CRMAConfig(), quant=kind)
+    model, variables = crma_jax.load_pretrained(tiny_models["llama"], lora_config=LoraConfig(rank=8), crma_config=CRMAConfig(), quant=kind)
     q = variables["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert isinstance(q, cls)
     assert not isinstance(variables["params"]["embed_tokens"]["embedding"], (NF4Tensor, Int8Tensor))
@@ -67,7 +67,7 @@ def test_new_families_train_on_a_quantized_base_with_pissa_lora_and_crma(arch, k
     """Every projection of every new family is a LoRA target on an NF4/int8 base (PiSSA init),
     biases and q/k norms stay frozen float leaves, and the adapters get gradients."""
     path = tiny_models[arch]
-    model, variables = crma_jax.load_pretrained(path, lora=LoraConfig(rank=4, init="pissa"), crma=CRMAConfig(),
+    model, variables = crma_jax.load_pretrained(path, lora_config=LoraConfig(rank=4, init="pissa"), crma_config=CRMAConfig(),
                                                 quant=kind)
     _, fp32 = crma_jax.load_pretrained(path)
     layer = variables["params"]["layers"]
@@ -76,7 +76,7 @@ def test_new_families_train_on_a_quantized_base_with_pissa_lora_and_crma(arch, k
     assert len(jax.tree.leaves(variables["lora"])) == 14  # a and b on all 7 projections
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 12)), jnp.int32)
     out = jax.jit(model.apply)(variables, ids)
-    ref = model.clone(lora=None, crma=None).apply({"params": fp32}, ids)
+    ref = model.clone(lora_config=None, crma_config=None).apply({"params": fp32}, ids)
     # Random tiny weights quantize badly (NF4 over 7 Gemma-3 layers drifts most), but the
     # quantized model must still track the full-precision one.
     assert np.corrcoef(np.ravel(out), np.ravel(ref))[0, 1] > 0.8
@@ -99,8 +99,8 @@ def test_bf16_kernels_stored_as_bits_give_the_same_model_and_gradients(tiny_mode
     from crma_jax.adapters import store_as_bits
     from crma_jax.quant import Float16Bits
 
-    model, variables = crma_jax.load_pretrained(tiny_models["llama"], dtype="bfloat16", lora=LoraConfig(rank=4),
-                                                crma=CRMAConfig(rank=2))
+    model, variables = crma_jax.load_pretrained(tiny_models["llama"], dtype="bfloat16", lora_config=LoraConfig(rank=4),
+                                                crma_config=CRMAConfig(rank=2))
     bits = {**variables, "params": store_as_bits(jax.tree.map(jnp.copy, variables["params"]))}
     q = bits["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert isinstance(q, Float16Bits) and q.bits.dtype == jnp.uint16 and q.dtype == "bfloat16"

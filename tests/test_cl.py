@@ -172,7 +172,7 @@ def test_routed_methods_need_a_task_id_and_start_untrained_tasks_fresh():
     assert naive().eval_lora(trained, {}, None, fresh) is trained[0]
     assert set(METHODS) == {"naive", "frozen", "modular", "replay", "ewc", "olora", "inflora", "frozen_substrate",
                             "isolated"}
-    assert METHODS["modular"]().crma and not METHODS["replay"]().crma and METHODS["replay"]().replay == 0.1
+    assert METHODS["modular"]().uses_crma and not METHODS["replay"]().uses_crma and METHODS["replay"]().replay == 0.1
 
 
 def _inputs_in(basis: jax.Array, n: int, key: jax.Array, noise: float = 0.0) -> jax.Array:

@@ -37,7 +37,8 @@ def test_rows_are_seed_means_with_the_settings_that_differ(tmp_path):
     table = cl_table([one, two])
     transfer, losses = table.split("\n\nDomains ")
     rows = [line for line in transfer.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| lr_crma_mix | condition |")  # steps is the same in both runs: not shown
+    # Saved as lr_crma_mix (its name before the rename), shown under its name now.
+    assert rows[0].startswith("| lr_crma_read_mix | condition |")  # steps is the same in both runs: not shown
     cells = rows[1].split(" | ")
     # Drift of the seeds: (2.2 − 2.0)/2.0 = 10% and (2.4 − 2.2)/2.2 = 9.09%; their mean, std and range.
     assert cells[3] == "+9.55 ± 0.64 [+9.09, +10.00]"  # sample std (ddof 1)
@@ -66,6 +67,8 @@ def test_unfinished_run_is_named(tmp_path, capsys):
     assert "not a finished `crma cl` run" in capsys.readouterr().err
     assert main(["cl-table", str(one), "--settings", "steps"]) == 0
     assert capsys.readouterr().out.splitlines()[2].startswith("| steps | condition |")
+    assert main(["cl-table", str(one), "--settings", "lr_crma_mix"]) == 0  # a setting's name before its rename
+    assert capsys.readouterr().out.splitlines()[4].startswith("| 0.001 | MODULAR |")
 
 
 def test_runs_with_the_same_settings_pool_their_seeds(tmp_path):

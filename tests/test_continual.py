@@ -45,7 +45,7 @@ def domains(tmp_path_factory):
 def _args(tiny_lm, domains, out, seeds="0", extra=()):
     args = ["cl", "--model", str(tiny_lm), "--out", str(out), "--steps", "8", "--warmup-steps", "1",
             "--seq-len", "32", "--batch-size", "4", "--checkpoint-every", "4", "--eval-every", "0",
-            "--lr-lora", "5e-3", "--lr-crma-mix", "5e-2", "--seeds", seeds,
+            "--lr-lora", "5e-3", "--lr-crma-read-mix", "5e-2", "--seeds", seeds,
             "--report-to", "none", "--mesh", "1,1,1", *extra]
     for d in domains:
         args += ["--domain", d]

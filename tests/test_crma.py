@@ -27,7 +27,7 @@ def test_init_leaves_logits_within_5e3_relative(arch, tiny_models, tiny_ids):
     # 3.1e-3 (gemma2) of their largest; 8·I with gate 0 moved them by less than 1e-3 but did not learn.
     model, params = crma_jax.load_pretrained(tiny_models[arch])
     base = model.apply({"params": params}, tiny_ids)
-    cmodel, variables = crma_jax.load_pretrained(tiny_models[arch], crma=CRMAConfig())
+    cmodel, variables = crma_jax.load_pretrained(tiny_models[arch], crma_config=CRMAConfig())
     out = cmodel.apply(variables, tiny_ids)
     rel = float(jnp.abs(out - base).max() / jnp.abs(base).max())
     assert 0 < rel <= 5e-3
@@ -103,7 +103,7 @@ def test_map_is_non_expansive_for_any_parameters(seed, d, n, spread, gate):
 
 
 def test_gradients_reach_read_log_mix_and_gate(tiny_models, tiny_ids):
-    model, variables = crma_jax.load_pretrained(tiny_models["llama"], crma=CRMAConfig(init_mix_logit=2.0))
+    model, variables = crma_jax.load_pretrained(tiny_models["llama"], crma_config=CRMAConfig(init_mix_logit=2.0))
 
     def loss(crma):
         logits = model.apply({**variables, "crma": crma}, tiny_ids)
@@ -118,16 +118,16 @@ def test_gradients_reach_read_log_mix_and_gate(tiny_models, tiny_ids):
 def test_disabled_crma_gives_exactly_the_base_logits(tiny_models, tiny_ids):
     model, params = crma_jax.load_pretrained(tiny_models["gemma"])
     base = model.apply({"params": params}, tiny_ids)
-    cmodel, variables = crma_jax.load_pretrained(tiny_models["gemma"], crma=CRMAConfig(init_mix_logit=0.0))
+    cmodel, variables = crma_jax.load_pretrained(tiny_models["gemma"], crma_config=CRMAConfig(init_mix_logit=0.0))
     assert not np.array_equal(cmodel.apply(variables, tiny_ids), base)  # CRMA really does something
     np.testing.assert_array_equal(cmodel.apply(variables, tiny_ids, crma_enabled=False), base)
-    off = cmodel.clone(crma=CRMAConfig(init_mix_logit=0.0, enabled=False))
+    off = cmodel.clone(crma_config=CRMAConfig(init_mix_logit=0.0, enabled=False))
     np.testing.assert_array_equal(off.apply(variables, tiny_ids), base)
 
 
 def test_diagnostics_per_layer(tiny_models, tiny_ids):
     model, variables = crma_jax.load_pretrained(
-        tiny_models["llama"], crma=CRMAConfig(), lora=LoraConfig(targets=("q_proj",))
+        tiny_models["llama"], crma_config=CRMAConfig(), lora_config=LoraConfig(targets=("q_proj",))
     )
     _, state = model.apply(variables, tiny_ids, mutable=["diagnostics"])
     diag = crma_jax.crma_diagnostics(state)

@@ -53,7 +53,7 @@ def test_batches_visit_every_row_once_and_pad_with_masked_rows(rows, batch_size)
 
 @pytest.fixture(scope="module")
 def lora_model(tiny_models):
-    model, variables = crma_jax.load_pretrained(tiny_models["llama"], lora=LoraConfig(rank=4))
+    model, variables = crma_jax.load_pretrained(tiny_models["llama"], lora_config=LoraConfig(rank=4))
     leaves, tree = jax.tree.flatten(variables["lora"])
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     trained = jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
@@ -113,7 +113,7 @@ def test_routing_refuses_bad_arguments(lora_model):
 
 
 def test_crma_effect_is_the_mean_relative_change_of_the_final_hidden_states(tiny_models):
-    model, variables = crma_jax.load_pretrained(tiny_models["llama"], crma=CRMAConfig(rank=2, init_mix_logit=0.0))
+    model, variables = crma_jax.load_pretrained(tiny_models["llama"], crma_config=CRMAConfig(rank=2, init_mix_logit=0.0))
     data = _packed(5)
     moved = crma_effect(model, variables, data, batch_size=2)
     # By hand over all rows at once: per real token ‖h_on − h_off‖ / ‖h_off‖, then the mean.

@@ -19,7 +19,7 @@ from crma_jax.train.cli import main
 from crma_jax.train.inference import load_for_inference
 
 IDS = np.random.RandomState(3).randint(3, 100, (2, 16))
-ZERO_LR = ("--lr-lora", "0", "--lr-crma-mix", "0", "--lr-crma-gate", "0")
+ZERO_LR = ("--lr-lora", "0", "--lr-crma-read-mix", "0", "--lr-crma-gate", "0")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_pissa_run_with_zero_learning_rates_exports_exactly_the_base(tiny_lm, da
 @pytest.mark.parametrize("init", ["default", "pissa"])
 def test_trained_run_round_trips_through_peft_and_merged_export(init, tiny_lm, data, tmp_path):
     run = _train(tiny_lm, data, tmp_path / "run", "--lora-init", init, "--rslora", "--steps", "6",
-                 "--lr-lora", "2e-2", "--lr-crma-mix", "5e-2", "--eval-every", "0")
+                 "--lr-lora", "2e-2", "--lr-crma-read-mix", "5e-2", "--eval-every", "0")
     ours = _ours(run)
     assert np.abs(ours - _torch(_hf(tiny_lm))).max() > 1e-2  # training really changed the model
     export_run(run, tmp_path / "export", merged=["default"])
@@ -87,7 +87,7 @@ def test_new_family_trains_and_round_trips_through_peft_and_merged_export(arch, 
     Phi-3's fused projections (exported as one block-diagonal LoRA per fused module)."""
     base = make_tiny_hf(arch, tmp_path / arch, seed=2)
     save_char_tokenizer(base)
-    run = _train(base, data, tmp_path / "run", "--steps", "4", "--lr-lora", "2e-2", "--lr-crma-mix", "5e-2",
+    run = _train(base, data, tmp_path / "run", "--steps", "4", "--lr-lora", "2e-2", "--lr-crma-read-mix", "5e-2",
                  "--eval-every", "0")
     ours = _ours(run)
     assert np.abs(ours - _torch(_hf(base))).max() > 1e-2

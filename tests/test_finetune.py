@@ -30,7 +30,7 @@ from crma_jax.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the court shall grant a license to any party under the terms of this agreement and may not revoke it".split()
-STEP_KEYS = ("step", "loss", "grad_norm", "tokens", "tokens_per_s", "lr/lora_a", "lr/lora_b", "lr/crma_mix",
+STEP_KEYS = ("step", "loss", "grad_norm", "tokens", "tokens_per_s", "lr/lora_a", "lr/lora_b", "lr/crma_read_mix",
              "lr/crma_gate", "zclip/mu", "zclip/sigma", "zclip/z", "zclip/clipped", "zclip/skipped",
              "zclip/raw_norm", "zclip/clipped_norm", "crma_spectral_dev", "crma_sinkhorn_residual",
              "crma_alpha", "crma_gain")
@@ -202,10 +202,10 @@ def test_yaml_values_of_the_wrong_type_are_refused_before_the_run_is_claimed(tin
         err = capsys.readouterr().err
         assert f"{config}: {key}:" in err and "internal error" not in err, err
         assert not run.exists()
-    config.write_text(common + "lr_lora: 1.0e-3\nlr_crma_mix: 1\n")  # an int where a float is asked is fine
+    config.write_text(common + "lr_lora: 1.0e-3\nlr_crma_read_mix: 1\n")  # an int where a float is asked is fine
     assert main(["train", "--config", str(config)]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["lr_lora"] == 1e-3 and saved["lr_crma_mix"] == 1.0 and isinstance(saved["lr_crma_mix"], float)
+    assert saved["lr_lora"] == 1e-3 and saved["lr_crma_read_mix"] == 1.0 and isinstance(saved["lr_crma_read_mix"], float)
 
 
 # Two LoRA targets keep the compile short; the mechanics under test do not depend on them.

@@ -33,7 +33,7 @@ def _randomize_b(lora, seed=0):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2", "qwen3", "gemma3", "phi3"])
 def test_zero_b_gives_the_base_logits(arch, tiny_models, ids):
-    model, variables = crma_jax.load_pretrained(tiny_models[arch], lora=LoraConfig())
+    model, variables = crma_jax.load_pretrained(tiny_models[arch], lora_config=LoraConfig())
     b_leaves = [x for p, x in jax.tree.flatten_with_path(variables["lora"])[0] if str(p[-1].key) == "b"]
     assert len(b_leaves) == 7 and all(float(jnp.abs(b).max()) == 0 for b in b_leaves)
     np.testing.assert_array_equal(model.apply(variables, ids), _base(tiny_models[arch], ids))
@@ -41,7 +41,7 @@ def test_zero_b_gives_the_base_logits(arch, tiny_models, ids):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma", "qwen2", "qwen3", "gemma3", "phi3"])
 def test_pissa_init_leaves_logits_unchanged(arch, tiny_models, ids):
-    model, variables = crma_jax.load_pretrained(tiny_models[arch], lora=LoraConfig(rank=4, init="pissa"))
+    model, variables = crma_jax.load_pretrained(tiny_models[arch], lora_config=LoraConfig(rank=4, init="pissa"))
     a = variables["lora"]["layers"]["mlp"]["up_proj"]["a"]
     assert float(jnp.abs(a).max()) > 0
     np.testing.assert_allclose(model.apply(variables, ids), _base(tiny_models[arch], ids), atol=1e-4, rtol=0)
@@ -49,7 +49,7 @@ def test_pissa_init_leaves_logits_unchanged(arch, tiny_models, ids):
 
 def test_merged_equals_unmerged(tiny_models, ids):
     cfg = LoraConfig(rank=4, alpha=8.0, rslora=True)
-    model, variables = crma_jax.load_pretrained(tiny_models["llama"], lora=cfg)
+    model, variables = crma_jax.load_pretrained(tiny_models["llama"], lora_config=cfg)
     lora = _randomize_b(variables["lora"])
     unmerged = model.apply({**variables, "lora": lora}, ids)
     merged = model.apply({"params": crma_jax.merge_lora(variables["params"], lora, cfg)}, ids)
@@ -58,7 +58,7 @@ def test_merged_equals_unmerged(tiny_models, ids):
 
 
 def test_named_sets_side_by_side(tiny_models, ids):
-    model, variables = crma_jax.load_pretrained(tiny_models["llama"], lora=LoraConfig(rank=2))
+    model, variables = crma_jax.load_pretrained(tiny_models["llama"], lora_config=LoraConfig(rank=2))
     sets = {"legal": _randomize_b(variables["lora"], 1), "code": _randomize_b(variables["lora"], 2)}
     legal = model.apply({**variables, "lora": sets["legal"]}, ids)
     code = model.apply({**variables, "lora": sets["code"]}, ids)
@@ -67,7 +67,7 @@ def test_named_sets_side_by_side(tiny_models, ids):
 
 
 def test_dropout_only_when_not_deterministic(tiny_models, ids):
-    model, variables = crma_jax.load_pretrained(tiny_models["llama"], lora=LoraConfig(dropout=0.5))
+    model, variables = crma_jax.load_pretrained(tiny_models["llama"], lora_config=LoraConfig(dropout=0.5))
     variables = {**variables, "lora": _randomize_b(variables["lora"])}
     det = model.apply(variables, ids)
     np.testing.assert_array_equal(det, model.apply(variables, ids, deterministic=True))

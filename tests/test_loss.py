@@ -77,7 +77,7 @@ def test_decoder_loss_equals_logits_path_with_adapter_gradients(kind):
     gemma2 = kind.startswith("gemma2")
     cfg = crma_jax.ModelConfig(**TINY, **(GEMMA2 if gemma2 else dict(model_type="llama")))
     crma = CRMAConfig(rank=2, init_mix_logit=0.0) if gemma2 else None  # CRMA once: it is slow to compile
-    model = crma_jax.Decoder(cfg, lora=LoraConfig(rank=2, alpha=4.0), crma=crma)
+    model = crma_jax.Decoder(cfg, lora_config=LoraConfig(rank=2, alpha=4.0), crma_config=crma)
     rng = np.random.RandomState(2)
     ids = jnp.asarray(rng.randint(0, 96, (2, 9)), jnp.int32)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), ids)

@@ -104,8 +104,8 @@ def _remat_problem(quant=None):
         tie_word_embeddings=True, attn_logit_softcap=5.0, final_logit_softcap=3.0,
         layer_windows=(4, None), activation="gelu_tanh", scale_embedding=True,
     )
-    model = crma_jax.Decoder(cfg, lora=crma_jax.LoraConfig(rank=2, alpha=4.0),
-                             crma=crma_jax.CRMAConfig(rank=2, init_mix_logit=0.0), attention_block=4)
+    model = crma_jax.Decoder(cfg, lora_config=crma_jax.LoraConfig(rank=2, alpha=4.0),
+                             crma_config=crma_jax.CRMAConfig(rank=2, init_mix_logit=0.0), attention_block=4)
     rng = np.random.RandomState(0)
     ids = jnp.asarray(rng.randint(0, 80, (2, 10)), jnp.int32)
     variables = model.init(jax.random.PRNGKey(0), ids)

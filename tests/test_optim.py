@@ -14,7 +14,7 @@ import pytest
 import crma_jax
 from crma_jax.optim import learning_rates, lr_schedule, make_optimizer, zclip, zclip_metrics
 
-LR = {"lora_a": 1e-2, "lora_b": 2e-2, "crma_mix": 3e-2, "crma_gate": 4e-2}
+LR = {"lora_a": 1e-2, "lora_b": 2e-2, "crma_read_mix": 3e-2, "crma_gate": 4e-2}
 
 
 def zclip_reference(norms, alpha=0.97, z_thresh=2.5, warmup_steps=25, eps=1e-6, max_grad_norm=None):
@@ -235,7 +235,7 @@ def test_nan_gradient_skips_the_whole_chain() -> None:
     assert_tree_equal(learning_rates(s_nan), learning_rates(s_before))
 
     # The next finite step is the one that would have followed step 5 without the NaN.
-    for label in ("lora_a", "lora_b", "crma_mix", "crma_gate"):
+    for label in ("lora_a", "lora_b", "crma_read_mix", "crma_gate"):
         for x, y in zip(leaves_of(p_next, label), leaves_of(p_nan, label)):
             assert not np.array_equal(x, y), label
     _, _, clean = train(tx, tree, grads[:5] + grads[6:])
@@ -256,7 +256,7 @@ def test_per_label_lr_frozen_and_schedule() -> None:
     for x, y in zip(leaves_of(final, "crma_gate"), leaves_of(tree, "crma_gate")):
         assert x.tobytes() == y.tobytes()
     assert_tree_equal(final["params"], tree["params"])  # frozen, despite nonzero gradients
-    for label in ("lora_a", "lora_b", "crma_mix"):
+    for label in ("lora_a", "lora_b", "crma_read_mix"):
         for x, y in zip(leaves_of(final, label), leaves_of(tree, label)):
             assert not np.allclose(x, y), label
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import jax
@@ -25,7 +26,7 @@ IDS = np.random.RandomState(0).randint(0, 128, (2, 12))
 
 def trained_like(path, cfg=LoraConfig(rank=4, alpha=8.0), seed=0):
     """Adapters with nonzero LoRA B and a CRMA far from identity, as after training."""
-    model, v = crma_jax.load_pretrained(path, lora=cfg, crma=CRMAConfig(init_mix_logit=1.0, init_gate=1.0), seed=seed)
+    model, v = crma_jax.load_pretrained(path, lora_config=cfg, crma_config=CRMAConfig(init_mix_logit=1.0, init_gate=1.0), seed=seed)
     leaves, tree = jax.tree.flatten(v["lora"])
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     v["lora"] = jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
@@ -43,8 +44,8 @@ def test_peft_and_attach_crma_reproduce_our_logits(arch, tiny_models, tmp_path, 
     ours_lora = np.asarray(model.apply({"params": v["params"], "lora": v["lora"]}, IDS))
     ours_full = np.asarray(model.apply(v, IDS))
     base = np.asarray(model.apply({"params": v["params"]}, IDS))
-    export_peft(v["lora"], model.lora, tmp_path / "peft", model=model.config)
-    export_crma(v["crma"], model.crma, tmp_path / "crma_adapter.safetensors")
+    export_peft(v["lora"], model.lora_config, tmp_path / "peft", model=model.config)
+    export_crma(v["crma"], model.crma_config, tmp_path / "crma_adapter.safetensors")
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
     with caplog.at_level(logging.WARNING):
@@ -62,7 +63,7 @@ def test_peft_and_attach_crma_reproduce_our_logits(arch, tiny_models, tmp_path, 
 @pytest.mark.parametrize("arch", ["llama_tied", "gemma2", "qwen2", "gemma3", "phi3"])
 def test_merged_export_reloads_in_transformers(arch, tiny_models, tmp_path):
     model, v = trained_like(tiny_models[arch])
-    out = export_merged(v["params"], v["lora"], model.lora, hf_config_of(tiny_models[arch]), tmp_path / "merged")
+    out = export_merged(v["params"], v["lora"], model.lora_config, hf_config_of(tiny_models[arch]), tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ours = np.asarray(model.apply({"params": v["params"], "lora": v["lora"]}, IDS))
     assert np.abs(torch_logits(merged) - ours).max() <= 1e-4
@@ -84,17 +85,24 @@ def test_import_of_a_peft_adapter_made_by_get_peft_model(tiny_models, tmp_path):
     model, params = crma_jax.load_pretrained(tiny_models["mistral"])
     lora, cfg = import_peft(tmp_path / "theirs", model.config.num_layers)
     assert cfg.targets == ("down_proj", "q_proj", "v_proj") and cfg.scale == 4.0
-    ours = model.clone(lora=cfg).apply({"params": params, "lora": lora}, IDS)
+    ours = model.clone(lora_config=cfg).apply({"params": params, "lora": lora}, IDS)
     assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
 
 
 def test_adapter_files_round_trip_and_errors(tiny_models, tmp_path):
     model, v = trained_like(tiny_models["llama"])
-    save_adapters(tmp_path, Adapters(BaseSpec(str(tiny_models["llama"])), model.lora, model.crma, {"legal": v["lora"]},
+    save_adapters(tmp_path, Adapters(BaseSpec(str(tiny_models["llama"])), model.lora_config, model.crma_config, {"legal": v["lora"]},
                                      v["crma"]))
     back = load_adapters(tmp_path)
-    assert back.lora == model.lora and back.crma == model.crma and list(back.lora_sets) == ["legal"]
+    assert back.lora_config == model.lora_config and back.crma_config == model.crma_config and list(back.lora_sets) == ["legal"]
     np.testing.assert_array_equal(back.lora_sets["legal"]["layers"]["mlp"]["up_proj"]["b"], v["lora"]["layers"]["mlp"]["up_proj"]["b"])
+    # Adapters saved before the settings' keys were renamed ("lora", "crma") still load.
+    meta_file = tmp_path / "adapters" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["lora"], meta["crma"] = meta.pop("lora_config"), meta.pop("crma_config")
+    meta_file.write_text(json.dumps(meta))
+    old = load_adapters(tmp_path)
+    assert old.lora_config == model.lora_config and old.crma_config == model.crma_config and old.crma_params is not None
     (tmp_path / "adapters" / "lora_legal.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(CheckpointError, match="lora_legal.safetensors"):
         load_adapters(tmp_path)

@@ -16,7 +16,7 @@ from crma_jax.pretrained import load_pretrained
 def _load_then_quantize(path, quant, lora):
     """What `load_pretrained` did before streaming: the dense model, PiSSA, then quantize."""
     model, params = load_pretrained(path, "bfloat16")
-    model = model.clone(lora=lora)
+    model = model.clone(lora_config=lora)
     adapters = init_adapters(model, params, jax.random.PRNGKey(0))
     if lora.init == "pissa":
         params, adapters["lora"] = pissa_init(params, adapters["lora"], lora, jax.random.PRNGKey(1))
@@ -35,7 +35,7 @@ def test_streaming_quantized_load_equals_load_then_quantize(tiny_models, monkeyp
         return assemble(model, source, dtype, shardings, progress, transforms)
 
     monkeypatch.setattr("crma_jax.pretrained.assemble_params", spy)
-    _, got = load_pretrained(tiny_models["llama"], "bfloat16", lora=lora, quant=quant)
+    _, got = load_pretrained(tiny_models["llama"], "bfloat16", lora_config=lora, quant=quant)
     monkeypatch.undo()
     want = _load_then_quantize(tiny_models["llama"], quant, lora)
     # Every layer kernel was quantized on the way in, none after.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from crma_jax.train.config import TrainConfig
-from crma_jax.train.run_dir import COMMITTED, STAGING, check_run_dir, commit, read_config, recover, write_config
+from crma_jax.train.config import TrainConfig, current_names, parse_config
+from crma_jax.train.run_dir import (COMMITTED, STAGING, check_run_dir, commit, read_config, recover, settings_of,
+                                    write_config)
 
 
 def test_new_or_empty_directories_are_accepted(tmp_path):
@@ -48,6 +49,31 @@ def test_resume_names_every_setting_that_changes_results(tmp_path):
     check_run_dir(run, TrainConfig(lr_lora=1e-3, steps=10), resume=True)
     with pytest.raises(ValueError, match=r"eval_data: '' -> 'held.jsonl'"):
         check_run_dir(run, TrainConfig(lr_lora=1e-3, steps=10, eval_data="held.jsonl"), resume=True)
+
+
+def test_a_run_saved_under_renamed_settings_resumes_and_reads_under_the_new_names(tmp_path):
+    run = tmp_path / "run"
+    saved = settings_of(TrainConfig(use_crma=False, lr_crma_read_mix=3e-2))
+    old = {("crma" if k == "use_crma" else "lr_crma_mix" if k == "lr_crma_read_mix" else k): v for k, v in saved.items()}
+    assert "crma" in old and "use_crma" not in old
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    check_run_dir(run, TrainConfig(use_crma=False, lr_crma_read_mix=3e-2), resume=True)
+    with pytest.raises(ValueError, match=r"use_crma: False -> True"):
+        check_run_dir(run, TrainConfig(lr_crma_read_mix=3e-2), resume=True)
+    back = read_config(run, TrainConfig)
+    assert back["use_crma"] is False and back["lr_crma_read_mix"] == 3e-2 and "crma" not in back
+    assert list(back)[:3] == list(saved)[:3]  # renamed keys keep their place
+
+
+def test_renamed_settings_answer_to_their_old_flags_and_yaml_keys(tmp_path):
+    assert parse_config(["--no-crma", "--lr-crma-mix", "3e-2"]) == parse_config(["--no-crma", "--lr-crma-read-mix", "3e-2"])
+    assert parse_config(["--no-crma"]).use_crma is False and parse_config([]).use_crma is True
+    old = tmp_path / "old.yaml"
+    old.write_text("crma: false\nlr_crma_mix: 3.0e-2\n")
+    cfg = parse_config(["--config", str(old)])
+    assert cfg.use_crma is False and cfg.lr_crma_read_mix == 3e-2
+    assert current_names({"crma": False, "use_crma": True}) == {"use_crma": True}  # the new name wins
 
 
 def _state(root):

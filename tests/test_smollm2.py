@@ -64,7 +64,7 @@ def test_crma_at_init_leaves_logits_within_1e2(smollm2_gguf_path, base_logits, t
     # The default start (4·I, gate −2) moves the largest logit change to 7.5e-3 of the largest
     # logit (8·I with gate 0: under 1e-3, but that start does not learn); the loss test below
     # says what that costs.
-    model, variables = crma_jax.load_pretrained(smollm2_gguf_path, crma=CRMAConfig())
+    model, variables = crma_jax.load_pretrained(smollm2_gguf_path, crma_config=CRMAConfig())
     out = np.asarray(jax.jit(model.apply)(variables, text_ids))
     rel = np.abs(out - base_logits).max() / np.abs(base_logits).max()
     assert rel <= 1e-2
@@ -82,7 +82,7 @@ def test_the_default_crma_start_keeps_the_starting_loss_within_2e3_nats(smollm2_
     rows = [tokenizer(d, add_special_tokens=False)["input_ids"][:256] for d in domain_documents("legal")[:40]]
     ids = jnp.asarray([r for r in rows if len(r) == 256][:8], jnp.int32)
     model, params = ours
-    cmodel, variables = crma_jax.load_pretrained(smollm2_gguf_path, crma=CRMAConfig())
+    cmodel, variables = crma_jax.load_pretrained(smollm2_gguf_path, crma_config=CRMAConfig())
     base = _nll_rows(jax.jit(model.apply)({"params": params}, ids), ids)
     start = _nll_rows(jax.jit(cmodel.apply)(variables, ids), ids)
     assert 0 < abs(start - base) < 2e-3

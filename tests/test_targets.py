@@ -71,7 +71,7 @@ def _argument_bytes(model, platform, mesh_chips, batch_size, seq_len):
     shards = jax.tree.leaves(param_shardings(frozen, mesh))
     base = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(jax.tree.leaves(frozen), shards))
     trainable = jax.eval_shape(lambda p: init_adapters(model, p, jax.random.PRNGKey(0)), frozen)
-    opt = make_optimizer(param_labels(trainable), dict.fromkeys(("lora_a", "lora_b", "crma_mix", "crma_gate"), 1e-3),
+    opt = make_optimizer(param_labels(trainable), dict.fromkeys(("lora_a", "lora_b", "crma_read_mix", "crma_gate"), 1e-3),
                          total_steps=10)
     replicated = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((trainable, jax.eval_shape(opt.init, trainable))))
     batch = 4 * (batch_size // mesh_chips) * seq_len * 4  # four int32 (B, T) arrays, split over fsdp
@@ -79,7 +79,7 @@ def _argument_bytes(model, platform, mesh_chips, batch_size, seq_len):
 
 
 def test_per_chip_arguments_are_the_shards_of_base_adapters_and_optimizer(devices):
-    model = Decoder(CONFIG, lora=memory_plan.LoraConfig(rank=8), crma=memory_plan.CRMAConfig(rank=4))
+    model = Decoder(CONFIG, lora_config=memory_plan.LoraConfig(rank=8), crma_config=memory_plan.CRMAConfig(rank=4))
     one = plan("h100", devices)
     eight = plan("h100x8", devices, batch_size=8)
     assert one.mesh_shape == (1, 1, 1) and eight.mesh_shape == (1, 8, 1)

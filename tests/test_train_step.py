@@ -26,7 +26,7 @@ from crma_jax.train_step import forward_loss, jit_train_step, make_train_step
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 CRMA = CRMAConfig(rank=4, init_mix_logit=8.0)
-LR = {"lora_a": 1e-3, "lora_b": 1e-3, "crma_mix": 1e-3, "crma_gate": 1e-2}
+LR = {"lora_a": 1e-3, "lora_b": 1e-3, "crma_read_mix": 1e-3, "crma_gate": 1e-2}
 B, T, STEPS = 8, 32, 3
 WORDS = "the court shall grant a license to any party under the terms of this agreement".split()
 
@@ -56,7 +56,7 @@ def batches(tiny_lm, tmp_path_factory) -> list[dict[str, np.ndarray]]:
 @pytest.fixture(scope="module")
 def reference(tiny_lm):
     """(model, host copies of frozen and trainable) loaded on one device."""
-    model, variables = crma_jax.load_pretrained(tiny_lm, lora=LORA, crma=CRMA, seed=0)
+    model, variables = crma_jax.load_pretrained(tiny_lm, lora_config=LORA, crma_config=CRMA, seed=0)
     trainable = {"lora": variables["lora"], "crma": variables["crma"]}
     return model, _host(variables["params"]), _host(trainable)
 
@@ -113,7 +113,7 @@ def test_sharded_steps_match_single_device(shape, tiny_lm, reference, batches, s
     model, _, trainable = reference
     mesh = make_mesh(shape)
     # The loader itself places the frozen base on the mesh's shardings.
-    _, variables = crma_jax.load_pretrained(tiny_lm, lora=LORA, crma=CRMA, seed=0, mesh=mesh)
+    _, variables = crma_jax.load_pretrained(tiny_lm, lora_config=LORA, crma_config=CRMA, seed=0, mesh=mesh)
     frozen = variables["params"]
     q = frozen["layers"]["self_attn"]["q_proj"]["kernel"]  # (L, d, H*hd) = (2, 64, 64)
     emb = frozen["embed_tokens"]["embedding"]  # (vocab, d) = (128, 64)
@@ -236,7 +236,7 @@ def test_a_method_changes_the_forward_lora_and_adds_its_penalty_gradient(referen
     LoRAs, its `penalty` metric is the method's, and the update is that of loss + penalty."""
     model, frozen, trainable = reference
     trainable = {"lora": trainable["lora"]}
-    model = model.clone(crma=None)
+    model = model.clone(crma_config=None)
     method = OLoRA(lam=0.5)
     earlier = jax.tree.map(lambda x: x + 0.05, trainable["lora"])
     memory = method.remember(method.init_memory(trainable["lora"], 2), earlier, 0)

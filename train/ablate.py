@@ -36,7 +36,7 @@ COLUMNS = ("final_loss", "holdout_loss", "peak_grad_norm", "mean_grad_norm", "cl
 @dataclasses.dataclass
 class AblateConfig(TrainConfig):
     # every arm sets the switches, every seed the seed; planning is crma train's
-    cli_exclude = ("crma", "zclip", "seed", "compile_only", "target", "samples")
+    cli_exclude = ("use_crma", "zclip", "seed", "compile_only", "target", "samples")
 
     out: str = setting("runs/ablate", "output directory (one run per arm and seed inside); new or empty unless --resume")
     samples: int = setting(0, "not offered: the arms write no sample generations")
@@ -53,7 +53,7 @@ def run_ablation(cfg: AblateConfig, arms: dict[str, tuple[bool, bool]] = ARMS) -
         sessions: dict[bool, Session] = {}
         for seed in seeds:
             for name, (crma, zclip) in arms.items():
-                arm_cfg = dataclasses.replace(cfg, out=str(out / name / f"seed{seed}"), crma=crma, zclip=zclip, seed=seed)
+                arm_cfg = dataclasses.replace(cfg, out=str(out / name / f"seed{seed}"), use_crma=crma, zclip=zclip, seed=seed)
                 if crma not in sessions:
                     sessions[crma] = open_session(dataclasses.replace(arm_cfg, seed=0))
                     write_config(out, cfg)  # model and data loaded: the run directory is claimed

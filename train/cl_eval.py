@@ -38,14 +38,14 @@ def qa_eval(cfg: CLConfig, method: Method, session: Session, names: list[str], d
              if is_builtin(domains[n][2].source) and domains[n][2].source.startswith(FACTS_PREFIX)}
     if not asked:
         return None
-    toggles = (True, False) if method.crma else (True,)
+    toggles = (True, False) if method.uses_crma else (True,)
     per_domain: dict[str, dict[str, float]] = {}
     right = {on: 0 for on in toggles}
     for j, n in enumerate(names):
         if n not in asked:
             continue
         lora = method.eval_lora(trained, memory, j, fresh[j])
-        variables = {"params": session.frozen, "lora": lora, **({"crma": substrate_of(j)} if method.crma else {})}
+        variables = {"params": session.frozen, "lora": lora, **({"crma": substrate_of(j)} if method.uses_crma else {})}
         per_domain[n] = {}
         for on in toggles:
             correct = answer_questions(session.model, variables, session.tokenizer, asked[n], crma_enabled=on,
@@ -66,10 +66,10 @@ def agnostic_eval(cfg: CLConfig, method: Method, session: Session, names: list[s
     Each domain's LoRA routes with its own substrate (`substrate_of`: ISOLATED's differ)."""
     if method.routed:
         sets = dict(zip(names, trained))
-        per_set = {n: {"crma": substrate_of(j)} for j, n in enumerate(names)} if method.crma else None
+        per_set = {n: {"crma": substrate_of(j)} for j, n in enumerate(names)} if method.uses_crma else None
     else:
         sets = {"model": method.eval_lora(trained, memory, None, fresh[0])}
-        per_set = {"model": {"crma": substrate_of(len(names) - 1)}} if method.crma else None
+        per_set = {"model": {"crma": substrate_of(len(names) - 1)}} if method.uses_crma else None
     out: dict[str, Any] = {"prefix_tokens": cfg.routing_tokens, "routed": method.routed, "loss": [], "oracle_loss": [],
                            "scored_tokens": [], "accuracy": {}}
     for n in names:

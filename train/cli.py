@@ -154,8 +154,9 @@ def cmd_cl(args: argparse.Namespace) -> int:
 
 def cmd_cl_table(args: argparse.Namespace) -> int:
     from crma_jax.train.cl_table import cl_plots, cl_table
+    from crma_jax.train.config import RENAMED
 
-    settings = args.settings.split(",") if args.settings else None
+    settings = [RENAMED.get(k, k) for k in args.settings.split(",")] if args.settings else None
     table = cl_table(args.runs, settings, args.versus)
     plots = cl_plots(args.runs, args.plots, settings) if args.plots else []
     print(table, end="")

@@ -30,7 +30,7 @@ def compile_only(cfg: TrainConfig) -> TargetPlan:
     the step does not fit a chip."""
     from crma_jax import targets
     from crma_jax.convert.hub import resolve_model_path
-    from crma_jax.train.finetune import build_optimizer, crma_config, lora_config
+    from crma_jax.train.finetune import build_optimizer, crma_config_of, lora_config_of
 
     if not cfg.target:
         raise ValueError("--compile-only needs --target NAME (see crma bench memory -h for the names)")
@@ -43,7 +43,7 @@ def compile_only(cfg: TrainConfig) -> TargetPlan:
     plan = plan_for_target(
         config, target, remat=cfg.remat, mesh_shape=mesh, batch_size=cfg.batch_size,
         seq_len=cfg.seq_len, quant=cfg.quant or None, dtype=resolve_dtype(cfg.dtype),
-        compute_dtype=resolve_dtype(cfg.compute_dtype or cfg.dtype), lora=lora_config(cfg), crma=crma_config(cfg),
+        compute_dtype=resolve_dtype(cfg.compute_dtype or cfg.dtype), lora_config=lora_config_of(cfg), crma_config=crma_config_of(cfg),
         accum_steps=cfg.accum_steps, optimizer=lambda trainable: build_optimizer(cfg, trainable),
         attention=cfg.attention)
     print(report(cfg, plan))

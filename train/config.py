@@ -24,9 +24,20 @@ from crma_jax.model import REMAT_POLICIES
 TRACKERS = ("tensorboard", "wandb")
 
 
-def setting(default: Any, help: str) -> Any:
-    """A config field with its command-line help."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, flag: str = "", aliases: tuple[str, ...] = ()) -> Any:
+    """A config field with its command-line help; its flag is `--` + `flag` (default: the field's
+    name with dashes) and also answers to `aliases` (the spellings of renamed settings)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "aliases": aliases})
+
+
+# Settings renamed since runs were first saved: old name -> new name. A saved config.yaml, a
+# `--config` file and `crma cl-table --settings` may still use the old names.
+RENAMED = {"crma": "use_crma", "lr_crma_mix": "lr_crma_read_mix"}
+
+
+def current_names(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with every renamed key under its new name, in place (a new name given too wins)."""
+    return {RENAMED.get(k, k): v for k, v in settings.items() if RENAMED.get(k, k) == k or RENAMED[k] not in settings}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -73,7 +84,7 @@ class TrainConfig:
     lora_init: str = setting("default", "LoRA init: default (Kaiming A, zero B) or pissa (top-r singular "
                                         "directions; the base becomes the residual)")
     rslora: bool = setting(False, "rank-stabilised scale alpha / sqrt(r)")
-    crma: bool = setting(True, "add the CRMA adapter after every decoder layer")
+    use_crma: bool = setting(True, "add the CRMA adapter after every decoder layer", flag="crma")
     crma_rank: int = setting(4, "CRMA streams n (rank of the mixed residual slice)")
     crma_iters: int = setting(20, "Sinkhorn iterations")
     # The substrate's start is `CRMAConfig`'s, one default for the API and the CLI; the LRs were
@@ -82,7 +93,7 @@ class TrainConfig:
                                                                     "M ≈ I, the identity map)")
     crma_init_gate: float = setting(CRMAConfig.init_gate, "CRMA's gate logit at init (α = sigmoid(gate))")
     lr_lora: float = setting(2e-4, "peak learning rate of the LoRA factors")
-    lr_crma_mix: float = setting(1e-2, "peak learning rate of CRMA's read and log_mix")
+    lr_crma_read_mix: float = setting(1e-2, "peak learning rate of CRMA's read and log_mix", aliases=("lr-crma-mix",))
     lr_crma_gate: float = setting(5e-2, "peak learning rate of CRMA's gate")
     warmup_steps: int = setting(10, "linear warmup steps before the cosine decay; unless set, at most a tenth of "
                                     "--steps (so a short run needs no --warmup-steps)")
@@ -206,13 +217,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig,
     for f in cli_fields(cls):
         if only is not None and f.name not in only:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + (f.metadata.get("flag") or f.name.replace("_", "-"))]
+        flags += ["--" + a for a in f.metadata.get("aliases", ())]
         help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
 
 # What a YAML value of each field type may be: an int where a float is asked (1 means 1.0), never
@@ -248,6 +260,7 @@ def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, flags: d
             raise ValueError(f"{path}: unreadable config ({e})") from e
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must be a mapping of settings")
+        loaded = current_names(loaded)
         unknown = set(loaded) - {f.name for f in cli_fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}")

@@ -203,7 +203,7 @@ class SequenceProgress:
         if state.progress["finished"]:
             saved = load_adapters(root)
             state.trained = [saved.lora_sets[n] for n in state.progress["finished"]]
-            state.crma = saved.crma_params if method.crma else None
+            state.crma = saved.crma_params if method.uses_crma else None
             if (root / cls.MEMORY).exists():
                 state.memory = _load_memory(root / cls.MEMORY)
             if (root / cls.SUBSTRATES).exists():
@@ -250,17 +250,17 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
     names = list(domains)
     key = jax.random.PRNGKey(seed)
     fresh = [fresh_adapters(session, jax.random.fold_in(key, i))["lora"] for i in range(len(names))]
-    initial = fresh_adapters(session, key).get("crma") if method.crma else None  # the seed's substrate
+    initial = fresh_adapters(session, key).get("crma") if method.uses_crma else None  # the seed's substrate
     state = SequenceProgress.load(root, method, method.init_memory(fresh[0], len(names)), initial, cfg.resume)
     progress = state.progress
 
     def substrate_of(j: int) -> Any:
         """The substrate that domain j is evaluated with now (None without CRMA)."""
-        return method.eval_crma(state.substrates, state.crma, j, initial) if method.crma else None
+        return method.eval_crma(state.substrates, state.crma, j, initial) if method.uses_crma else None
 
     def variables(lora: Any, substrate: Any = None) -> dict[str, Any]:
         chosen = state.crma if substrate is None else substrate
-        return {"params": session.frozen, "lora": lora, **({"crma": chosen} if method.crma else {})}
+        return {"params": session.frozen, "lora": lora, **({"crma": chosen} if method.uses_crma else {})}
 
     def loss_row() -> list[float]:
         return [evaluate_holdout(session, variables(method.eval_lora(state.trained, state.memory, j, fresh[j]),
@@ -268,14 +268,14 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
 
     def substrate(lora: Any, holdout: PackedData) -> dict[str, Any]:
         return {
-            "mix_displacement": np.asarray(mix_displacement(state.crma, session.model.crma.sinkhorn_iters)).tolist(),
+            "mix_displacement": np.asarray(mix_displacement(state.crma, session.model.crma_config.sinkhorn_iters)).tolist(),
             "hidden_change": crma_effect(session.model, variables(lora), holdout, cfg.batch_size, place=session.place),
         }
 
     if "base" not in progress:  # the starting model: every domain's loss before any training
         progress["base"] = [evaluate_holdout(session, variables(fresh[j], initial), domains[n][1])
                             for j, n in enumerate(names)]
-        if method.crma:  # where the substrate starts, on the first domain's holdout
+        if method.uses_crma:  # where the substrate starts, on the first domain's holdout
             progress["substrate_init"] = substrate(fresh[0], domains[names[0]][1])
     for i, name in enumerate(names):
         if name in state.finished:
@@ -288,14 +288,14 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
             stats = task_stats(method.stats_before, session, method, start, state.memory, train_rows,
                                cfg.fisher_batches, seed * 1000 + i)
             start = method.start(start, state.memory, stats)
-        if method.crma:
+        if method.uses_crma:
             state.crma = method.start_crma(state.crma, initial)
         # 2. Train it: an ordinary resumable run in RUN/<condition>/seed<s>/<domain>.
         earlier = [domains[n][0] for n in names[:i]]
-        task = Task({"lora": start, **({"crma": state.crma} if method.crma else {})},
+        task = Task({"lora": start, **({"crma": state.crma} if method.uses_crma else {})},
                     mix_replay(train_rows, earlier, method.replay, seed * 1000 + i), holdout, spec,
                     zclip=progress.get("zclip") if cfg.zclip_across_domains else None)
-        step_cfg = dataclasses.replace(cfg, out=str(root / name), data=spec.source, seed=seed, crma=method.crma)
+        step_cfg = dataclasses.replace(cfg, out=str(root / name), data=spec.source, seed=seed, use_crma=method.uses_crma)
         if cfg.resume and distributed.is_writer():
             restart_uncheckpointed(root / name)
         distributed.sync(f"looked at {root / name}")
@@ -304,7 +304,7 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         # 3. Remember it: the method's memory, the substrate, and every domain's loss now.
         progress["zclip"] = [np.asarray(x).tolist() for x in done.zclip]  # JSON, resumable
         lora, state.crma = done.trainable["lora"], done.trainable.get("crma")
-        if method.crma:
+        if method.uses_crma:
             state.substrates.append(state.crma)
         stats = task_stats(method.stats_after, session, method, lora, state.memory, train_rows, cfg.fisher_batches,
                            seed * 1000 + i)
@@ -312,7 +312,7 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         state.trained.append(lora)
         state.finished.append(name)
         progress["L"].append(loss_row())
-        if method.crma:
+        if method.uses_crma:
             progress["substrate"].append(substrate(lora, holdout))
         progress["wall_s"] = progress.get("wall_s", 0.0) + time.perf_counter() - t0
         # 4. Commit it.
@@ -362,9 +362,9 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
         for cond in conditions:
             # The methods without CRMA share one session, those with it another: all seeds and
             # domains reuse the loaded base and the compiled steps.
-            with_crma = cfg.method(cond).crma
+            with_crma = cfg.method(cond).uses_crma
             if with_crma not in sessions:
-                sessions[with_crma] = open_session(dataclasses.replace(cfg, crma=with_crma), load_data=False)
+                sessions[with_crma] = open_session(dataclasses.replace(cfg, use_crma=with_crma), load_data=False)
             session = sessions[with_crma]
             if domains is None:
                 domains, fingerprints = build_domains(cfg, sources, session.tokenizer)

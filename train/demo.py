@@ -34,7 +34,7 @@ def demo_config(out: Path, model: str, args: argparse.Namespace) -> Any:
     return CLConfig(
         model=model, out=str(out / "cl"), domains=DOMAINS, conditions=args.conditions, seeds=args.seeds,
         steps=args.steps or (4 if small else 24), seq_len=args.seq_len or (32 if small else 64),
-        batch_size=4, warmup_steps=1 if small else 3, lr_lora=1e-3, lr_crma_mix=1e-2, lr_crma_gate=1e-2,
+        batch_size=4, warmup_steps=1 if small else 3, lr_lora=1e-3, lr_crma_read_mix=1e-2, lr_crma_gate=1e-2,
         eval_every=0, checkpoint_every=1000, max_documents=12 if small else 80,
         holdout_fraction=0.25 if small else 0.1, report_to="none", resume=args.resume,
     )

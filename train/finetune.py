@@ -108,15 +108,15 @@ class Session:
         return distributed.global_batch({k: v[rows] for k, v in batch.items()}, sharding, self.cfg.batch_size)
 
 
-def lora_config(cfg: TrainConfig) -> LoraConfig:
+def lora_config_of(cfg: TrainConfig) -> LoraConfig:
     return LoraConfig(
         rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=tuple(t for t in cfg.lora_targets.split(",") if t),
         rslora=cfg.rslora, dropout=cfg.lora_dropout, init=cfg.lora_init,
     )
 
 
-def crma_config(cfg: TrainConfig) -> CRMAConfig | None:
-    if not cfg.crma:
+def crma_config_of(cfg: TrainConfig) -> CRMAConfig | None:
+    if not cfg.use_crma:
         return None
     return CRMAConfig(rank=cfg.crma_rank, sinkhorn_iters=cfg.crma_iters, init_mix_logit=cfg.crma_init_mix_logit,
                       init_gate=cfg.crma_init_gate)
@@ -149,7 +149,7 @@ def open_session(cfg: TrainConfig, load_data: bool = True) -> Session:
     path = resolve_model_path(cfg.model, cfg.allow_download)
     model, variables = load_pretrained(
         path, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype or None, mesh=mesh,
-        lora=lora_config(cfg), crma=crma_config(cfg), quant=cfg.quant or None, seed=cfg.seed,
+        lora_config=lora_config_of(cfg), crma_config=crma_config_of(cfg), quant=cfg.quant or None, seed=cfg.seed,
     )
     model = model.clone(attention=cfg.attention)  # remat: chosen when the step compiles (`compile_step`)
     if jax.default_backend() == "cpu":  # see `crma_jax.quant.Float16Bits`
@@ -195,15 +195,15 @@ def fresh_adapters(session: Session, rng: jax.Array) -> dict[str, Any]:
     does not depend on whether CRMA is on, so runs that differ only in CRMA start alike."""
     lora = session.lora_init
     if lora is None:
-        lora = init_adapters(session.model.clone(crma=None), session.frozen, rng)["lora"]
+        lora = init_adapters(session.model.clone(crma_config=None), session.frozen, rng)["lora"]
     out = {"lora": lora}
-    if session.model.crma is not None:
-        out["crma"] = init_adapters(session.model.clone(lora=None), session.frozen, rng)["crma"]
+    if session.model.crma_config is not None:
+        out["crma"] = init_adapters(session.model.clone(lora_config=None), session.frozen, rng)["crma"]
     return out
 
 
 def build_optimizer(cfg: TrainConfig, trainable: dict[str, Any]) -> Any:
-    lr = {"lora_a": cfg.lr_lora, "lora_b": cfg.lr_lora, "crma_mix": cfg.lr_crma_mix, "crma_gate": cfg.lr_crma_gate}
+    lr = {"lora_a": cfg.lr_lora, "lora_b": cfg.lr_lora, "crma_read_mix": cfg.lr_crma_read_mix, "crma_gate": cfg.lr_crma_gate}
     zclip_kwargs = {"warmup_steps": cfg.zclip_warmup, "z_thresh": cfg.zclip_z, "max_grad_norm": cfg.max_grad_norm or None}
     return make_optimizer(
         param_labels(trainable), lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
@@ -253,7 +253,7 @@ def save_run_adapters(run: Path, session: Session, sets: dict[str, Any], crma: A
                       data: dict[str, DataSpec]) -> Path:
     """RUN/adapters: the LoRA sets, the substrate, and everything needed to rebuild the base."""
     cfg = session.cfg
-    return save_adapters(run, Adapters(base_spec(cfg), session.model.lora, session.model.crma, sets, crma,
+    return save_adapters(run, Adapters(base_spec(cfg), session.model.lora_config, session.model.crma_config, sets, crma,
                                        lora_init=session.lora_init,
                                        data={name: spec.as_dict() for name, spec in data.items()}))
 
@@ -278,7 +278,7 @@ def holdout_samples(session: Session, variables: dict[str, Any], held: PackedDat
     if not prompts:
         return []
     batch = jnp.asarray(np.stack(prompts), jnp.int32)
-    toggles = {"crma_on": True, **({"crma_off": False} if session.model.crma is not None else {})}
+    toggles = {"crma_on": True, **({"crma_off": False} if session.model.crma_config is not None else {})}
     text = {name: generate(session.model, variables, batch, SAMPLE_NEW_TOKENS, crma_enabled=on)[:, batch.shape[1]:]
             for name, on in toggles.items()}
     decode = session.tokenizer.decode

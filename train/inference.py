@@ -38,11 +38,11 @@ def load_run_base(adapters: Adapters, dtype: str | None = None) -> tuple[Any, di
     path = resolve_model_path(base.model)
     decoder, params = load_pretrained(path, dtype=dtype or base.dtype, compute_dtype=base.compute_dtype or None)
     if adapters.lora_init is not None:
-        params = {**params, "layers": subtract_pissa(params["layers"], adapters.lora_init["layers"], adapters.lora)}
+        params = {**params, "layers": subtract_pissa(params["layers"], adapters.lora_init["layers"], adapters.lora_config)}
     if base.quant:
         params = quantize_params(params, base.quant)
-    lora = dataclasses.replace(adapters.lora, init="default") if adapters.lora is not None else None
-    return decoder.clone(lora=lora, crma=adapters.crma), params
+    lora = dataclasses.replace(adapters.lora_config, init="default") if adapters.lora_config is not None else None
+    return decoder.clone(lora_config=lora, crma_config=adapters.crma_config), params
 
 
 def load_for_inference(model: str, lora: str | None = None, dtype: str | None = None) -> tuple[Any, dict[str, Any], Any]:

@@ -26,6 +26,7 @@ import yaml
 
 from crma_jax import distributed
 from crma_jax.train import stops
+from crma_jax.train.config import current_names
 from crma_jax.atomic import COMMITTED, STAGING, commit, recover  # noqa: F401 - re-exported (`crma cl`)
 
 CONFIG_FILE = "config.yaml"
@@ -116,7 +117,7 @@ def check_run_dir(out: str | Path, config: Any, resume: bool, neutral: frozenset
         raise FileExistsError(f"{out}: is not empty and has no {CONFIG_FILE}, so it is no run to resume; "
                               f"choose a new --out")
     try:
-        saved = yaml.safe_load(saved_file.read_text()) or {}
+        saved = current_names(yaml.safe_load(saved_file.read_text()) or {})
     except yaml.YAMLError as e:
         raise ValueError(f"{saved_file}: unreadable ({e})") from e
     new = settings_of(config)
@@ -170,7 +171,7 @@ def read_config(run: str | Path, config_type: type | None = None) -> dict[str, A
     path = Path(run) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; is {run} a crma run directory?")
-    saved = yaml.safe_load(path.read_text()) or {}
+    saved = current_names(yaml.safe_load(path.read_text()) or {})
     return {**defaults(config_type), **saved} if config_type is not None else saved
 
 

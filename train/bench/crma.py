@@ -52,7 +52,7 @@ def param_counts(lora: LoraConfig, crma: CRMAConfig) -> list[tuple[str, int, int
     """(model, base params, LoRA params, CRMA params) per shape, from an abstract init."""
     rows = []
     for name, shape in SHAPES.items():
-        model = Decoder(model_config(*shape), lora=lora, crma=crma)
+        model = Decoder(model_config(*shape), lora_config=lora, crma_config=crma)
         ids = jnp.zeros((1, 1), jnp.int32)
         tree = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0), ids))
         rows.append((name, count_params({"params": tree["params"]})["frozen"],
@@ -112,11 +112,11 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, 
 def forward_pairs(batch: int, seq: int, reps: int, lora: LoraConfig, crma: CRMAConfig) -> dict[str, list[float]]:
     from crma_jax.convert.smollm2 import smollm2_hf_dir
 
-    model, variables = crma_jax.load_pretrained(smollm2_hf_dir(), dtype="float32", lora=lora, crma=crma)
+    model, variables = crma_jax.load_pretrained(smollm2_hf_dir(), dtype="float32", lora_config=lora, crma_config=crma)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq)), jnp.int32)
-    base = model.clone(lora=None, crma=None)
-    lora_only = model.clone(crma=None)
-    crma_only = model.clone(lora=None)
+    base = model.clone(lora_config=None, crma_config=None)
+    lora_only = model.clone(crma_config=None)
+    crma_only = model.clone(lora_config=None)
     p = variables["params"]
 
     def fwd(m: Decoder, v: dict[str, Any]) -> Callable[[], Any]:

@@ -66,7 +66,7 @@ def child(kind: str, batch: int, seq: int, remat: str) -> dict[str, float]:
 
     cfg = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
                       num_heads=32, num_kv_heads=4, head_dim=64, tie_word_embeddings=False)
-    model = Decoder(cfg, dtype=jnp.bfloat16, lora=LoraConfig(rank=8, alpha=16.0), crma=CRMAConfig(rank=4), remat=remat)
+    model = Decoder(cfg, dtype=jnp.bfloat16, lora_config=LoraConfig(rank=8, alpha=16.0), crma_config=CRMAConfig(rank=4), remat=remat)
     ids1 = jnp.zeros((1, 1), jnp.int32)
     shapes = traverse_util.flatten_dict(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids1))["params"])
     draw = jax.jit(lambda key, shape: 0.02 * jax.random.normal(key, shape, jnp.bfloat16), static_argnums=1)
@@ -81,7 +81,7 @@ def child(kind: str, batch: int, seq: int, remat: str) -> dict[str, float]:
         params = store_as_bits(params)
     del flat, leaf
     trainable = init_adapters(model, params, jax.random.PRNGKey(1))
-    lr = {"lora_a": 2e-4, "lora_b": 2e-4, "crma_mix": 1e-3, "crma_gate": 1e-2}
+    lr = {"lora_a": 2e-4, "lora_b": 2e-4, "crma_read_mix": 1e-3, "crma_gate": 1e-2}
     opt = make_optimizer(param_labels(trainable), lr, total_steps=0)
     opt_state = jax.tree.map(jnp.copy, opt.init(trainable))  # distinct buffers: the step donates them
     step, sh = jit_train_step(make_train_step(model, opt), make_mesh((1, 1, 1)), trainable, opt_state, params)

@@ -50,7 +50,7 @@ from crma_jax.sharding import make_mesh
 from crma_jax.train.bench.util import command_line, cpu_env, machine_note, run_child
 from crma_jax.train_step import forward_loss, jit_train_step, make_train_step
 
-LR = {"lora_a": 2e-4, "lora_b": 2e-4, "crma_mix": 1e-3, "crma_gate": 1e-2}
+LR = {"lora_a": 2e-4, "lora_b": 2e-4, "crma_read_mix": 1e-3, "crma_gate": 1e-2}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -241,8 +241,8 @@ def _setup(batch_size: int, seq: int) -> tuple[Any, Any, Any, dict[str, Any], np
     from crma_jax.convert.smollm2 import smollm2_hf_dir
 
     path = smollm2_hf_dir()
-    model, variables = crma_jax.load_pretrained(path, dtype="float32", lora=LoraConfig(rank=8, alpha=16.0),
-                                                crma=CRMAConfig(rank=4))
+    model, variables = crma_jax.load_pretrained(path, dtype="float32", lora_config=LoraConfig(rank=8, alpha=16.0),
+                                                crma_config=CRMAConfig(rank=4))
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch_size, seq)).astype(np.int32)
     batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.ones((batch_size, seq), jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch_size, seq)),
@@ -259,7 +259,7 @@ def child(name: str, steps: int, batch_size: int, seq: int) -> dict[str, Any]:
     if name == "peft":
         fn = peft_step(path, ids)
     elif name == "ours":
-        fn = our_step(model.clone(crma=None), {k: v for k, v in variables.items() if k != "crma"}, batch, "auto")
+        fn = our_step(model.clone(crma_config=None), {k: v for k, v in variables.items() if k != "crma"}, batch, "auto")
     else:
         fn = our_step(model, variables, batch, "full" if name.endswith("remat") else "auto")
     first = float(jax.device_get(fn()))
