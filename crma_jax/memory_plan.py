@@ -274,6 +274,8 @@ class TargetPlan:
     usable: int
     compile_seconds: float
     error: str | None = None
+    roofline: Any = None  # crma_jax.roofline.Roofline of `policy`'s step, when asked for and costed
+    costs: Any = None  # crma_jax.roofline.StepCosts behind it
 
     @property
     def fits(self) -> bool:
@@ -302,15 +304,18 @@ def plan_for_target(config: ModelConfig, target: Any, *, remat: str = "auto", me
                     compute_dtype: Any = jnp.bfloat16, lora_config: LoraConfig | None = LoraConfig(rank=8),
                     crma_config: CRMAConfig | None = CRMAConfig(rank=4), accum_steps: int = 1,
                     optimizer: Callable[[Any], Any] | None = None, devices: Sequence[Any] | None = None,
-                    **model_options: Any) -> TargetPlan:
+                    roofline: bool = False, **model_options: Any) -> TargetPlan:
     """Compile one training step for `target` (a `crma_jax.targets.Target`) with its own
     compiler and plan it per chip. `mesh_shape` defaults to FSDP over every chip
     (1, chips, 1); `remat` is a policy name or "auto" (policies fastest first, up to the first
     that fits); `optimizer` is as in `compile_step_from_shapes`. `devices` defaults to
     `target_devices(target)` (call `targets.prepare_host()` first). A compiler that rejects the
-    program as too large for the chip is recorded, not raised: the plan then does not fit."""
+    program as too large for the chip is recorded, not raised: the plan then does not fit.
+    With `roofline`, a step that fits is also costed (`crma_jax.roofline`; two more, shallow
+    compiles) for its roofline bound."""
     import time
 
+    from crma_jax import roofline as rl
     from crma_jax.targets import target_devices
 
     devices = list(devices) if devices is not None else target_devices(target)
@@ -334,7 +339,14 @@ def plan_for_target(config: ModelConfig, target: Any, *, remat: str = "auto", me
         needed[policy] = step_bytes_of(plan)
         if needed[policy] <= HEADROOM * (usable - plan.argument):
             break
-    return TargetPlan(target, mesh, policy, plan, needed, usable, time.perf_counter() - t0, error)
+    seconds = time.perf_counter() - t0
+    bound = costs = None
+    if roofline and plan is not None and TargetPlan(target, mesh, policy, plan, needed, usable, 0.0).fits:
+        costs = rl.step_costs(model.clone(remat=policy), devices, mesh, batch_size=batch_size, seq_len=seq_len,
+                              quant=quant, dtype=dtype, accum_steps=accum_steps, optimizer=optimizer)
+        flops = rl.model_flops(config, batch_size, seq_len, lora_config, crma_config)
+        bound = rl.roofline(costs, target.chip, math.prod(mesh), flops)
+    return TargetPlan(target, mesh, policy, plan, needed, usable, seconds, error, bound, costs)
 
 
 def arch_config(arch: str) -> ModelConfig:

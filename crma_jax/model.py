@@ -127,7 +127,8 @@ class Decoder(nn.Module):
 
     `remat` names a `REMAT_POLICIES` entry for what each layer saves for the backward pass;
     `attention` picks the attention implementation (`crma_jax.attention`) and
-    `attention_block` its tile size. None of these changes the numbers, only memory and speed.
+    `attention_block` its tile size; `unroll_layers` writes the layer loop out (for cost
+    counting). None of these changes the numbers, only memory and speed.
     """
 
     config: ModelConfig
@@ -137,6 +138,7 @@ class Decoder(nn.Module):
     remat: str = "none"
     attention: str = "auto"
     attention_block: int = 512
+    unroll_layers: bool = False
 
     def setup(self) -> None:
         cfg = self.config
@@ -157,6 +159,9 @@ class Decoder(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * 6 + (0, 0),
             length=cfg.num_layers,
+            # Unrolled, the program is the same computation written out layer by layer; XLA's
+            # cost analysis counts a loop body once, so costing (`crma_jax.roofline`) unrolls.
+            unroll=cfg.num_layers if self.unroll_layers else 1,
         )(cfg, self.dtype, self.lora_config, self.crma_config, self.attention, self.attention_block)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norm, self.dtype)
         if not cfg.tie_word_embeddings:

@@ -158,6 +158,15 @@ def test_bench_memory_target_rows_and_errors_before_output(tmp_path, capsys, dev
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 1 and rows[0]["target"] == "h100" and rows[0]["fits"] is True
     assert rows[0]["remat"] == "auto -> none" and rows[0]["total"] > 0
+    # The roofline: the deviceless GPU compiler counts nothing, so XLA:CPU counts the chip's share.
+    row = rows[0]
+    assert row["counted by"] == "XLA:CPU" and row["TFLOP/chip"] > 0 and row["bound by"] in ("compute", "memory")
+    chip = targets.CHIPS["h100"]
+    least = max(row["TFLOP/chip"] * 1e12 / chip.peak_bf16_flops, row["GB/chip"] * 1e9 / chip.hbm_bandwidth)
+    assert row["step ≥ ms"] == pytest.approx(least * 1e3)
+    assert main(["bench", "memory", "--arch", str(path), "--target", "h100", "--seq-len", "256", "--batch-size", "2",
+                 "--json", "--no-roofline"]) == 0
+    assert "MFU ≤" not in json.loads(capsys.readouterr().out)
     assert main(["bench", "memory", "--arch", str(path), "--target", "v9-8"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "unknown --target 'v9-8'" in captured.err
@@ -174,6 +183,7 @@ def test_train_compile_only_plans_the_command_for_a_target_and_writes_nothing(ti
     assert main(argv) == 0
     report = capsys.readouterr().out
     assert "for h100 (1 x NVIDIA H100 SXM 80GB)" in report and "remat none" in report and ": fits" in report
+    assert "per chip (counted by XLA:CPU): a step takes at least" in report and "so MFU <= " in report
     assert not out.exists()
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.0000001")  # about 8 KB usable
     assert main(argv) == 2

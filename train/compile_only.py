@@ -45,7 +45,7 @@ def compile_only(cfg: TrainConfig) -> TargetPlan:
         seq_len=cfg.seq_len, quant=cfg.quant or None, dtype=resolve_dtype(cfg.dtype),
         compute_dtype=resolve_dtype(cfg.compute_dtype or cfg.dtype), lora_config=lora_config_of(cfg), crma_config=crma_config_of(cfg),
         accum_steps=cfg.accum_steps, optimizer=lambda trainable: build_optimizer(cfg, trainable),
-        attention=cfg.attention)
+        attention=cfg.attention, roofline=True)
     print(report(cfg, plan))
     if not plan.fits:
         raise DoesNotFit(f"--target {target.name}: the step does not fit one chip "
@@ -74,4 +74,10 @@ def report(cfg: TrainConfig, plan: TargetPlan) -> str:
         lines.append(f"  per chip: arguments {g['argument']:.2f} GiB (base {g['weights']:.2f}), temporaries "
                      f"{g['temp']:.2f}, outputs {g['output']:.2f}, total {g['total']:.2f} of {plan.usable / GIB:.2f} "
                      f"GiB usable: {'fits' if plan.fits else 'does not fit'}")
+    if plan.roofline is not None:
+        bound, costs = plan.roofline, plan.costs
+        lines.append(f"  roofline: {costs.flops / 1e12:.2f} TFLOP and {costs.bytes_accessed / 1e9:.2f} GB per chip "
+                     f"(counted by XLA:{costs.counted_by.upper()}): a step takes at least {bound.seconds * 1e3:.1f} ms "
+                     f"({bound.bound_by}-bound at {target.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s, "
+                     f"{target.chip.hbm_bandwidth / 1e9:.0f} GB/s), so MFU <= {100 * bound.mfu:.0f}%")
     return "\n".join(lines)

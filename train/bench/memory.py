@@ -13,8 +13,10 @@ buffers. Nothing is allocated, so a 9B plan runs on a laptop.
 machine does not have, with that accelerator's own compiler (`crma_jax.targets`: TPU slices
 through libtpu, GPUs through the CUDA plugin; `pip install 'crma-jax[aot]'`): per chip, with
 FSDP over the target's chips unless `--mesh` says otherwise, whether the step fits the chip's
-memory and which policy `--remat auto` would run there. Such figures are compiler plans, not
-measurements on the device.
+memory and which policy `--remat auto` would run there, and a roofline bound: the step's FLOPs
+and bytes per chip as the compiler counts them (`crma_jax.roofline`), the least time a step can
+take on the chip's published peak and bandwidth, and the MFU bound that follows. Such figures are
+compiler plans, not measurements on the device.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", type=_csv(str), default=None,
                         help="comma-separated accelerators to compile for without having them, with their own "
                              f"compilers (needs crma-jax[aot]): {', '.join(TARGETS)}")
+    parser.add_argument("--no-roofline", dest="roofline", action="store_false",
+                        help="with --target, skip the roofline columns (they cost two more, shallow compiles per row)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
     parser.add_argument("--table", action="store_true", help="the full grid recorded in BENCHMARKS.md (on each --mesh)")
 
@@ -168,11 +172,21 @@ def _target_rows(args: argparse.Namespace):
                                                                 args.mesh or [None]):
             plan = plan_for_target(arch_config(arch), target, remat=policy, mesh_shape=mesh,
                                    batch_size=args.batch_size, seq_len=seq, quant=None if quant == "bf16" else quant,
-                                   devices=devices)
+                                   devices=devices, roofline=args.roofline)
             figures = _gib(plan.plan) if plan.plan else dict.fromkeys(("weights", "arguments", "temp", "outputs", "total"), "-")
             yield {"model": arch, "base": quant, "T": seq, "target": name, "mesh": ",".join(map(str, plan.mesh_shape)),
                    "remat": f"auto -> {plan.policy}" if policy == "auto" else policy, **figures,
                    "usable GiB": plan.usable / 2**30, "fits": plan.fits, "tried (GiB beyond arguments)": plan.tried(unit=""),
                    "compiler": plan.error or "ok",
-                   "compile s": round(plan.compile_seconds)}
+                   "compile s": round(plan.compile_seconds), **(roofline_columns(plan) if args.roofline else {})}
+
+
+def roofline_columns(plan: Any) -> dict[str, Any]:
+    """The roofline figures of a `TargetPlan` ("-" where its step could not be costed)."""
+    bound, costs = plan.roofline, plan.costs
+    if bound is None:
+        return dict.fromkeys(("TFLOP/chip", "GB/chip", "counted by", "step ≥ ms", "bound by", "MFU ≤"), "-")
+    return {"TFLOP/chip": costs.flops / 1e12, "GB/chip": costs.bytes_accessed / 1e9,
+            "counted by": "XLA:" + costs.counted_by.upper(), "step ≥ ms": bound.seconds * 1e3,
+            "bound by": bound.bound_by, "MFU ≤": f"{100 * bound.mfu:.0f}%"}
 
