@@ -13,8 +13,10 @@ therefore costed from two copies of the same program with the loop written out
 
 (`tests/test_roofline.py` checks this against a stack unrolled in full). The figures are per
 chip, from the partitioned program. The deviceless GPU compiler reports no costs, so for a GPU
-target one chip's share of the step is counted by XLA:CPU (`StepCosts.counted_by` says so): the
-FLOPs of the matmuls are the same whoever compiles them, but the bytes follow XLA:CPU's fusion.
+target XLA:CPU counts one chip's share of the FLOPs (`StepCosts.counted_by` says so): a matmul's
+FLOPs are the same whoever compiles it. Its bytes are not used: they follow XLA:CPU's fusion and
+attention (T × T scores in memory, where a GPU runs a fused kernel), which would overstate the
+traffic and so no longer bound the time from below. A GPU's bound is its compute bound.
 
 **Model FLOPs** (MFU's numerator) are what the step needs, not what the compiled program does:
 no recomputation, and each causal attention pair counted once. Per token,
@@ -52,7 +54,7 @@ class StepCosts:
     """FLOPs and bytes accessed by one step on one chip, as `counted_by` counted them."""
 
     flops: float
-    bytes_accessed: float
+    bytes_accessed: float | None  # None: not counted by the target's compiler (a GPU's)
     counted_by: str  # the compiler whose cost analysis gave the counts, e.g. "tpu" or "cpu"
 
 
@@ -61,17 +63,19 @@ class Roofline:
     """The lower bound on one step's time on a slice, and the MFU bound that follows."""
 
     compute_seconds: float  # per-chip FLOPs / peak
-    memory_seconds: float  # per-chip bytes / HBM bandwidth
+    memory_seconds: float | None  # per-chip bytes / HBM bandwidth; None where bytes were not counted
     model_flops: float  # the whole step's, over all chips
     chips: int
     peak_flops: float  # per chip
 
     @property
     def seconds(self) -> float:
-        return max(self.compute_seconds, self.memory_seconds)
+        return max(self.compute_seconds, self.memory_seconds or 0.0)
 
     @property
     def bound_by(self) -> str:
+        if self.memory_seconds is None:
+            return "compute (bytes not counted)"
         return "compute" if self.compute_seconds >= self.memory_seconds else "memory"
 
     @property
@@ -101,10 +105,10 @@ def step_costs(model: Decoder, devices: Sequence[Any], mesh_shape: Sequence[int]
     (as `memory_plan.compile_step_from_shapes` builds it), extrapolated from the step unrolled one
     and two layers deep.
 
-    Where the devices' compiler reports no costs (a deviceless GPU), one chip's share is counted
-    by XLA:CPU on one host device: the step of its batch shard (batch / (data · fsdp)) with the
-    whole base, as an FSDP chip runs it once the weights are gathered, divided by the model axis;
-    the collectives themselves are not counted."""
+    Where the devices' compiler reports no costs (a deviceless GPU), one chip's share of the FLOPs
+    is counted by XLA:CPU on one host device: the step of its batch shard (batch / (data · fsdp))
+    with the whole base, as an FSDP chip runs it once the weights are gathered, divided by the
+    model axis; its bytes are then None (see the module docstring)."""
     from crma_jax.memory_plan import compile_step_from_shapes
 
     def counted(on: Sequence[Any], mesh: Sequence[int], batch: int) -> tuple[dict[str, float], ...] | None:
@@ -127,9 +131,9 @@ def step_costs(model: Decoder, devices: Sequence[Any], mesh_shape: Sequence[int]
         pair, platform = counted(jax.devices("cpu")[:1], (1, 1, 1), batch_size // (data * fsdp)), "cpu"
     one, two = pair
     extra = model.config.num_layers - 1
+    bytes_accessed = (one["bytes"] + extra * (two["bytes"] - one["bytes"])) / share
     return StepCosts(flops=(one["flops"] + extra * (two["flops"] - one["flops"])) / share,
-                     bytes_accessed=(one["bytes"] + extra * (two["bytes"] - one["bytes"])) / share,
-                     counted_by=platform)
+                     bytes_accessed=bytes_accessed if platform == devices[0].platform else None, counted_by=platform)
 
 
 def attended_positions(seq_len: int, window: int | None) -> float:
@@ -162,5 +166,5 @@ def model_flops(config: ModelConfig, batch_size: int, seq_len: int, lora_config:
 def roofline(costs: StepCosts, chip: Any, chips: int, model_flops: float) -> Roofline:
     """The bound for `costs` (per chip) on `chips` of `chip` (a `crma_jax.targets.Chip`)."""
     return Roofline(compute_seconds=costs.flops / chip.peak_bf16_flops,
-                    memory_seconds=costs.bytes_accessed / chip.hbm_bandwidth,
+                    memory_seconds=None if costs.bytes_accessed is None else costs.bytes_accessed / chip.hbm_bandwidth,
                     model_flops=model_flops, chips=chips, peak_flops=chip.peak_bf16_flops)

@@ -67,8 +67,10 @@ def test_a_deviceless_gpu_is_counted_by_xla_cpu_one_chips_share_at_a_time():
                         **{**SHAPES, "batch_size": 1})
     eight = rl.step_costs(_model(config), targets.target_devices(targets.resolve_target("h100x8")), (1, 8, 1),
                           **{**SHAPES, "batch_size": 8})
-    assert one.counted_by == eight.counted_by == "cpu"
-    assert eight.flops == pytest.approx(one.flops) and eight.bytes_accessed == pytest.approx(one.bytes_accessed)
+    assert one.counted_by == eight.counted_by == "cpu" and one.bytes_accessed is eight.bytes_accessed is None
+    assert eight.flops == pytest.approx(one.flops) and one.flops > 0
+    bound = rl.roofline(eight, targets.CHIPS["h100"], 8, 1e12)
+    assert bound.memory_seconds is None and bound.seconds == bound.compute_seconds
 
 
 @settings(max_examples=50, deadline=None)

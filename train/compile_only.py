@@ -76,8 +76,9 @@ def report(cfg: TrainConfig, plan: TargetPlan) -> str:
                      f"GiB usable: {'fits' if plan.fits else 'does not fit'}")
     if plan.roofline is not None:
         bound, costs = plan.roofline, plan.costs
-        lines.append(f"  roofline: {costs.flops / 1e12:.2f} TFLOP and {costs.bytes_accessed / 1e9:.2f} GB per chip "
-                     f"(counted by XLA:{costs.counted_by.upper()}): a step takes at least {bound.seconds * 1e3:.1f} ms "
-                     f"({bound.bound_by}-bound at {target.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s, "
+        moved = "" if costs.bytes_accessed is None else f" and {costs.bytes_accessed / 1e9:.2f} GB"
+        lines.append(f"  roofline: {costs.flops / 1e12:.2f} TFLOP{moved} per chip (counted by "
+                     f"XLA:{costs.counted_by.upper()}): a step takes at least {bound.seconds * 1e3:.1f} ms "
+                     f"(bound by {bound.bound_by}; {target.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s, "
                      f"{target.chip.hbm_bandwidth / 1e9:.0f} GB/s), so MFU <= {100 * bound.mfu:.0f}%")
     return "\n".join(lines)

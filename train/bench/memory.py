@@ -186,7 +186,7 @@ def roofline_columns(plan: Any) -> dict[str, Any]:
     bound, costs = plan.roofline, plan.costs
     if bound is None:
         return dict.fromkeys(("TFLOP/chip", "GB/chip", "counted by", "step ≥ ms", "bound by", "MFU ≤"), "-")
-    return {"TFLOP/chip": costs.flops / 1e12, "GB/chip": costs.bytes_accessed / 1e9,
+    return {"TFLOP/chip": costs.flops / 1e12, "GB/chip": "-" if costs.bytes_accessed is None else costs.bytes_accessed / 1e9,
             "counted by": "XLA:" + costs.counted_by.upper(), "step ≥ ms": bound.seconds * 1e3,
             "bound by": bound.bound_by, "MFU ≤": f"{100 * bound.mfu:.0f}%"}
 
