@@ -339,14 +339,13 @@ def plan_for_target(config: ModelConfig, target: Any, *, remat: str = "auto", me
         needed[policy] = step_bytes_of(plan)
         if needed[policy] <= HEADROOM * (usable - plan.argument):
             break
-    seconds = time.perf_counter() - t0
-    bound = costs = None
-    if roofline and plan is not None and TargetPlan(target, mesh, policy, plan, needed, usable, 0.0).fits:
-        costs = rl.step_costs(model.clone(remat=policy), devices, mesh, batch_size=batch_size, seq_len=seq_len,
-                              quant=quant, dtype=dtype, accum_steps=accum_steps, optimizer=optimizer)
-        flops = rl.model_flops(config, batch_size, seq_len, lora_config, crma_config)
-        bound = rl.roofline(costs, target.chip, math.prod(mesh), flops)
-    return TargetPlan(target, mesh, policy, plan, needed, usable, seconds, error, bound, costs)
+    planned = TargetPlan(target, mesh, policy, plan, needed, usable, time.perf_counter() - t0, error)
+    if not (roofline and planned.fits):
+        return planned
+    costs = rl.step_costs(model.clone(remat=policy), devices, mesh, batch_size=batch_size, seq_len=seq_len,
+                          quant=quant, dtype=dtype, accum_steps=accum_steps, optimizer=optimizer)
+    flops = rl.model_flops(config, batch_size, seq_len, lora_config, crma_config)
+    return dataclasses.replace(planned, roofline=rl.roofline(costs, target.chip, math.prod(mesh), flops), costs=costs)
 
 
 def arch_config(arch: str) -> ModelConfig:
