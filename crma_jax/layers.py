@@ -20,6 +20,7 @@ from crma_jax.attention import MaskInfo, dot_product_attention
 from crma_jax.config import ModelConfig, RopeConfig
 from crma_jax.lora import LORA_INPUTS, LoraConfig, lora_a_init
 from crma_jax.matmul import frozen_linear, lora_linear
+from crma_jax.sharding import constrain_batch
 
 Dtype = Any
 _KERNEL_INIT = nn.initializers.normal(0.02)
@@ -225,4 +226,4 @@ class MLP(nn.Module):
             act = jax.nn.silu(gate)
         else:
             act = jax.nn.gelu(gate, approximate=cfg.activation == "gelu_tanh")
-        return checkpoint_name(proj("down_proj", cfg.hidden_size, act * up), "mlpwo")
+        return checkpoint_name(proj("down_proj", cfg.hidden_size, constrain_batch(act * up)), "mlpwo")

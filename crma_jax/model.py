@@ -31,6 +31,7 @@ from crma_jax.crma import CRMA, DIAGNOSTICS, CRMAConfig
 from crma_jax.layers import MLP, Attention, RMSNorm, rope_tables
 from crma_jax.loss import FULL_LOGITS_MAX, chunked_token_nll, target_count
 from crma_jax.lora import LORA_INPUTS, LoraConfig
+from crma_jax.sharding import constrain_batch
 
 Dtype = Any
 # Collections that hold one slice per layer under `layers/`; adapters added later live here too.
@@ -99,7 +100,7 @@ class DecoderLayer(nn.Module):
         index = 0 if cache_index is None else cache_index
         # The barrier keeps XLA from hoisting this layer's float32 upcast of h out of the layer
         # scan's backward loop, where it would convert every layer's saved input at once.
-        h = jax.lax.optimization_barrier(h)
+        h = jax.lax.optimization_barrier(constrain_batch(h))
         a, kv_cache = attn(norm("input_layernorm")(h), cos, sin, mask, deterministic, kv_cache, index)
         if cfg.sandwich_norms:
             h = h + norm("post_attention_layernorm")(a)

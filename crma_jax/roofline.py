@@ -11,8 +11,13 @@ therefore costed from two copies of the same program with the loop written out
 
     cost(L) = cost(1) + (L − 1) · (cost(2) − cost(1))
 
-(`tests/test_roofline.py` checks this against a stack unrolled in full). The figures are per
-chip, from the partitioned program. The deviceless GPU compiler reports no costs, so for a GPU
+(`tests/test_roofline.py` checks this against a stack unrolled in full). Every layer is taken to
+cost what the second does: blocks that a sliding window lets the blockwise attention skip are
+not told apart from a global layer's. The figures are per chip, from the partitioned program.
+Loops inside a layer (the blockwise attention's key blocks, the chunked loss's vocabulary
+blocks) are still counted once, so the counts can fall short of the step's work; the compute
+time is therefore never taken below what the model FLOPs need (see **Bound**).
+The deviceless GPU compiler reports no costs, so for a GPU
 target XLA:CPU counts one chip's share of the FLOPs (`StepCosts.counted_by` says so): a matmul's
 FLOPs are the same whoever compiles it. Its bytes are not used: they follow XLA:CPU's fusion and
 attention (T × T scores in memory, where a GPU runs a fused kernel), which would overstate the
@@ -30,8 +35,9 @@ which get their gradient too (2 more). L is the number of layers, H = heads × h
 the mean number of positions a token attends to: (T + 1)/2 for causal attention over T, fewer
 under a sliding window. Attention's two matmuls cost 4·H·A forward and twice that backward.
 
-**Bound.** time ≥ max(FLOPs / peak, bytes / bandwidth) per chip, and MFU ≤ model FLOPs /
-(chips · peak · that time). A bound, not a forecast: real steps also wait on collectives,
+**Bound.** time ≥ max(FLOPs / peak, bytes / bandwidth) per chip, with FLOPs the larger of the
+count and the chip's share of the model FLOPs, and MFU ≤ model FLOPs / (chips · peak · that
+time). A bound, not a forecast: real steps also wait on collectives,
 kernel launches and imperfect overlap.
 """
 
@@ -62,7 +68,7 @@ class StepCosts:
 class Roofline:
     """The lower bound on one step's time on a slice, and the MFU bound that follows."""
 
-    compute_seconds: float  # per-chip FLOPs / peak
+    compute_seconds: float  # per-chip FLOPs (at least the model FLOPs' share) / peak
     memory_seconds: float | None  # per-chip bytes / HBM bandwidth; None where bytes were not counted
     model_flops: float  # the whole step's, over all chips
     chips: int
@@ -165,6 +171,6 @@ def model_flops(config: ModelConfig, batch_size: int, seq_len: int, lora_config:
 
 def roofline(costs: StepCosts, chip: Any, chips: int, model_flops: float) -> Roofline:
     """The bound for `costs` (per chip) on `chips` of `chip` (a `crma_jax.targets.Chip`)."""
-    return Roofline(compute_seconds=costs.flops / chip.peak_bf16_flops,
+    return Roofline(compute_seconds=max(costs.flops, model_flops / chips) / chip.peak_bf16_flops,
                     memory_seconds=None if costs.bytes_accessed is None else costs.bytes_accessed / chip.hbm_bandwidth,
                     model_flops=model_flops, chips=chips, peak_flops=chip.peak_bf16_flops)

@@ -51,6 +51,25 @@ def _kernel_axes(module: str) -> tuple[str, str]:
     return (inner, "embed") if module in _OUT_IS_HIDDEN else ("embed", inner)
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """`x` (batch first) kept split along its batch over the `data` and `fsdp` axes of the mesh
+    the step is traced under (`jit_train_step` sets it); its other dimensions are left to the
+    partitioner. Without such a mesh, `x` as it is.
+
+    FSDP means gathering each layer's weights and keeping activations per device. Left alone,
+    the TPU partitioner may instead keep a wide layer's weights split along `embed` and gather
+    the activations of the whole global batch (B·T × 14336 per chip for Mistral's MLP), which
+    grows with the number of chips."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+        return x
+    free = PartitionSpec.UNCONSTRAINED
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *(free,) * (x.ndim - 1)))
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A Mesh with axes (data, fsdp, model) of the given sizes over `devices` (default: all)."""
     need = int(np.prod(shape))

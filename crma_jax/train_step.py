@@ -125,8 +125,12 @@ def jit_train_step(
         "rng": replicated,
         "memory": jax.tree.map(lambda _: replicated, memory if memory is not None else {}),
     }
+    def step_on_mesh(*args: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for `constrain_batch`
+            return step(*args)
+
     compiled = jax.jit(
-        step,
+        step_on_mesh,
         in_shardings=(shardings["trainable"], shardings["opt_state"], shardings["frozen"], shardings["batch"], replicated,
                       shardings["memory"]),
         out_shardings=(shardings["trainable"], shardings["opt_state"], replicated),

@@ -97,3 +97,6 @@ def test_the_bound_is_the_slower_of_compute_and_memory():
     assert compute.mfu == pytest.approx(4e15 / (4 * chip.peak_bf16_flops * 2.0))
     memory = rl.roofline(rl.StepCosts(chip.peak_bf16_flops, 3 * chip.hbm_bandwidth, "tpu"), chip, 1, 1e12)
     assert memory.seconds == 3.0 and memory.bound_by == "memory"
+    # A count below the model FLOPs (a loop inside a layer counted once) never lowers the bound.
+    short = rl.roofline(rl.StepCosts(chip.peak_bf16_flops, None, "cpu"), chip, 2, 8 * chip.peak_bf16_flops)
+    assert short.compute_seconds == 4.0 and short.mfu == 1.0

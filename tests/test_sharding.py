@@ -99,3 +99,30 @@ def test_streaming_quantized_load_shards_the_codes_and_matches_unsharded(quant, 
     assert down_codes.sharding.spec == (P(None, ("model", "fsdp")) if quant == "nf4" else P(None, "model", "fsdp"))
     assert codes.addressable_shards[0].data.size < codes.size
     np.testing.assert_allclose(_logits(model, sharded, ids), _logits(model, plain, ids), atol=1e-5, rtol=0)
+
+
+def test_fsdp_keeps_activations_per_device_where_the_tpu_partitioner_would_gather_the_global_batch():
+    """Without `constrain_batch`, libtpu's partitioner keeps the MLP weights split and computes
+    the MLP on every chip for the whole global batch (193 buffers of (16, 256, 2048) here), so
+    per-chip memory grew with the number of chips."""
+    import re
+
+    import jax.numpy as jnp
+
+    from crma_jax import targets
+    from crma_jax.config import ModelConfig
+    from crma_jax.memory_plan import compile_step_from_shapes
+    from crma_jax.model import Decoder
+    from crma_jax.sharding import constrain_batch
+
+    x = jnp.ones((4, 3))
+    assert constrain_batch(x) is x  # no mesh to follow: unchanged
+    targets.prepare_host()
+    config = ModelConfig.from_hf(dict(model_type="llama", vocab_size=512, hidden_size=512, intermediate_size=2048,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    devices = targets.target_devices(targets.resolve_target("v5e-16"))
+    model = Decoder(config, dtype=jnp.bfloat16, lora_config=crma_jax.LoraConfig(rank=8), remat="full")
+    compiled, _, _ = compile_step_from_shapes(model, devices, (1, 16, 1), batch_size=16, seq_len=256, quant=None,
+                                              dtype=jnp.bfloat16)
+    hlo = compiled.as_text()
+    assert not re.search(r"\[16,256,2048\]", hlo) and re.search(r"\[1,256,2048\]", hlo)
