@@ -24,7 +24,7 @@ targets.prepare_host()
 LORA, CRMA = LoraConfig(rank=8), CRMAConfig(rank=4)
 HF = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-# A bf16 base: the costing is the same for NF4 (see BENCHMARKS.md), which compiles several times slower on a TPU.
+# A bf16 base: the extrapolation does not depend on how the base is stored, and NF4 compiles several times slower on a TPU.
 SHAPES = dict(batch_size=2, seq_len=64, quant=None, dtype=jnp.bfloat16)
 
 
