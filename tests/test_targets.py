@@ -34,9 +34,9 @@ def devices():
     return {name: targets.target_devices(targets.resolve_target(name)) for name in ("v5e-4", "v4-8", "h100", "h100x8")}
 
 
-def plan(name, devices, **kw):
+def plan(name, devices, config=CONFIG, **kw):
     options = dict(remat="full", seq_len=256, batch_size=4, quant="nf4", attention="blockwise")
-    return plan_for_target(CONFIG, targets.resolve_target(name), devices=devices[name], **{**options, **kw})
+    return plan_for_target(config, targets.resolve_target(name), devices=devices[name], **{**options, **kw})
 
 
 def test_every_target_is_a_topology_its_compiler_accepts():
@@ -98,14 +98,17 @@ def test_per_chip_arguments_are_the_shards_of_base_adapters_and_optimizer(device
 
 @pytest.mark.parametrize("name", ["v5e-4", "h100"])
 def test_nf4_and_blockwise_attention_lower_and_remat_orders_memory(name, devices):
-    # Long enough rows that activations, not the loss head, dominate the temporaries.
-    full = plan(name, devices, remat="full", seq_len=2048)
-    none = plan(name, devices, remat="none", seq_len=2048)
+    # Long enough rows, and enough layers, that saved activations, not the loss head or one
+    # layer's recomputation, dominate the temporaries. (At 2 or 4 layers libtpu's plan without
+    # remat is already as small as with it: one row per chip.)
+    deep = dataclasses.replace(CONFIG, num_layers=8)
+    full = plan(name, devices, deep, remat="full", seq_len=2048)
+    none = plan(name, devices, deep, remat="none", seq_len=2048)
     assert full.plan.temp < 0.7 * none.plan.temp, (full.plan, none.plan)
     assert full.fits and full.policy == "full" and full.error is None
-    bf16 = plan(name, devices, remat="full", seq_len=2048, quant=None)
+    bf16 = plan(name, devices, deep, remat="full", seq_len=2048, quant=None)
     # The kernels reach the device as 4-bit codes. A GPU stores them unpadded; a TPU pads the
-    # stacked (layers, codes) arrays of this 2-layer model to its 32-row uint8 tiles.
+    # stacked (layers, codes) arrays to its 32-row uint8 tiles.
     assert full.plan.argument < bf16.plan.argument
     if name == "h100":
         assert bf16.plan.argument - full.plan.argument >= 0.9 * (bf16.plan.weights - full.plan.weights)
