@@ -331,6 +331,15 @@ def blockwise_attention(
     return out[:, :t].reshape(b, t, h, hd)
 
 
+def compiling_for() -> str:
+    """The platform the code being traced will run on: that of the mesh a training step is
+    traced under (`jit_train_step` sets it), which for a target's compile on a CPU-only host
+    is the target's ("gpu", "tpu"); else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def _cudnn_gaps(q: jax.Array, k: jax.Array, mask: MaskInfo, softcap: float | None) -> list[str]:
     """What cuDNN's fused kernel (through `jax.nn.dot_product_attention`) cannot express here."""
     gaps = []
@@ -357,16 +366,23 @@ def cudnn_attention(
     valid keys a prefix); "auto" never routes padded batches here for that reason.
     """
     gaps = _cudnn_gaps(q, k, mask, softcap)
-    if jax.default_backend() != "gpu":
-        gaps.append(f"the {jax.default_backend()!r} backend (cuDNN needs a GPU)")
+    if (platform := compiling_for()) != "gpu":
+        gaps.append(f"the {platform!r} backend (cuDNN needs a GPU)")
     if gaps:
         raise ValueError("attention impl 'cudnn' does not cover " + ", ".join(gaps) + "; use 'blockwise' or 'xla'")
     lengths = None if mask.kv_valid is None else jnp.sum(mask.kv_valid != 0, axis=1).astype(jnp.int32)
     window = None if mask.window is None or mask.window >= NO_WINDOW else (mask.window - 1, 0)
-    return jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=lengths,
-        local_window_size=window, implementation="cudnn",
-    )
+    try:
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=lengths,
+            local_window_size=window, implementation="cudnn",
+        )
+    except RuntimeError as e:  # JAX loads cuDNN to trace the kernel, even for a target without its GPU
+        if "cuDNN" not in str(e):
+            raise
+        raise ValueError(f"attention impl 'cudnn': {e} JAX needs the cuDNN library to trace the kernel, also when "
+                         "compiling for a GPU target on a host without one: install nvidia-cudnn-cu12, or use "
+                         "'blockwise'") from e
 
 
 def resolve_impl(
@@ -387,7 +403,7 @@ def resolve_impl(
     t, s = q.shape[1], k.shape[1]
     if t * s <= block_q * block_k:
         return "xla"
-    backend = jax.default_backend() if backend is None else backend
+    backend = compiling_for() if backend is None else backend
     if backend == "gpu" and not _cudnn_gaps(q, k, mask, softcap) and mask.kv_valid is None:
         return "cudnn"
     return "blockwise"

@@ -224,13 +224,16 @@ def _default_optimizer(trainable: Any) -> Any:
 
 def compile_step_from_shapes(model: Decoder, devices: Sequence[Any], mesh_shape: Sequence[int], *, batch_size: int,
                              seq_len: int, quant: str | None, dtype: Any, accum_steps: int = 1,
-                             optimizer: Callable[[Any], Any] | None = None) -> tuple[Any, Any, Any]:
+                             optimizer: Callable[[Any], Any] | None = None,
+                             compiler_options: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
     """The compiled training step of `model` over a `mesh_shape` mesh of `devices`, built from
     ShapeDtypeStructs only: (compiled step, the frozen base's structs, their shardings).
 
     The base is stored in `dtype` (quantized when `quant` is set) as `crma train` stores it on
     the devices' platform; `optimizer(trainable structs)` builds the optax transformation (default:
-    ZClip + per-label AdamW with fixed rates, which change no buffer)."""
+    ZClip + per-label AdamW with fixed rates, which change no buffer); `compiler_options` go to
+    the devices' compiler. The model is traced under the mesh, so it follows the devices' platform
+    (`crma_jax.attention.compiling_for`), not this host's."""
     need = math.prod(mesh_shape)
     if len(mesh_shape) != 3 or min(mesh_shape) < 1:
         raise ValueError(f"mesh {tuple(mesh_shape)}: need (data, fsdp, model), three positive sizes")
@@ -240,16 +243,17 @@ def compile_step_from_shapes(model: Decoder, devices: Sequence[Any], mesh_shape:
         raise ValueError(f"mesh {tuple(mesh_shape)} needs {need} devices; {devices[0].platform} has {len(devices)}{hint}")
     if batch_size % (mesh_shape[0] * mesh_shape[1]):
         raise ValueError(f"batch size {batch_size} does not split over data x fsdp = {mesh_shape[0] * mesh_shape[1]}")
-    frozen = abstract_base(model, dtype, quant, devices[0].platform)
-    trainable = jax.eval_shape(lambda p: init_adapters(model, p, jax.random.PRNGKey(0)), frozen)
+    mesh = make_mesh(mesh_shape, devices[:need])
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # traced for the devices' platform, not this host's
+        frozen = abstract_base(model, dtype, quant, devices[0].platform)
+        trainable = jax.eval_shape(lambda p: init_adapters(model, p, jax.random.PRNGKey(0)), frozen)
     optimizer = (optimizer or _default_optimizer)(trainable)
     opt_state = jax.eval_shape(optimizer.init, trainable)
     step = make_train_step(model, optimizer, accum_steps)
-    mesh = make_mesh(mesh_shape, devices[:need])
     jitted, shardings = jit_train_step(step, mesh, trainable, opt_state, frozen)
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32) for k in BATCH_KEYS}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    compiled = jitted.lower(trainable, opt_state, frozen, batch, rng, {}).compile()
+    compiled = jitted.lower(trainable, opt_state, frozen, batch, rng, {}).compile(compiler_options)
     return compiled, frozen, shardings["frozen"]
 
 

@@ -14,8 +14,10 @@ therefore costed from two copies of the same program with the loop written out
 (`tests/test_roofline.py` checks this against a stack unrolled in full). Every layer is taken to
 cost what the second does: blocks that a sliding window lets the blockwise attention skip are
 not told apart from a global layer's. The figures are per chip, from the partitioned program.
-Loops inside a layer (the blockwise attention's key blocks, the chunked loss's vocabulary
-blocks) are still counted once, so the counts can fall short of the step's work; the compute
+Over a wide FSDP mesh libtpu would also put each projection's matmul in a loop over the
+chips' weight shards (a windowed einsum); the costing compiles turn that off
+(`COSTING_OPTIONS`). Loops inside a layer (the blockwise attention's key blocks, the chunked
+loss's vocabulary blocks) are still counted once, so the counts can fall short of the step's work; the compute
 time is therefore never taken below what the model FLOPs need (see **Bound**).
 The deviceless GPU compiler reports no costs, so for a GPU
 target XLA:CPU counts one chip's share of the FLOPs (`StepCosts.counted_by` says so): a matmul's
@@ -104,6 +106,16 @@ def with_layers(config: ModelConfig, layers: int) -> ModelConfig:
     return dataclasses.replace(config, num_layers=layers, layer_windows=windows)
 
 
+# Compiler options for the costing compiles only. Over a wide FSDP mesh libtpu turns the gather
+# of a layer's weights and its matmul into a "windowed einsum": a loop over the chips' shards,
+# whose body cost_analysis counts once (Mistral-7B on v5e-8: one eighth of each projection's
+# FLOPs). Costed without it, the step does the same arithmetic, in one matmul per projection.
+COSTING_OPTIONS: dict[str, dict[str, Any]] = {
+    "tpu": {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+            "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False},
+}
+
+
 def step_costs(model: Decoder, devices: Sequence[Any], mesh_shape: Sequence[int], *, batch_size: int,
                seq_len: int, quant: str | None, dtype: Any, accum_steps: int = 1,
                optimizer: Callable[[Any], Any] | None = None) -> StepCosts:
@@ -123,7 +135,8 @@ def step_costs(model: Decoder, devices: Sequence[Any], mesh_shape: Sequence[int]
             shallow = model.clone(config=with_layers(model.config, layers), unroll_layers=True)
             compiled, _, _ = compile_step_from_shapes(shallow, on, mesh, batch_size=batch, seq_len=seq_len,
                                                       quant=quant, dtype=dtype, accum_steps=accum_steps,
-                                                      optimizer=optimizer)
+                                                      optimizer=optimizer,
+                                                      compiler_options=COSTING_OPTIONS.get(on[0].platform))
             cost = _cost(compiled)
             if cost is None:
                 return None

@@ -61,6 +61,17 @@ def test_the_model_flops_formula_is_the_compiled_count_without_recomputation():
     assert full.flops / none.flops == pytest.approx(1.5, abs=0.05)
 
 
+def test_a_wide_fsdp_step_on_a_tpu_is_counted_in_full():
+    # At these widths libtpu gathers each weight inside a loop over the 8 chips' shards (a
+    # windowed einsum), counted once by cost_analysis: 1.23 of 4.25 TFLOP per chip before the
+    # costing compiles turned it off (`rl.COSTING_OPTIONS`).
+    config = ModelConfig.from_hf({**HF, "hidden_size": 4096, "intermediate_size": 16384, "num_hidden_layers": 4})
+    devices = targets.target_devices(targets.resolve_target("v5e-8"))
+    model = Decoder(config, dtype=jnp.bfloat16, lora_config=LORA, crma_config=CRMA)
+    costs = rl.step_costs(model, devices, (1, 8, 1), batch_size=8, seq_len=1024, quant=None, dtype=jnp.bfloat16)
+    assert costs.flops == pytest.approx(rl.model_flops(config, 8, 1024, LORA, CRMA) / 8, rel=0.05)
+
+
 def test_a_deviceless_gpu_is_counted_by_xla_cpu_one_chips_share_at_a_time():
     config = ModelConfig.from_hf(HF)
     one = rl.step_costs(_model(config), targets.target_devices(targets.resolve_target("h100")), (1, 1, 1),

@@ -194,3 +194,30 @@ def test_train_compile_only_plans_the_command_for_a_target_and_writes_nothing(ti
     assert "--target h100: the step does not fit one chip" in captured.err and not out.exists()
     assert main(["train", "--model", str(tiny_models["llama"]), "--out", str(out), "--compile-only"]) == 2
     assert "--compile-only needs --target" in capsys.readouterr().err
+
+
+def test_attention_follows_the_target_platform_and_cudnn_is_refused_for_packed_training(tiny_models, tmp_path,
+                                                                                          capsys):
+    import importlib.util
+
+    from crma_jax.attention import MaskInfo, compiling_for, resolve_impl
+    from crma_jax.sharding import make_mesh
+
+    q = jax.ShapeDtypeStruct((1, 2048, 4, 64), jnp.bfloat16)
+    mask = MaskInfo()
+    assert compiling_for() == "cpu" and resolve_impl("auto", q, q, mask) == "blockwise"
+    for name, platform, impl in (("h100", "gpu", "cudnn"), ("v5e-1", "tpu", "blockwise")):
+        mesh = make_mesh((1, 1, 1), targets.target_devices(targets.resolve_target(name)))
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as a target's step is traced
+            assert compiling_for() == platform and resolve_impl("auto", q, q, mask) == impl
+    # crma train packs documents into rows (segment ids), which cuDNN's kernel cannot take;
+    # without the cuDNN library JAX cannot even trace it. Either way: a clear error, nothing written.
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_models["llama"]), "--out", str(out), "--seq-len", "1024",
+                 "--dtype", "bfloat16", "--attention", "cudnn", "--compile-only", "--target", "h100"]) == 2
+    err = capsys.readouterr().err
+    has_cudnn = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.cudnn") is not None
+    expected = "packed segment ids" if has_cudnn else "install nvidia-cudnn-cu12"
+    assert "attention impl 'cudnn'" in err and expected in err and "internal error" not in err, err
+    assert not out.exists()
+
