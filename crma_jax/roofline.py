@@ -17,9 +17,9 @@ not told apart from a global layer's. The figures are per chip, from the partiti
 Over a wide FSDP mesh libtpu would also put each projection's matmul in a loop over the
 chips' weight shards (a windowed einsum); the costing compiles turn that off
 (`COSTING_OPTIONS`). Loops inside a layer (the blockwise attention's key blocks, the chunked
-loss's vocabulary blocks) are still counted once, so the counts can fall short of the step's work; the compute
-time is therefore never taken below what the model FLOPs need (see **Bound**).
-The deviceless GPU compiler reports no costs, so for a GPU
+loss's vocabulary blocks) are still counted once, so the counts can fall short of the step's
+work; the compute time is therefore never taken below what the model FLOPs need (see
+**Bound**). The deviceless GPU compiler reports no costs, so for a GPU
 target XLA:CPU counts one chip's share of the FLOPs (`StepCosts.counted_by` says so): a matmul's
 FLOPs are the same whoever compiles it. Its bytes are not used: they follow XLA:CPU's fusion and
 attention (T × T scores in memory, where a GPU runs a fused kernel), which would overstate the
