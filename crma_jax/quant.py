@@ -205,20 +205,21 @@ def dequantize_nf4(q: NF4Tensor, dtype: DTypeLike = jnp.float32) -> jax.Array:
     Computes table[code] * absmax in float32 (as bitsandbytes does), then casts. Jitted with
     `dtype` static; fuses into a caller's jitted matmul.
 
-    A kernel whose rows hold whole blocks is dequantized row by row in its own 2-D shape, with
-    one table lookup for the high codes and one for the low: on a TPU the flat form's 1-D
-    arrays and int32 (n/2, 2) code pairs pad to (8, 128) tiles (BENCHMARKS.md §9: 16 GB
-    accessed to dequantize one 2048 x 8192 kernel on a v5e, against 1.05 GB here).
+    A kernel whose rows hold whole blocks is dequantized row by row in its own 2-D shape, each
+    byte repeated and shifted in place: on a TPU, 1-D arrays and (..., 2) nibble pairs pad to
+    (8, 128) tiles (BENCHMARKS.md §9: the flat form accesses 16 GB to dequantize one
+    2048 x 8192 kernel on a v5e, this one 0.43 GB).
     """
     table = jnp.asarray(NF4_TABLE)
     absmax = block_absmax(q)
     cols = q.shape[-1] if q.shape else 1
     if len(q.shape) >= 2 and cols % q.block_size == 0 and cols % 2 == 0:
         packed = q.packed.reshape(-1, cols // 2)
-        pairs = [jnp.take(table, c.astype(jnp.int32), axis=0) for c in (packed >> 4, packed & 0xF)]
-        blocks = jnp.stack(pairs, axis=-1).reshape(-1, cols // q.block_size, q.block_size)
-        scaled = blocks * absmax.reshape(-1, cols // q.block_size, 1)
-        return scaled.reshape(q.shape).astype(dtype)
+        high_first = jnp.tile(jnp.array([4, 0], jnp.uint8), cols // 2)
+        codes = (jnp.repeat(packed, 2, axis=1) >> high_first) & 0xF
+        values = jnp.take(table, codes.astype(jnp.int32), axis=0)
+        scale = jnp.repeat(absmax.reshape(-1, cols // q.block_size), q.block_size, axis=1)
+        return (values * scale).reshape(q.shape).astype(dtype)
     n = math.prod(q.shape)
     codes = jnp.stack([q.packed >> 4, q.packed & 0xF], axis=-1).reshape(-1)[:n]
     values = jnp.take(table, codes.astype(jnp.int32), axis=0)
