@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -253,7 +254,12 @@ def compile_step_from_shapes(model: Decoder, devices: Sequence[Any], mesh_shape:
     jitted, shardings = jit_train_step(step, mesh, trainable, opt_state, frozen)
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32) for k in BATCH_KEYS}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    compiled = jitted.lower(trainable, opt_state, frozen, batch, rng, {}).compile(compiler_options)
+    with warnings.catch_warnings():
+        # A deviceless compiler (a target this host does not have) writes entries to a persistent
+        # compilation cache (JAX_COMPILATION_CACHE_DIR) that it cannot read back; it warns and
+        # compiles again, which is all that can be done.
+        warnings.filterwarnings("ignore", "Error reading persistent compilation cache entry", UserWarning)
+        compiled = jitted.lower(trainable, opt_state, frozen, batch, rng, {}).compile(compiler_options)
     return compiled, frozen, shardings["frozen"]
 
 
