@@ -3,6 +3,8 @@
     crma bench memory --arch mistral-7b --quant nf4 --seq-len 2048 --remat full
     crma bench memory --arch mistral-7b --target a10g,v5e-1,h100 --remat auto
     crma bench memory --table            # the BENCHMARKS.md grid: 3 models x {bf16, nf4} x remat x T
+    crma bench memory --arch mistral-7b,tinyllama --target v5e-8,h100 --per-chip-batch 1 \
+        --cpu-beside --append grid.jsonl     # hours of compiles, resumable: rerun to continue
 
 Each row is XLA's buffer plan of one `crma train` step (LoRA r=8 on all 7 projections + CRMA
 rank 4, ZClip + AdamW, bf16 compute), compiled from ShapeDtypeStructs: arguments (frozen base +
@@ -16,7 +18,10 @@ FSDP over the target's chips unless `--mesh` says otherwise, whether the step fi
 memory and which policy `--remat auto` would run there, and a roofline bound: the step's FLOPs
 and bytes per chip as the compiler counts them (`crma_jax.roofline`), the least time a step can
 take on the chip's published peak and bandwidth, and the MFU bound that follows. Such figures are
-compiler plans, not measurements on the device.
+compiler plans, not measurements on the device. `--cpu-beside` adds XLA:CPU's plan of each
+row's step (same mesh and policy) on this machine's CPU devices. `--append FILE` writes each
+row to FILE as a JSON line once it is compiled and takes the rows FILE already holds from there
+instead of compiling them again, so a grid of many compiles can be stopped and rerun.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 from typing import Any
 
@@ -52,6 +58,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                              "(default: full; auto with --target)")
     parser.add_argument("--seq-len", type=_csv(int), default=[2048], help="comma-separated T (default: 2048)")
     parser.add_argument("--batch-size", type=int, default=1, help="global batch size B (default: 1)")
+    parser.add_argument("--per-chip-batch", type=int, default=None, metavar="N",
+                        help="with --target, B = N rows for each chip the batch splits over (data x fsdp of the "
+                             "row's mesh), in place of --batch-size")
     parser.add_argument("--mesh", type=_csv(int), nargs="+", default=None, metavar="D,F,M",
                         help="(data, fsdp, model) mesh shapes to plan on, per device (default: 1,1,1; with --target, "
                              "FSDP over all the target's chips); a CPU plan of N devices needs "
@@ -64,6 +73,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                              f"compilers (needs crma-jax[aot]): {', '.join(TARGETS)}")
     parser.add_argument("--no-roofline", dest="roofline", action="store_false",
                         help="with --target, skip the roofline columns (they cost two more, shallow compiles per row)")
+    parser.add_argument("--cpu-beside", action="store_true",
+                        help="with --target, also plan each row's step (same B, mesh and remat policy) with XLA:CPU "
+                             "on this machine: column 'CPU GiB' (a mesh of N chips needs "
+                             "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    parser.add_argument("--append", default=None, metavar="FILE",
+                        help="with --target, append each row to FILE as a JSON line once compiled, and take rows "
+                             "FILE already holds (same model, base, T, target, mesh, remat, batch) from it instead "
+                             "of compiling them: rerun the same command to continue a long grid")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
     parser.add_argument("--table", action="store_true", help="the full grid recorded in BENCHMARKS.md (on each --mesh)")
 
@@ -97,6 +114,15 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--mesh {','.join(map(str, mesh))}: need D,F,M, three positive sizes")
     for name in args.target or ():
         resolve_target(name)
+    if not args.target:
+        for flag, value in (("--per-chip-batch", args.per_chip_batch), ("--cpu-beside", args.cpu_beside or None),
+                            ("--append", args.append)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --target")
+    if args.per_chip_batch is not None and args.per_chip_batch < 1:
+        raise ValueError(f"--per-chip-batch {args.per_chip_batch}: need at least 1")
+    if args.append:
+        _done_rows(args.append)  # a file that is not this command's rows fails here, before any compile
     for arch in args.arch:
         arch_config(arch)
 
@@ -111,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         from crma_jax import targets
 
         targets.prepare_host()  # before JAX starts a backend
+        if args.cpu_beside:
+            _check_cpu_devices(args)
         rows = _target_rows(args)
     else:
         rows = _backend_rows(args, backends(args.backend))
@@ -119,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"$ {command_line()}")
         print(f"machine: {machine_note()}; jax {jax.__version__}")
-        print(f"one training step, LoRA r=8 x7 + CRMA 4, bf16 compute, B={args.batch_size}; GiB per device from "
+        batch = f"{args.per_chip_batch} row(s) per chip" if args.per_chip_batch else f"B={args.batch_size}"
+        print(f"one training step, LoRA r=8 x7 + CRMA 4, bf16 compute, {batch}; GiB per device from "
               "compile().memory_analysis() on abstract shapes" + ("; compiler plans for targets this machine does "
                                                                   "not have" if args.target else ""))
     header = None
@@ -161,24 +190,89 @@ def _backend_rows(args: argparse.Namespace, names: list[str]):
                    "mesh": ",".join(map(str, mesh)), **_gib(plan), "compile s": round(time.perf_counter() - t0)}
 
 
+_ROW = '{"key": '  # how each line --append writes (json.dumps of {"key": ..., "row": ...}) begins
+
+
+def _done_rows(path: str) -> dict[str, dict[str, Any]]:
+    """The rows an earlier `--append` run wrote to `path`, by key ({} when there is no file)."""
+    import pathlib
+
+    file = pathlib.Path(path)
+    if not file.exists():
+        return {}
+    text = file.read_text()
+    complete, tail = text[: text.rfind("\n") + 1], text[text.rfind("\n") + 1:]
+    lines = complete.splitlines()
+    cut = tail.startswith(_ROW)  # a row cut by a stop as it was written
+    if tail and not cut:
+        lines.append(tail)  # not this command's: reported below, never dropped
+    done = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            done[record["key"]] = record["row"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"--append {path}: line {number} is not a row this command wrote ({e}); "
+                             "name a new file") from None
+    if cut:  # drop it (it is compiled again) and keep the rest
+        file.write_text(complete)
+    return done
+
+
 def _target_rows(args: argparse.Namespace):
     from crma_jax.memory_plan import plan_for_target
     from crma_jax.targets import target_devices
 
+    done = _done_rows(args.append) if args.append else {}
     for name in args.target:
         target = resolve_target(name)
         devices = target_devices(target)
         for arch, quant, policy, seq, mesh in itertools.product(args.arch, args.quant, args.remat, args.seq_len,
                                                                 args.mesh or [None]):
+            mesh = tuple(mesh) if mesh is not None else (1, len(devices), 1)
+            batch = args.per_chip_batch * mesh[0] * mesh[1] if args.per_chip_batch else args.batch_size
+            key = json.dumps([arch, quant, seq, name, mesh, policy, batch, args.roofline, args.cpu_beside])
+            if key in done:
+                yield done[key]
+                continue
             plan = plan_for_target(arch_config(arch), target, remat=policy, mesh_shape=mesh,
-                                   batch_size=args.batch_size, seq_len=seq, quant=None if quant == "bf16" else quant,
+                                   batch_size=batch, seq_len=seq, quant=None if quant == "bf16" else quant,
                                    devices=devices, roofline=args.roofline)
             figures = _gib(plan.plan) if plan.plan else dict.fromkeys(("weights", "arguments", "temp", "outputs", "total"), "-")
-            yield {"model": arch, "base": quant, "T": seq, "target": name, "mesh": ",".join(map(str, plan.mesh_shape)),
+            row = {"model": arch, "base": quant, "T": seq, "B": batch, "target": name,
+                   "mesh": ",".join(map(str, plan.mesh_shape)),
                    "remat": f"auto -> {plan.policy}" if policy == "auto" else policy, **figures,
                    "usable GiB": plan.usable / 2**30, "fits": plan.fits, "tried (GiB beyond arguments)": plan.tried(unit=""),
                    "compiler": plan.error or "ok",
                    "compile s": round(plan.compile_seconds), **(roofline_columns(plan) if args.roofline else {})}
+            if args.cpu_beside:
+                row["CPU GiB"] = _cpu_plan(arch, quant, seq, batch, mesh, plan.policy)
+            if args.append:
+                with open(args.append, "a") as file:
+                    file.write(json.dumps({"key": key, "row": row}) + "\n")
+            yield row
+
+
+def _check_cpu_devices(args: argparse.Namespace) -> None:
+    import jax
+
+    have = len(jax.devices("cpu"))
+    for name in args.target:
+        chips = resolve_target(name).chips
+        for mesh in args.mesh or [(1, chips, 1)]:
+            if math.prod(mesh) > have:
+                raise ValueError(f"--cpu-beside: the {name} mesh {','.join(map(str, mesh))} needs {math.prod(mesh)} CPU "
+                                 f"devices and this process has {have}; set "
+                                 f"XLA_FLAGS=--xla_force_host_platform_device_count={math.prod(mesh)}")
+
+
+def _cpu_plan(arch: str, quant: str, seq: int, batch: int, mesh: tuple[int, ...], policy: str) -> float:
+    """XLA:CPU's total GiB per device for the same step on this machine's CPU devices."""
+    plan = plan_step_memory(arch_config(arch), batch_size=batch, seq_len=seq, quant=None if quant == "bf16" else quant,
+                            backend="cpu", mesh_shape=mesh, remat=policy)
+    return plan.gib()["total"]
 
 
 def roofline_columns(plan: Any) -> dict[str, Any]:
