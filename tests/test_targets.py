@@ -197,26 +197,26 @@ def test_bench_memory_grid_resumes_from_its_file_with_the_cpu_plan_beside(tmp_pa
     path = tmp_path / "config.json"
     path.write_text(json.dumps(SMALL))
     grid = tmp_path / "grid.jsonl"
-    argv = ["bench", "memory", "--arch", str(path), "--target", "h100", "--seq-len", "128,256", "--per-chip-batch", "2",
-            "--no-roofline", "--cpu-beside", "--append", str(grid), "--json"]
-    assert main(argv) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(r["T"], r["B"]) for r in rows] == [(128, 2), (256, 2)]
-    assert all(r["CPU GiB"] > 0 and r["total"] > 0 for r in rows)
-    lines = grid.read_text().splitlines()
-    assert [json.loads(line)["row"] for line in lines] == rows
-    # A stop cut the second row as it was written: it is compiled again, the first is read back.
-    grid.write_text(lines[0] + "\n" + lines[1][:40])
+    argv = ["bench", "memory", "--arch", str(path), "--target", "h100", "--per-chip-batch", "2", "--no-roofline",
+            "--cpu-beside", "--append", str(grid), "--json", "--seq-len"]
+    assert main([*argv, "128"]) == 0
+    (first,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (first["T"], first["B"]) == (128, 2) and first["CPU GiB"] > 0 and first["total"] > 0
+    (line,) = grid.read_text().splitlines()
+    assert json.loads(line)["row"] == first
+    # A stop cut the next row as it was written: it is dropped and compiled again; the first row is
+    # read back, not compiled.
+    grid.write_text(line + "\n" + line[:40])
     compiled = []
     real = memory_plan.plan_for_target
     monkeypatch.setattr(memory_plan, "plan_for_target", lambda *a, **k: compiled.append(k["seq_len"]) or real(*a, **k))
-    assert main(argv) == 0
-    again = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert compiled == [256] and again[0] == rows[0] and again[1]["total"] == rows[1]["total"]
-    assert len(grid.read_text().splitlines()) == 2 and grid.read_text().endswith("\n")
+    assert main([*argv, "128,256"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert compiled == [256] and rows[0] == first and (rows[1]["T"], rows[1]["B"]) == (256, 2)
+    assert [json.loads(line)["row"] for line in grid.read_text().splitlines()] == rows
     other = tmp_path / "notes.txt"
     other.write_text("my notes\n")
-    assert main([*argv[:-3], "--append", str(other), "--json"]) == 2
+    assert main([*argv[:-4], "--append", str(other), "--seq-len", "128"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and f"--append {other}: line 1 is not a row this command wrote" in captured.err
     assert other.read_text() == "my notes\n"
