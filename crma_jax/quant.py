@@ -208,7 +208,7 @@ def dequantize_nf4(q: NF4Tensor, dtype: DTypeLike = jnp.float32) -> jax.Array:
     A kernel whose rows hold whole blocks is dequantized row by row in its own 2-D shape, each
     byte repeated and shifted in place: on a TPU, 1-D arrays and (..., 2) nibble pairs pad to
     (8, 128) tiles (BENCHMARKS.md §9: the flat form accesses 16 GB to dequantize one
-    2048 x 8192 kernel on a v5e, this one 0.43 GB).
+    2048 x 8192 kernel on a v5e, this one 0.45 GB).
     """
     table = jnp.asarray(NF4_TABLE)
     absmax = block_absmax(q)
