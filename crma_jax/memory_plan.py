@@ -256,8 +256,9 @@ def compile_step_from_shapes(model: Decoder, devices: Sequence[Any], mesh_shape:
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     with warnings.catch_warnings():
         # A deviceless compiler (a target this host does not have) writes entries to a persistent
-        # compilation cache (JAX_COMPILATION_CACHE_DIR) that it cannot read back; it warns and
-        # compiles again, which is all that can be done.
+        # compilation cache (JAX_COMPILATION_CACHE_DIR) that it cannot read back: it warns and
+        # compiles again. (JAX decides once per process whether to use the cache, so it cannot
+        # be turned off for these compiles alone.)
         warnings.filterwarnings("ignore", "Error reading persistent compilation cache entry", UserWarning)
         compiled = jitted.lower(trainable, opt_state, frozen, batch, rng, {}).compile(compiler_options)
     return compiled, frozen, shardings["frozen"]

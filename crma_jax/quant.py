@@ -215,8 +215,8 @@ def dequantize_nf4(q: NF4Tensor, dtype: DTypeLike = jnp.float32) -> jax.Array:
     cols = q.shape[-1] if q.shape else 1
     if len(q.shape) >= 2 and cols % q.block_size == 0 and cols % 2 == 0:
         packed = q.packed.reshape(-1, cols // 2)
-        high_first = jnp.tile(jnp.array([4, 0], jnp.uint8), cols // 2)
-        codes = (jnp.repeat(packed, 2, axis=1) >> high_first) & 0xF
+        shifts = jnp.tile(jnp.array([4, 0], jnp.uint8), cols // 2)  # code 2i is byte i's high nibble
+        codes = (jnp.repeat(packed, 2, axis=1) >> shifts) & 0xF
         values = jnp.take(table, codes.astype(jnp.int32), axis=0)
         scale = jnp.repeat(absmax.reshape(-1, cols // q.block_size), q.block_size, axis=1)
         return (values * scale).reshape(q.shape).astype(dtype)

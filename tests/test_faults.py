@@ -207,7 +207,9 @@ def test_a_disk_that_refuses_the_checkpoint_is_one_line_and_resume_continues(tin
     # metadata (about 60 KB) does not, as on a full disk. Python ignores SIGXFSZ, so the write
     # fails with EFBIG.
     limit = 32 << 10
-    proc = subprocess.run([sys.executable, "-m", "crma_jax.train.cli", *argv], cwd=REPO, env=dict(os.environ),
+    # (Nor may it write to the run's shared compilation cache, where it would leave cut entries.)
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
+    proc = subprocess.run([sys.executable, "-m", "crma_jax.train.cli", *argv], cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert proc.returncode == 1, proc.stderr[-3000:]

@@ -119,7 +119,7 @@ def test_nf4_and_blockwise_attention_lower_and_remat_orders_memory(name, devices
 def test_nf4_dequantization_on_a_tpu_reads_and_writes_about_the_kernel_once(devices):
     # A TPU pads a 1-D array or a (..., 2) nibble pair to its (8, 128) tiles: dequantizing the
     # flattened codes accessed 438x the bytes of the bf16 kernel it writes, stacking looked-up
-    # nibble pairs 32x, repeating each byte in place 14x.
+    # nibble pairs 32x, repeating each byte in place 14x (libtpu as pinned by the aot extra).
     chip = jax.sharding.Mesh(np.array(devices["v5e-4"][:1]), ("x",))
     one = jax.sharding.NamedSharding(chip, jax.sharding.PartitionSpec())
     shape = (512, 2048)
@@ -220,6 +220,8 @@ def test_bench_memory_grid_resumes_from_its_file_with_the_cpu_plan_beside(tmp_pa
     captured = capsys.readouterr()
     assert captured.out == "" and f"--append {other}: line 1 is not a row this command wrote" in captured.err
     assert other.read_text() == "my notes\n"
+    assert main([*argv[:-4], "--append", str(tmp_path / "no" / "grid.jsonl"), "--seq-len", "128"]) == 2
+    assert f"no directory {tmp_path / 'no'}" in capsys.readouterr().err
     assert main(["bench", "memory", "--arch", str(path), "--per-chip-batch", "2"]) == 2
     assert "--per-chip-batch needs --target" in capsys.readouterr().err
 

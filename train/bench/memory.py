@@ -3,8 +3,8 @@
     crma bench memory --arch mistral-7b --quant nf4 --seq-len 2048 --remat full
     crma bench memory --arch mistral-7b --target a10g,v5e-1,h100 --remat auto
     crma bench memory --table            # the BENCHMARKS.md grid: 3 models x {bf16, nf4} x remat x T
-    crma bench memory --arch mistral-7b,tinyllama --target v5e-8,h100 --per-chip-batch 1 \
-        --cpu-beside --append grid.jsonl     # hours of compiles, resumable: rerun to continue
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 crma bench memory --arch mistral-7b,tinyllama \
+        --target v5e-8,h100 --per-chip-batch 1 --cpu-beside --append grid.jsonl   # resumable: rerun it
 
 Each row is XLA's buffer plan of one `crma train` step (LoRA r=8 on all 7 projections + CRMA
 rank 4, ZClip + AdamW, bf16 compute), compiled from ShapeDtypeStructs: arguments (frozen base +
@@ -57,10 +57,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                              "fastest that fits the chip, as crma train --remat auto picks at run time) "
                              "(default: full; auto with --target)")
     parser.add_argument("--seq-len", type=_csv(int), default=[2048], help="comma-separated T (default: 2048)")
-    parser.add_argument("--batch-size", type=int, default=1, help="global batch size B (default: 1)")
-    parser.add_argument("--per-chip-batch", type=int, default=None, metavar="N",
-                        help="with --target, B = N rows for each chip the batch splits over (data x fsdp of the "
-                             "row's mesh), in place of --batch-size")
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, default=1, help="global batch size B (default: 1)")
+    batch.add_argument("--per-chip-batch", type=int, default=None, metavar="N",
+                       help="with --target, B = N rows for each chip the batch splits over (data x fsdp of the "
+                            "row's mesh), in place of --batch-size")
     parser.add_argument("--mesh", type=_csv(int), nargs="+", default=None, metavar="D,F,M",
                         help="(data, fsdp, model) mesh shapes to plan on, per device (default: 1,1,1; with --target, "
                              "FSDP over all the target's chips); a CPU plan of N devices needs "
@@ -79,8 +80,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                              "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     parser.add_argument("--append", default=None, metavar="FILE",
                         help="with --target, append each row to FILE as a JSON line once compiled, and take rows "
-                             "FILE already holds (same model, base, T, target, mesh, remat, batch) from it instead "
-                             "of compiling them: rerun the same command to continue a long grid")
+                             "FILE already holds (same model config, base, T, target, mesh, remat, batch, roofline "
+                             "and --cpu-beside, and the same jax) from it instead of compiling them: rerun the same "
+                             "command to continue a long grid")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
     parser.add_argument("--table", action="store_true", help="the full grid recorded in BENCHMARKS.md (on each --mesh)")
 
@@ -122,6 +124,10 @@ def _check(args: argparse.Namespace) -> None:
     if args.per_chip_batch is not None and args.per_chip_batch < 1:
         raise ValueError(f"--per-chip-batch {args.per_chip_batch}: need at least 1")
     if args.append:
+        import pathlib
+
+        if not pathlib.Path(args.append).parent.is_dir():
+            raise ValueError(f"--append {args.append}: no directory {pathlib.Path(args.append).parent}")
         _done_rows(args.append)  # a file that is not this command's rows fails here, before any compile
     for arch in args.arch:
         arch_config(arch)
@@ -194,7 +200,11 @@ _ROW = '{"key": '  # how each line --append writes (json.dumps of {"key": ..., "
 
 
 def _done_rows(path: str) -> dict[str, dict[str, Any]]:
-    """The rows an earlier `--append` run wrote to `path`, by key ({} when there is no file)."""
+    """The rows an earlier `--append` run wrote to `path`, by key ({} when there is no file).
+
+    A last line cut by a stop as it was written is cut off the file (its row is compiled again);
+    any other line that is not such a row is an error, and the file is left as it is."""
+    import os
     import pathlib
 
     file = pathlib.Path(path)
@@ -202,12 +212,9 @@ def _done_rows(path: str) -> dict[str, dict[str, Any]]:
         return {}
     text = file.read_text()
     complete, tail = text[: text.rfind("\n") + 1], text[text.rfind("\n") + 1:]
-    lines = complete.splitlines()
-    cut = tail.startswith(_ROW)  # a row cut by a stop as it was written
-    if tail and not cut:
-        lines.append(tail)  # not this command's: reported below, never dropped
+    cut = tail.startswith(_ROW) or (tail != "" and _ROW.startswith(tail))
     done = {}
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate([*complete.splitlines(), *([] if cut or not tail else [tail])], 1):
         if not line.strip():
             continue
         try:
@@ -216,9 +223,21 @@ def _done_rows(path: str) -> dict[str, dict[str, Any]]:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"--append {path}: line {number} is not a row this command wrote ({e}); "
                              "name a new file") from None
-    if cut:  # drop it (it is compiled again) and keep the rest
-        file.write_text(complete)
+    if cut:
+        os.truncate(file, len(complete.encode()))
     return done
+
+
+def _row_key(args: argparse.Namespace, arch: str, quant: str, seq: int, target: str, mesh: tuple[int, ...],
+             policy: str, batch: int) -> str:
+    """What a row depends on: a config file's content, not its path, and the jax that compiled it."""
+    import hashlib
+    import pathlib
+
+    import jax
+
+    config = hashlib.sha256(pathlib.Path(arch).read_bytes()).hexdigest() if arch not in ARCHS else arch
+    return json.dumps([config, quant, seq, target, mesh, policy, batch, args.roofline, args.cpu_beside, jax.__version__])
 
 
 def _target_rows(args: argparse.Namespace):
@@ -233,7 +252,7 @@ def _target_rows(args: argparse.Namespace):
                                                                 args.mesh or [None]):
             mesh = tuple(mesh) if mesh is not None else (1, len(devices), 1)
             batch = args.per_chip_batch * mesh[0] * mesh[1] if args.per_chip_batch else args.batch_size
-            key = json.dumps([arch, quant, seq, name, mesh, policy, batch, args.roofline, args.cpu_beside])
+            key = _row_key(args, arch, quant, seq, name, mesh, policy, batch)
             if key in done:
                 yield done[key]
                 continue
@@ -268,10 +287,14 @@ def _check_cpu_devices(args: argparse.Namespace) -> None:
                                  f"XLA_FLAGS=--xla_force_host_platform_device_count={math.prod(mesh)}")
 
 
-def _cpu_plan(arch: str, quant: str, seq: int, batch: int, mesh: tuple[int, ...], policy: str) -> float:
-    """XLA:CPU's total GiB per device for the same step on this machine's CPU devices."""
-    plan = plan_step_memory(arch_config(arch), batch_size=batch, seq_len=seq, quant=None if quant == "bf16" else quant,
-                            backend="cpu", mesh_shape=mesh, remat=policy)
+def _cpu_plan(arch: str, quant: str, seq: int, batch: int, mesh: tuple[int, ...], policy: str) -> float | str:
+    """XLA:CPU's total GiB per device for the same step on this machine's CPU devices, or the first
+    line of XLA's error (so that a long grid records it and goes on)."""
+    try:
+        plan = plan_step_memory(arch_config(arch), batch_size=batch, seq_len=seq,
+                                quant=None if quant == "bf16" else quant, backend="cpu", mesh_shape=mesh, remat=policy)
+    except RuntimeError as e:  # XLA's runtime error, e.g. out of host memory while compiling
+        return str(e).splitlines()[0]
     return plan.gib()["total"]
 
 
