@@ -220,6 +220,9 @@ def test_bench_memory_grid_resumes_from_its_file_with_the_cpu_plan_beside(tmp_pa
     captured = capsys.readouterr()
     assert captured.out == "" and f"--append {other}: line 1 is not a row this command wrote" in captured.err
     assert other.read_text() == "my notes\n"
+    other.write_text("my notes")  # a last line without its newline is cut only when it begins as a row
+    assert main([*argv[:-4], "--append", str(other), "--seq-len", "128"]) == 2
+    assert f"--append {other}: line 1 is not a row" in capsys.readouterr().err and other.read_text() == "my notes"
     assert main([*argv[:-4], "--append", str(tmp_path / "no" / "grid.jsonl"), "--seq-len", "128"]) == 2
     assert f"no directory {tmp_path / 'no'}" in capsys.readouterr().err
     assert main(["bench", "memory", "--arch", str(path), "--per-chip-batch", "2"]) == 2

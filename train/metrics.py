@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from crma_jax.train.jsonl import cut_damaged_end, read_lines
+
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -29,16 +31,9 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     keep the latest). Unreadable lines (a line cut by a crash or a full disk, NUL bytes) are
     skipped and reported on stderr with their line numbers, so a damaged log never blocks a run."""
     path = Path(run) / METRICS_FILE
-    by_step: dict[int, dict[str, Any]] = {}
-    bad: list[int] = []
-    for number, line in enumerate(path.read_bytes().splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = _parse(line)
-        if rec is None:
-            bad.append(number)
-        else:
-            by_step[rec["step"]] = rec
+    lines = read_lines(path, _parse)
+    by_step = {rec["step"]: rec for rec in lines.records}
+    bad = [*lines.unreadable, *([lines.cut] if lines.cut else [])]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         print(f"{path}: line {bad[0]}{more} unreadable (cut short or overwritten); skipped", file=sys.stderr)
@@ -58,23 +53,6 @@ def require_nothing_lost(run: Path) -> None:
         raise FileExistsError(f"{run}: --resume found no checkpoint to continue from, but {METRICS_FILE} records "
                               f"{steps} steps of an earlier attempt; starting over would lose them. Choose a new "
                               "--out, or delete the directory to start again")
-
-
-def _cut_damaged_tail(path: Path) -> None:
-    """Truncate `path` after its last readable line, so that appended records start on a line of
-    their own (a line cut by a crash would otherwise swallow the next record); says what it cut."""
-    data = path.read_bytes()
-    keep = len(data)
-    while keep:
-        start = data.rfind(b"\n", 0, keep - 1) + 1
-        line = data[start:keep]
-        if line.endswith(b"\n") and (not line.strip() or _parse(line) is not None):
-            break
-        keep = start
-    if keep < len(data):
-        print(f"{path}: dropped {len(data) - keep} unreadable bytes at its end (a line cut short)", file=sys.stderr)
-        with open(path, "r+b") as f:
-            f.truncate(keep)
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -147,7 +125,9 @@ class MetricsWriter:
         self.run = Path(run)
         self._records: list[dict[str, Any]] = []
         if files and append and (self.run / METRICS_FILE).is_file():
-            _cut_damaged_tail(self.run / METRICS_FILE)
+            path = self.run / METRICS_FILE
+            if cut := cut_damaged_end(path, read_lines(path, _parse)):
+                print(f"{path}: dropped {cut} unreadable bytes at its end (a line cut short)", file=sys.stderr)
         self._file = open(self.run / METRICS_FILE, "a" if append else "w") if files else None
         self._trackers = [TRACKER_CLASSES[t](self.run, config or {}, wandb_project) for t in trackers] if files else []
 

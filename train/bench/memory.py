@@ -37,6 +37,7 @@ from crma_jax.memory_plan import ARCHS, arch_config, plan_step_memory
 from crma_jax.model import REMAT_POLICIES
 from crma_jax.targets import TARGETS, resolve_target
 from crma_jax.train.bench.util import command_line, machine_note
+from crma_jax.train.jsonl import cut_damaged_end, read_lines
 
 TABLE = {"arch": ("tinyllama", "mistral-7b", "gemma2-9b"), "quant": ("bf16", "nf4"),
          "remat": ("none", "full", "save_dot_except_mlp"), "seq_len": (2048, 8192)}
@@ -128,7 +129,6 @@ def _check(args: argparse.Namespace) -> None:
 
         if not pathlib.Path(args.append).parent.is_dir():
             raise ValueError(f"--append {args.append}: no directory {pathlib.Path(args.append).parent}")
-        _done_rows(args.append)  # a file that is not this command's rows fails here, before any compile
     for arch in args.arch:
         arch_config(arch)
 
@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
         targets.prepare_host()  # before JAX starts a backend
         if args.cpu_beside:
             _check_cpu_devices(args)
-        rows = _target_rows(args)
+        # Read before any output or compile: a file that is not this command's rows fails here.
+        rows = _target_rows(args, _done_rows(args.append) if args.append else {})
     else:
         rows = _backend_rows(args, backends(args.backend))
     if not args.json:
@@ -196,7 +197,15 @@ def _backend_rows(args: argparse.Namespace, names: list[str]):
                    "mesh": ",".join(map(str, mesh)), **_gib(plan), "compile s": round(time.perf_counter() - t0)}
 
 
-_ROW = '{"key": '  # how each line --append writes (json.dumps of {"key": ..., "row": ...}) begins
+_ROW = b'{"key": '  # how each line --append writes (json.dumps of {"key": ..., "row": ...}) begins
+
+
+def _parse_row(line: bytes) -> tuple[str, dict[str, Any]] | None:
+    try:
+        record = json.loads(line)
+        return record["key"], record["row"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _done_rows(path: str) -> dict[str, dict[str, Any]]:
@@ -204,28 +213,17 @@ def _done_rows(path: str) -> dict[str, dict[str, Any]]:
 
     A last line cut by a stop as it was written is cut off the file (its row is compiled again);
     any other line that is not such a row is an error, and the file is left as it is."""
-    import os
     import pathlib
 
     file = pathlib.Path(path)
     if not file.exists():
         return {}
-    text = file.read_text()
-    complete, tail = text[: text.rfind("\n") + 1], text[text.rfind("\n") + 1:]
-    cut = tail.startswith(_ROW) or (tail != "" and _ROW.startswith(tail))
-    done = {}
-    for number, line in enumerate([*complete.splitlines(), *([] if cut or not tail else [tail])], 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            done[record["key"]] = record["row"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"--append {path}: line {number} is not a row this command wrote ({e}); "
-                             "name a new file") from None
-    if cut:
-        os.truncate(file, len(complete.encode()))
-    return done
+    lines = read_lines(file, _parse_row)
+    foreign = [*lines.unreadable, *([lines.cut] if lines.cut and not _ROW.startswith(lines.tail[:len(_ROW)]) else [])]
+    if foreign:
+        raise ValueError(f"--append {path}: line {foreign[0]} is not a row this command wrote; name a new file")
+    cut_damaged_end(file, lines)
+    return dict(lines.records)
 
 
 def _row_key(args: argparse.Namespace, arch: str, quant: str, seq: int, target: str, mesh: tuple[int, ...],
@@ -240,11 +238,12 @@ def _row_key(args: argparse.Namespace, arch: str, quant: str, seq: int, target: 
     return json.dumps([config, quant, seq, target, mesh, policy, batch, args.roofline, args.cpu_beside, jax.__version__])
 
 
-def _target_rows(args: argparse.Namespace):
+def _target_rows(args: argparse.Namespace, done: dict[str, dict[str, Any]]):
+    """One row per target x arch x quant x remat x T x mesh; a row whose key is in `done` (read back
+    from `--append`'s file) is taken from there, any other is compiled and appended to the file."""
     from crma_jax.memory_plan import plan_for_target
     from crma_jax.targets import target_devices
 
-    done = _done_rows(args.append) if args.append else {}
     for name in args.target:
         target = resolve_target(name)
         devices = target_devices(target)
