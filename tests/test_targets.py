@@ -21,6 +21,7 @@ from crma_jax.config import ModelConfig
 from crma_jax.memory_plan import abstract_base, plan_for_target
 from crma_jax.model import Decoder
 from crma_jax.quant import dequantize_nf4, quantize_nf4
+from crma_jax.train.bench import memory as bench_memory
 from crma_jax.train.cli import main
 
 targets.prepare_host()  # conftest already pins the CPU backend; libtpu must not look for a TPU VM
@@ -207,12 +208,17 @@ def test_bench_memory_grid_resumes_from_its_file_with_the_cpu_plan_beside(tmp_pa
     # A stop cut the next row as it was written: it is dropped and compiled again; the first row is
     # read back, not compiled.
     grid.write_text(line + "\n" + line[:40])
-    compiled = []
-    real = memory_plan.plan_for_target
+    compiled, cpu_compiled = [], []
+    real, real_cpu = memory_plan.plan_for_target, bench_memory.plan_step_memory
     monkeypatch.setattr(memory_plan, "plan_for_target", lambda *a, **k: compiled.append(k["seq_len"]) or real(*a, **k))
+    monkeypatch.setattr(bench_memory, "plan_step_memory", lambda *a, **k: cpu_compiled.append(k["seq_len"]) or real_cpu(*a, **k))
+    argv[argv.index("h100")] = "h100,a10g"  # one chip each, the same policy: XLA:CPU plans each T once
     assert main([*argv, "128,256"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert compiled == [256] and rows[0] == first and (rows[1]["T"], rows[1]["B"]) == (256, 2)
+    assert [(r["target"], r["T"], r["B"]) for r in rows] == [("h100", 128, 2), ("h100", 256, 2), ("a10g", 128, 2),
+                                                             ("a10g", 256, 2)]
+    assert compiled == [256, 128, 256] and cpu_compiled == [256] and rows[0] == first
+    assert rows[2]["remat"] == first["remat"] and rows[2]["CPU GiB"] == first["CPU GiB"]
     assert [json.loads(line)["row"] for line in grid.read_text().splitlines()] == rows
     other = tmp_path / "notes.txt"
     other.write_text("my notes\n")

@@ -19,7 +19,7 @@ memory and which policy `--remat auto` would run there, and a roofline bound: th
 and bytes per chip as the compiler counts them (`crma_jax.roofline`), the least time a step can
 take on the chip's published peak and bandwidth, and the MFU bound that follows. Such figures are
 compiler plans, not measurements on the device. `--cpu-beside` adds XLA:CPU's plan of each
-row's step (same mesh and policy) on this machine's CPU devices. `--append FILE` writes each
+row's step (same mesh and policy) on this machine's CPU devices, once per distinct step. `--append FILE` writes each
 row to FILE as a JSON line once it is compiled and takes the rows FILE already holds from there
 instead of compiling them again, so a grid of many compiles can be stopped and rerun.
 """
@@ -244,6 +244,9 @@ def _target_rows(args: argparse.Namespace, done: dict[str, dict[str, Any]]):
     from crma_jax.memory_plan import plan_for_target
     from crma_jax.targets import target_devices
 
+    # Targets with the same mesh and batch often run the same policy: XLA:CPU plans that step once.
+    cpu_plans = {_cpu_plan_key(key, row): row["CPU GiB"] for key, row in done.items()
+                 if isinstance(row.get("CPU GiB"), float)}
     for name in args.target:
         target = resolve_target(name)
         devices = target_devices(target)
@@ -266,11 +269,21 @@ def _target_rows(args: argparse.Namespace, done: dict[str, dict[str, Any]]):
                    "compiler": plan.error or "ok",
                    "compile s": round(plan.compile_seconds), **(roofline_columns(plan) if args.roofline else {})}
             if args.cpu_beside:
-                row["CPU GiB"] = _cpu_plan(arch, quant, seq, batch, mesh, plan.policy)
+                cpu_key = _cpu_plan_key(key, row)
+                if cpu_key not in cpu_plans:
+                    cpu_plans[cpu_key] = _cpu_plan(arch, quant, seq, batch, mesh, plan.policy)
+                row["CPU GiB"] = cpu_plans[cpu_key]
             if args.append:
                 with open(args.append, "a") as file:
                     file.write(json.dumps({"key": key, "row": row}) + "\n")
             yield row
+
+
+def _cpu_plan_key(key: str, row: dict[str, Any]) -> str:
+    """What XLA:CPU's plan beside a row depends on: the row's key (`_row_key`) without the target
+    and the output options, with the policy the row runs (`auto`'s choice) for the one asked."""
+    config, quant, seq, _target, mesh, _asked, batch, _roofline, _cpu_beside, version = json.loads(key)
+    return json.dumps([config, quant, seq, mesh, row["remat"].removeprefix("auto -> "), batch, version])
 
 
 def _check_cpu_devices(args: argparse.Namespace) -> None:
