@@ -192,6 +192,30 @@ def test_benchmarks_are_subcommands_that_import_without_side_effects():
     assert out.stdout.strip() == "['convert', 'crma', 'load', 'memory', 'qlora', 'train']"
 
 
+def test_help_starts_no_jax():
+    """`crma -h` and a command's list of benchmarks import no jax, flax or torch (nor print the CUDA
+    plugin's notices); a command's own flags load only that command's modules."""
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, io, sys\n"
+        "from crma_jax.train.cli import main\n"
+        "for argv in (['-h'], ['bench', '-h']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "    assert 'COMMAND' in out.getvalue() or 'BENCHMARK' in out.getvalue(), out.getvalue()\n"
+        "print(sorted(m for m in ('jax', 'flax', 'torch', 'crma_jax.train.continual') if m in sys.modules))\n"
+        "print('-- jax from here on', file=sys.stderr, flush=True)\n"
+        "from crma_jax.train.cli import build_parser\n"
+        "build_parser(['cl'])\n"
+        "print('crma_jax.train.continual' in sys.modules, 'crma_jax.train.bench.memory' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["[]", "True False"] and out.stderr.startswith("-- jax from here on")
+
+
 def test_no_environment_switch_can_kill_a_run():
     """Faults are injected by tests from outside (tests/fault_injection.py), never read from the
     environment by the programs."""

@@ -16,7 +16,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from crma_jax.convert.hub import resolve_model_path
 from crma_jax.train.stops import Stopped
@@ -176,32 +176,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(BENCHMARKS[args.bench][0]).run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from crma_jax.train.ablate import AblateConfig
-    from crma_jax.train.config import TrainConfig, add_config_flags
-    from crma_jax.train.continual import CLConfig
-    from crma_jax.train.demo import add_demo_flags
-    from crma_jax.train.evaluate import add_eval_flags
-    from crma_jax.train.report import add_report_flags
+def build_parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `crma` parser. Every command is listed; with `words` (the command line's first two
+    words), only the command they name, and for `bench` the benchmark, gets its flags, so that
+    `crma -h` or `crma cl-table` imports neither jax nor the other programs. None: every flag."""
+
+    def wanted(*names: str) -> bool:
+        return words is None or list(words[:len(names)]) == list(names)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     parser = argparse.ArgumentParser(prog="crma", description="CRMA adapters for JAX/Flax decoders", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, fn: Callable[[argparse.Namespace], int],
+                flags: Callable[[argparse.ArgumentParser], None]) -> None:
         # No abbreviations: `--seed` must not quietly mean `--seeds`, nor `--lr` one of the LRs.
-        return sub.add_parser(name, help=help_text, description=help_text, parents=[common], allow_abbrev=False)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common], allow_abbrev=False)
+        if wanted(name):
+            flags(p)
+        p.set_defaults(fn=fn)
 
-    p = command("convert", "HF directory or .gguf -> crma-jax params checkpoint (Orbax)")
-    p.add_argument("src", help="HF model directory, .gguf file, or 'smollm2'")
-    p.add_argument("out", help="output directory (must not exist)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="storage dtype (default: %(default)s)")
-    p.add_argument("--mesh", help="place params on a D,F,M (data,fsdp,model) mesh while converting (default: one device)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load .bin weights with torch.load(weights_only=True); refused by default")
-    p.set_defaults(fn=cmd_convert)
+    def convert_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("src", help="HF model directory, .gguf file, or 'smollm2'")
+        p.add_argument("out", help="output directory (must not exist)")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="storage dtype (default: %(default)s)")
+        p.add_argument("--mesh", help="place params on a D,F,M (data,fsdp,model) mesh while converting (default: one device)")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="load .bin weights with torch.load(weights_only=True); refused by default")
 
     def inference_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("model", help="HF dir, .gguf, crma convert output, 'smollm2', or a run dir with adapters/")
@@ -210,68 +213,80 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=["float32", "bfloat16"],
                        help="storage dtype (default: the run's, or float32 for a model)")
 
-    p = command("eval", "next-token loss and perplexity (default: a run's own holdout split)")
-    inference_flags(p)
-    add_eval_flags(p)
-    p.set_defaults(fn=cmd_eval)
+    def eval_flags(p: argparse.ArgumentParser) -> None:
+        from crma_jax.train.evaluate import add_eval_flags
 
-    p = command("generate", "generate text with a KV cache (greedy or top-p)")
-    inference_flags(p)
-    p.add_argument("--prompt", required=True, help="the text to continue, or with --chat the user's message")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap --prompt as one user turn in the tokenizer's chat template and print the assistant's "
-                        "reply, up to its end-of-turn token")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.set_defaults(fn=cmd_generate)
+        inference_flags(p)
+        add_eval_flags(p)
 
-    p = command("export", "a run's adapters -> PEFT dirs, crma_adapter.safetensors, merged HF")
-    p.add_argument("run", help="a crma train run dir, or RUN/<condition>/seed<s> of a crma cl run")
-    p.add_argument("out", help="output directory (must not exist)")
-    p.add_argument("--merged", action="append", metavar="SET",
-                   help="also write a merged HF checkpoint of this LoRA set (repeatable)")
-    p.set_defaults(fn=cmd_export)
+    def generate_flags(p: argparse.ArgumentParser) -> None:
+        inference_flags(p)
+        p.add_argument("--prompt", required=True, help="the text to continue, or with --chat the user's message")
+        p.add_argument("--chat", action="store_true",
+                       help="wrap --prompt as one user turn in the tokenizer's chat template and print the assistant's "
+                            "reply, up to its end-of-turn token")
+        p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: %(default)s)")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+        p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s)")
+        p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
 
-    p = command("train", "fine-tune LoRA (+ CRMA) on one dataset")
-    add_config_flags(p, TrainConfig)
-    p.set_defaults(fn=cmd_train)
+    def export_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("run", help="a crma train run dir, or RUN/<condition>/seed<s> of a crma cl run")
+        p.add_argument("out", help="output directory (must not exist)")
+        p.add_argument("--merged", action="append", metavar="SET",
+                       help="also write a merged HF checkpoint of this LoRA set (repeatable)")
 
-    p = command("ablate", "stability ablation: CRMA on/off x ZClip on/off, same data and seed")
-    add_config_flags(p, AblateConfig)
-    p.set_defaults(fn=cmd_ablate)
+    def config_flags(module: str, config: str) -> Callable[[argparse.ArgumentParser], None]:
+        def flags(p: argparse.ArgumentParser) -> None:
+            from crma_jax.train.config import add_config_flags
 
-    p = command("cl", "continual learning over domains: NAIVE, FROZEN, MODULAR, REPLAY, EWC, O-LoRA, InfLoRA")
-    add_config_flags(p, CLConfig)
-    p.add_argument("--domain", action="append", metavar="NAME[=PATH]",
-                   help="a domain in training order, a built-in NAME or NAME=PATH (repeat; overrides `domains`)")
-    p.set_defaults(fn=cmd_cl)
+            add_config_flags(p, getattr(importlib.import_module(module), config))
+        return flags
 
-    p = command("cl-table", "markdown tables comparing finished `crma cl` runs (settings, losses, substrate); "
-                         "runs with the same settings pool their seeds")
-    p.add_argument("runs", nargs="+", type=Path, help="finished `crma cl` run directories")
-    p.add_argument("--settings", help="comma-separated config keys to show (default: those that differ between runs)")
-    p.add_argument("--versus", metavar="CONDITION",
-                   help="add each row's mean losses relative to CONDITION's (e.g. frozen), paired per seed")
-    p.add_argument("--plots", type=Path, metavar="DIR",
-                   help="also draw the pooled heatmaps, drift and mean loss/BWT plots into DIR (new or empty)")
-    p.set_defaults(fn=cmd_cl_table)
+    def cl_flags(p: argparse.ArgumentParser) -> None:
+        config_flags("crma_jax.train.continual", "CLConfig")(p)
+        p.add_argument("--domain", action="append", metavar="NAME[=PATH]",
+                       help="a domain in training order, a built-in NAME or NAME=PATH (repeat; overrides `domains`)")
 
-    p = command("report", "one self-contained HTML page of a finished run: settings, summary tables, plots")
-    add_report_flags(p)
-    p.set_defaults(fn=cmd_report)
+    def cl_table_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("runs", nargs="+", type=Path, help="finished `crma cl` run directories")
+        p.add_argument("--settings", help="comma-separated config keys to show (default: those that differ between runs)")
+        p.add_argument("--versus", metavar="CONDITION",
+                       help="add each row's mean losses relative to CONDITION's (e.g. frozen), paired per seed")
+        p.add_argument("--plots", type=Path, metavar="DIR",
+                       help="also draw the pooled heatmaps, drift and mean loss/BWT plots into DIR (new or empty)")
 
-    p = command("demo", "SmolLM2: convert, continual learning on legal/code/docs, export to PyTorch")
-    add_demo_flags(p)
-    p.set_defaults(fn=cmd_demo)
+    def report_flags(p: argparse.ArgumentParser) -> None:
+        from crma_jax.train.report import add_report_flags
 
-    p = command("bench", "benchmarks: print what they measure, with the command and the machine")
-    benches = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    for name, (module, help_text) in BENCHMARKS.items():
-        b = benches.add_parser(name, help=help_text, description=help_text, parents=[common])
-        importlib.import_module(module).add_flags(b)
-    p.set_defaults(fn=cmd_bench)
+        add_report_flags(p)
+
+    def demo_flags(p: argparse.ArgumentParser) -> None:
+        from crma_jax.train.demo import add_demo_flags
+
+        add_demo_flags(p)
+
+    def bench_flags(p: argparse.ArgumentParser) -> None:
+        benches = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+        for name, (module, help_text) in BENCHMARKS.items():
+            b = benches.add_parser(name, help=help_text, description=help_text, parents=[common])
+            if wanted("bench", name):
+                importlib.import_module(module).add_flags(b)
+
+    command("convert", "HF directory or .gguf -> crma-jax params checkpoint (Orbax)", cmd_convert, convert_flags)
+    command("eval", "next-token loss and perplexity (default: a run's own holdout split)", cmd_eval, eval_flags)
+    command("generate", "generate text with a KV cache (greedy or top-p)", cmd_generate, generate_flags)
+    command("export", "a run's adapters -> PEFT dirs, crma_adapter.safetensors, merged HF", cmd_export, export_flags)
+    command("train", "fine-tune LoRA (+ CRMA) on one dataset", cmd_train, config_flags("crma_jax.train.config", "TrainConfig"))
+    command("ablate", "stability ablation: CRMA on/off x ZClip on/off, same data and seed", cmd_ablate,
+            config_flags("crma_jax.train.ablate", "AblateConfig"))
+    command("cl", "continual learning over domains: NAIVE, FROZEN, MODULAR, REPLAY, EWC, O-LoRA, InfLoRA", cmd_cl, cl_flags)
+    command("cl-table", "markdown tables comparing finished `crma cl` runs (settings, losses, substrate); "
+                        "runs with the same settings pool their seeds", cmd_cl_table, cl_table_flags)
+    command("report", "one self-contained HTML page of a finished run: settings, summary tables, plots", cmd_report,
+            report_flags)
+    command("demo", "SmolLM2: convert, continual learning on legal/code/docs, export to PyTorch", cmd_demo, demo_flags)
+    command("bench", "benchmarks: print what they measure, with the command and the machine", cmd_bench, bench_flags)
     return parser
 
 
@@ -314,7 +329,8 @@ class _QuietClosedLoop:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[:2]).parse_args(argv)
     name = f"crma {args.command}"
     # A failed asynchronous save makes Orbax log its traceback from every thread (hundreds of
     # lines); the failure reaches the program as one `SaveFailed` line. --debug keeps them.

@@ -1,5 +1,5 @@
 """Append-only JSON Lines files that a stop may cut: RUN/metrics.jsonl and `crma bench memory
---append`'s grid. A record is written as one line with its newline, so a stop (SIGKILL, a full
+--append`'s grid. A record is written as one line with its newline, so a stop (a kill, a full
 disk) can leave at most a damaged end; reading back keeps every line before it."""
 
 from __future__ import annotations
