@@ -166,6 +166,27 @@ def test_exit_2_is_only_for_the_projects_own_input_errors(trained, monkeypatch, 
         err = capsys.readouterr().err
         assert "internal error" in err and "--debug" in err
     monkeypatch.undo()
+    # The same error from inside a jitted call that crma_jax makes: jax filters its own frames
+    # out of the traceback, so the last frame left is crma_jax's.
+    import functools
+
+    import jax.numpy as jnp
+
+    import crma_jax.evaluate as evaluate_library
+
+    def allocate(ids):
+        raise MemoryError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+
+    @functools.partial(jax.jit, static_argnames=("model", "crma_enabled"))
+    def token_nll(model, variables, batch, crma_enabled):
+        ids = batch["input_ids"]
+        return jax.pure_callback(allocate, jax.ShapeDtypeStruct(ids.shape, jnp.float32), ids)
+
+    monkeypatch.setattr(evaluate_library, "batch_token_nll", token_nll)
+    assert main(["eval", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "internal error" in err and "RESOURCE_EXHAUSTED" in err
+    monkeypatch.undo()
     assert main(["eval", str(run), "--lora", "nope"]) == 2  # the project's own report of bad input
     assert "internal error" not in capsys.readouterr().err
 

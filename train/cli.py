@@ -25,6 +25,8 @@ from crma_jax.train.stops import Stopped
 # project's own, or a ValueError / RuntimeError that the project's own code raised (its messages
 # name the flag, file or step). The same classes raised inside a library (jax's out-of-memory
 # JaxRuntimeError, a ValueError deep in numpy) are internal errors: exit 1 with the --debug hint.
+# Only the plain classes count, by where they were raised: jax removes its own frames from the
+# traceback of an error in a jitted call, so a JaxRuntimeError seems raised by the caller.
 PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError)
 RAISED_BY_US = (ValueError, RuntimeError)
 PACKAGES = ("crma_jax", "crma_jax.train", "crma_jax.convert")
@@ -34,7 +36,7 @@ def is_bad_input(e: BaseException) -> bool:
     """Whether `e` is the project's own report of bad input (see PATH_ERRORS above)."""
     if isinstance(e, PATH_ERRORS) or type(e).__module__.split(".")[0] == "crma_jax":
         return True
-    if not isinstance(e, RAISED_BY_US):
+    if type(e) not in RAISED_BY_US:  # a library's subclass (jax's JaxRuntimeError) is the library's
         return False
     frames = traceback.extract_tb(e.__traceback__)
     roots = [Path(sys.modules[m].__file__).parent for m in PACKAGES if m in sys.modules]
