@@ -250,19 +250,21 @@ def test_no_environment_switch_can_kill_a_run():
 
 
 def test_eval_with_data_splits_with_the_runs_own_seed(trained, tiny_lm, tmp_path, capsys):
-    """A run trained with --seed 3 split its data with seed 3: `crma eval RUN --data SAME` must
-    score that run's holdout, not seed 0's (which holds training documents of the run)."""
+    """A run trained with --seed 3, a 30% holdout of its first 20 documents, split its data so:
+    `crma eval RUN --data SAME` must score that run's holdout, not seed 0's 10% of every document
+    (which holds training documents of the run)."""
     _, data = trained
     run = tmp_path / "seed3"
     assert main(["train", "--model", str(tiny_lm), "--data", str(data), "--out", str(run), "--steps", "2", "--seed", "3",
-                 "--warmup-steps", "1", "--seq-len", "32", "--batch-size", "4", "--eval-every", "0", "--no-plots",
-                 "--report-to", "none", "--mesh", "1,1,1"]) == 0
+                 "--holdout-fraction", "0.3", "--max-documents", "20", "--warmup-steps", "1", "--seq-len", "32",
+                 "--batch-size", "4", "--eval-every", "0", "--no-plots", "--report-to", "none", "--mesh", "1,1,1"]) == 0
     capsys.readouterr()
     assert main(["eval", str(run)]) == 0
     own = json.loads(capsys.readouterr().out)
     assert main(["eval", str(run), "--data", str(data), "--seq-len", "32"]) == 0
     again = json.loads(capsys.readouterr().out)
-    assert again["data"]["split_seed"] == 3 and again["loss"] == pytest.approx(own["loss"], rel=1e-6)
+    assert (again["data"]["split_seed"], again["data"]["holdout_fraction"], again["data"]["max_documents"]) == (3, 0.3, 20)
+    assert again["tokens"] == own["tokens"] and again["loss"] == pytest.approx(own["loss"], rel=1e-6)
     assert main(["eval", str(run), "--data", str(data), "--seq-len", "32", "--split-seed", "0"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["split_seed"] == 0  # asked for: still possible
 

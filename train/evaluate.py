@@ -24,7 +24,9 @@ SPLITS = ("holdout", "train", "all")
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data to score (what `crma train --data` takes: a built-in domain, a file, a saved or "
-                                  "cached datasets dataset); default for a run: the run's own holdout")
+                                  "cached datasets dataset), split as a run split its own data (its split seed, "
+                                  "holdout fraction and document cap) unless flags say otherwise; default for a run: "
+                                  "the run's own holdout")
     p.add_argument("--split", choices=SPLITS, default="holdout",
                    help="which part of the data to score (default: %(default)s)")
     p.add_argument("--seq-len", type=int, help="tokens per row with --data (default: the run's, else 256)")
@@ -39,9 +41,13 @@ def eval_spec(args: argparse.Namespace, set_name: str | None) -> DataSpec:
     """The data spec to score: `--data` with its flags, else the run's recorded spec for the set."""
     recorded = load_adapters(args.model).data.get(set_name or "", {}) if is_run(args.model) else {}
     if args.data:
+        # Split as the run split its own data, unless a flag says otherwise: its seed, holdout
+        # fraction and document cap (another split would put its training documents in the holdout).
         seed = args.split_seed if args.split_seed is not None else recorded.get("split_seed", 0)
+        split = {k: recorded[k] for k in ("holdout_fraction", "max_documents")
+                 if recorded.get(k) is not None and getattr(args, k) is None}
         cfg = config_from_args(args, TrainConfig, {"data": args.data, "seq_len": args.seq_len or recorded.get("seq_len")
-                                                   or 256, "seed": seed})
+                                                   or 256, "seed": seed, **split})
         return data_spec(cfg)
     if not is_run(args.model):
         raise ValueError(f"{args.model}: --data is required for a model (only a run directory knows its data)")
