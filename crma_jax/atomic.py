@@ -2,7 +2,11 @@
 the new one, never a mix and never neither.
 
 `atomic_file(target)`: one file, written through a temporary file beside it that replaces
-`target` only when the whole write succeeded.
+`target` only when the whole write succeeded; `write_text(target, text)` writes a text file so.
+
+`atomic_dir(out, write)`: a new directory, written into a hidden staging sibling that is renamed
+to `out` only when `write` succeeded (what `crma convert` and `crma export` write, and the
+SmolLM2 cache).
 
 `commit(root, write)`: `write(staging)` writes the new entries (files or directories) into an
 empty staging directory inside `root`; one rename commits them; they are then moved into place,
@@ -14,8 +18,10 @@ needs the entries (`crma_jax.adapter_files.load_adapters`) call it first.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +45,13 @@ def atomic_file(target: str | Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(target: str | Path, text: str) -> None:
+    """`Path(target).write_text(text)` through `atomic_file`: a kill leaves the old file or the new
+    one, never a cut one (what `--resume` reads back: remat.json, config.yaml, results.json)."""
+    with atomic_file(target) as f:
+        f.write(text.encode())
 
 
 def commit(root: str | Path, write: Callable[[Path], None]) -> None:
@@ -67,3 +80,46 @@ def recover(root: str | Path) -> None:
         ready.rmdir()
     if (root / STAGING).exists():
         shutil.rmtree(root / STAGING)
+
+
+def remove_orphans(out: Path) -> None:
+    """Remove the staging directories of `out` (`.OUT.partial-PID-*`) whose process no longer runs
+    on this host, saying so; those of a live process are left alone."""
+    for staging in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = staging.name[len(f".{out.name}.partial-"):].split("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        print(f"{staging}: removing what a killed run left behind", file=sys.stderr)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def atomic_dir(out: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(dir)` on an empty staging directory, renamed to `out` only if it succeeds.
+
+    `out` must not exist; the staging directory is a hidden sibling, `.OUT.partial-PID-*`,
+    removed on any failure; one that a killed process left behind is removed by the next call for
+    the same `out` (`remove_orphans`).
+    """
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; choose a new output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    try:
+        (staging / "out").mkdir()
+        write(staging / "out")
+        os.rename(staging / "out", out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -54,6 +54,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from crma_jax import distributed
+from crma_jax.atomic import write_text
 from crma_jax.cl import METHODS, EWC, FrozenSubstrate, InfLoRA, Memory, Method, OLoRA, replay, transfer_metrics
 from crma_jax.adapter_files import load_adapters
 from crma_jax.crma import mix_displacement
@@ -371,7 +372,7 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
                 check_fingerprints(out, fingerprints)
                 write_config(out, cfg)  # model and data loaded: the run directory is claimed
                 if writer:
-                    (out / "fingerprints.json").write_text(json.dumps(fingerprints, indent=2))
+                    write_text(out / "fingerprints.json", json.dumps(fingerprints, indent=2))
             for seed in seeds:
                 results.setdefault(cond, {})[seed] = run_sequence(cfg, cond, seed, domains, session, on_checkpoint)
         names = list(sources)
@@ -379,8 +380,8 @@ def run_continual(cfg: CLConfig, on_checkpoint: OnCheckpoint | None = None) -> d
         payload = {"domains": names, "conditions": conditions, "seeds": seeds, "fingerprints": fingerprints,
                    "results": results, "summary": summary}
         if writer:
-            (out / "results.json").write_text(json.dumps(payload, indent=2))
-            (out / "results.md").write_text(markdown_table(summary, names, seeds))
+            write_text(out / "results.md", markdown_table(summary, names, seeds))
+            write_text(out / "results.json", json.dumps(payload, indent=2))  # last: a finished run has it
             if cfg.plots:
                 plot_continual(payload, out)
         distributed.sync(f"finished {out}")

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crma_jax import CRMAConfig, LoraConfig, distributed, load_pretrained, param_labels, progress
+from crma_jax.atomic import write_text
 from crma_jax.adapters import TRAINABLE, init_adapters, store_as_bits
 from crma_jax.cl import Memory, Method
 from crma_jax.adapter_files import Adapters, BaseSpec, save_adapters
@@ -360,7 +361,7 @@ def _fit(cfg: TrainConfig, session: Session | None, task: Task | None, log_prefi
         metrics_out.close()
     summary = _summarize(cfg, session, task, state, compiled.choice, metrics_out, run, started)
     if distributed.is_writer():
-        (run / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text(run / "summary.json", json.dumps(summary, indent=2))
         save_run_adapters(run, session, {data_name: state.trainable["lora"]}, state.trainable.get("crma"),
                           {data_name: task.data_spec} if task.data_spec else {})
         if cfg.plots:
@@ -408,7 +409,7 @@ def _compiled_step(cfg: TrainConfig, session: Session, trainable: dict[str, Any]
         stops.check("while compiling, before the first step")
     compiled = session.compiled[key]
     if distributed.is_writer():
-        remat_file.write_text(json.dumps({"policy": compiled.choice.policy}))
+        write_text(remat_file, json.dumps({"policy": compiled.choice.policy}))
     return cfg, compiled
 
 
@@ -471,7 +472,7 @@ def _start(cfg: TrainConfig, session: Session, task: Task, compiled: Compiled, r
         # The holdout loss before any update, so a run can show that training helped.
         state.initial_loss = evaluate_holdout(session, {"params": session.frozen, **trainable}, task.holdout)
         if distributed.is_writer():
-            initial_file.write_text(json.dumps({"holdout_loss": state.initial_loss}))
+            write_text(initial_file, json.dumps({"holdout_loss": state.initial_loss}))
     return state
 
 

@@ -27,7 +27,7 @@ import yaml
 from crma_jax import distributed
 from crma_jax.train import stops
 from crma_jax.train.config import current_names
-from crma_jax.atomic import COMMITTED, STAGING, commit, recover  # noqa: F401 - re-exported (`crma cl`)
+from crma_jax.atomic import COMMITTED, STAGING, commit, recover, write_text  # noqa: F401 - re-exported (`crma cl`)
 
 CONFIG_FILE = "config.yaml"
 # Settings that change where and how a run is written or logged, never what it computes.
@@ -161,7 +161,7 @@ def write_config(out: str | Path, config: Any) -> Path:
     path = out / CONFIG_FILE
     if distributed.is_writer():
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(settings_of(config), sort_keys=False))
+        write_text(path, yaml.safe_dump(settings_of(config), sort_keys=False))
     return path
 
 
