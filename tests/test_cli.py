@@ -103,6 +103,8 @@ def test_every_flag_of_every_subcommand_has_help_with_its_default():
             if not action.option_strings or action.help == "==SUPPRESS==" or action.dest == "help":
                 continue
             assert action.help and len(action.help) > 10, f"crma {name} {action.option_strings}: no help"
+            # One vocabulary: every command says --batch-size and --seq-len.
+            assert not {"--batch", "--seq"} & set(action.option_strings), f"crma {name} {action.option_strings}"
             takes_value = action.nargs != 0 and not isinstance(action.default, bool)
             if takes_value and action.default is not None and not action.required:
                 assert "default" in action.help, f"crma {name} {action.option_strings}: default not shown"

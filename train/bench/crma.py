@@ -1,6 +1,6 @@
 """Benchmark: what CRMA costs. (i) forward-pass time on SmolLM2-135M, (ii) parameter counts.
 
-    crma bench crma [--reps 10] [--batch 4] [--seq 256]
+    crma bench crma [--reps 10] [--batch-size 4] [--seq-len 256]
 
 (i) The real SmolLM2-135M (fp32 HF directory made from the GGUF), B x T random tokens, float32,
 CPU. Both contenders carry the SAME LoRA (r=8 on q,k,v,o,gate,up,down) and the same base
@@ -133,8 +133,8 @@ def forward_pairs(batch: int, seq: int, reps: int, lora: LoraConfig, crma: CRMAC
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=10, help="interleaved repetitions (default: 10)")
-    parser.add_argument("--batch", type=int, default=4, help="batch size B (default: 4)")
-    parser.add_argument("--seq", type=int, default=256, help="sequence length T (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=4, help="batch size B (default: 4)")
+    parser.add_argument("--seq-len", type=int, default=256, help="sequence length T (default: 256)")
     parser.add_argument("--skip-forward", action="store_true", help="only the parameter counts")
     parser.add_argument("--qr-procs", type=int, default=3, help="fresh processes for (iii) (default: 3)")
     parser.add_argument("--qr-child", action="store_true", help=argparse.SUPPRESS)
@@ -149,14 +149,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
           f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} (before)")
     if not args.skip_forward:
-        times = forward_pairs(args.batch, args.seq, args.reps, lora, crma)
+        times = forward_pairs(args.batch_size, args.seq_len, args.reps, lora, crma)
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"\n(i) SmolLM2-135M forward, jitted model.apply, B={args.batch}, T={args.seq}, float32; "
+        print(f"\n(i) SmolLM2-135M forward, jitted model.apply, B={args.batch_size}, T={args.seq_len}, float32; "
               f"median of {args.reps} interleaved reps (load average {os.getloadavg()[0]:.2f} after)")
         print("| contender | median s | min s | tokens/s (median) |")
         print("|---|---|---|---|")
         for k, v in times.items():
-            print(f"| {k} | {med[k]:.3f} | {min(v):.3f} | {args.batch * args.seq / med[k]:.0f} |")
+            print(f"| {k} | {med[k]:.3f} | {min(v):.3f} | {args.batch_size * args.seq_len / med[k]:.0f} |")
         for off, on in (("LoRA r=8", "LoRA r=8 + CRMA rank 4"), ("base (no adapters)", "base + CRMA rank 4")):
             ratios = [b / a for a, b in zip(times[off], times[on])]
             print(f"ratio [{on}] / [{off}]: {med[on] / med[off]:.3f} (median of per-round ratios "

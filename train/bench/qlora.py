@@ -1,6 +1,6 @@
 """Benchmark: peak RSS of one QLoRA training step, NF4 base vs bf16 base, TinyLlama-1.1B shapes.
 
-    crma bench qlora [--batch 1] [--seq 128] [--reps 1] [--remat full]
+    crma bench qlora [--batch-size 1] [--seq-len 128] [--reps 1] [--remat full]
 
 A random TinyLlama-1.1B-shaped model (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV
 heads, vocab 32000, untied head), built without transformers: shapes from `jax.eval_shape` of
@@ -107,8 +107,8 @@ def child(kind: str, batch: int, seq: int, remat: str) -> dict[str, float]:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=1, help="batch size B (default: 1)")
-    parser.add_argument("--seq", type=int, default=128, help="sequence length T (default: 128)")
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size B (default: 1)")
+    parser.add_argument("--seq-len", type=int, default=128, help="sequence length T (default: 128)")
     parser.add_argument("--reps", type=int, default=1, help="fresh processes per base kind (default: 1)")
     parser.add_argument("--remat", choices=REMAT_POLICIES, default="full",
                         help="remat policy of the step (default: full, the leanest, which crma train's "
@@ -118,18 +118,18 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.child:
-        print(json.dumps(child(args.child, args.batch, args.seq, args.remat)))
+        print(json.dumps(child(args.child, args.batch_size, args.seq_len, args.remat)))
         return 0
     print(f"$ {command_line()}")
     print(f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} (before)")
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
     for _ in range(args.reps):
         for kind in KINDS:
-            runs[kind].append(run_child("qlora", "--child", kind, "--batch", str(args.batch), "--seq", str(args.seq),
+            runs[kind].append(run_child("qlora", "--child", kind, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                                         "--remat", args.remat))
     res = {k: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
-    print(f"TinyLlama-1.1B shapes (random weights), bf16 compute, LoRA r=8 x7 + CRMA 4, B={args.batch}, "
-          f"T={args.seq}, remat {args.remat}; one step in a fresh process, median of {args.reps}")
+    print(f"TinyLlama-1.1B shapes (random weights), bf16 compute, LoRA r=8 x7 + CRMA 4, B={args.batch_size}, "
+          f"T={args.seq_len}, remat {args.remat}; one step in a fresh process, median of {args.reps}")
     print("| base | base weights MiB | setup peak MiB | RSS before step MiB | step peak MiB | step increase MiB | "
           "XLA temp MiB | step s | loss |")
     print("|---|---|---|---|---|---|---|---|---|")
