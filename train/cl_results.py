@@ -53,15 +53,13 @@ def markdown_table(summary: dict[str, Any], names: list[str], seeds: list[int]) 
         "|---|" + "---|" * (len(earlier) + 6),
     ]
 
-    def pm(s: dict[str, Any], scale: float = 1.0, fmt: str = ".4f") -> str:
-        std = "" if s["std"] is None else f" ± {scale * s['std']:{fmt.lstrip('+')}}"  # a std has no sign
-        return f"{scale * s['mean']:{fmt}}{std}"
+    def pm(s: dict[str, Any], scale: float = 1.0, signed: bool = False, digits: int = 4) -> str:
+        return stats.spread(s, scale, signed, digits, extremes=False)
 
     for cond, s in summary.items():
-        cells = [f"{100 * m:+.2f}%" + ("" if sd is None else f" ± {100 * sd:.2f}")
-                 for m, sd in zip(s["drift_mean"], s["drift_std"])]
-        lines.append(f"| {cond.upper()} | " + " | ".join(cells) + f" | {pm(s['mean_drift'], 100, '+.2f')}% | "
-                     f"{pm(s['acc'])} | {pm(s['bwt'], fmt='+.4f')} | {pm(s['fwt'], fmt='+.4f')} | "
+        cells = [pm({"mean": m, "std": sd}, 100, True, 2) + "%" for m, sd in zip(s["drift_mean"], s["drift_std"])]
+        lines.append(f"| {cond.upper()} | " + " | ".join(cells) + f" | {pm(s['mean_drift'], 100, True, 2)}% | "
+                     f"{pm(s['acc'])} | {pm(s['bwt'], signed=True)} | {pm(s['fwt'], signed=True)} | "
                      f"{pm(s['agnostic_acc'])} | {s['wall_s']['mean']:.0f} |")
     if any("qa_crma_on" in s for s in summary.values()):
         lines += ["", "QA on the fictional facts (held-out wording, greedy answer, exact match), with the task id; "
@@ -69,6 +67,6 @@ def markdown_table(summary: dict[str, Any], names: list[str], seeds: list[int]) 
                   "| condition | accuracy, CRMA on | accuracy, CRMA off |", "|---|---|---|"]
         for cond, s in summary.items():
             if "qa_crma_on" in s:
-                off = pm(s["qa_crma_off"], 100, ".1f") + "%" if "qa_crma_off" in s else "–"
-                lines.append(f"| {cond.upper()} | {pm(s['qa_crma_on'], 100, '.1f')}% | {off} |")
+                off = pm(s["qa_crma_off"], 100, digits=1) + "%" if "qa_crma_off" in s else "–"
+                lines.append(f"| {cond.upper()} | {pm(s['qa_crma_on'], 100, digits=1)}% | {off} |")
     return "\n".join(lines) + "\n"

@@ -28,15 +28,16 @@ def sample_std(rows: np.ndarray) -> list[float | None]:
     return rows.std(0, ddof=1).tolist() if rows.shape[0] > 1 else [None] * rows.shape[1]
 
 
-def spread(values: Sequence[float] | dict[str, Any], scale: float = 1.0, signed: bool = True, digits: int = 4) -> str:
-    """"mean ± std [min, max]" of `values` (or of their `summary`) × `scale`; a std carries no
-    sign. One value is just that value: it has no spread to show."""
+def spread(values: Sequence[float] | dict[str, Any], scale: float = 1.0, signed: bool = True, digits: int = 4,
+           extremes: bool = True) -> str:
+    """"mean ± std [min, max]" of `values` (or of their `summary`) × `scale`, or "mean ± std"
+    without `extremes`; a std carries no sign. One value is just that value: it has no spread."""
     s = values if isinstance(values, dict) else summary(values)
     sign = "+" if signed else ""
     if s["std"] is None:
         return f"{scale * s['mean']:{sign}.{digits}f}"
-    return (f"{scale * s['mean']:{sign}.{digits}f} ± {scale * s['std']:.{digits}f} "
-            f"[{scale * s['min']:{sign}.{digits}f}, {scale * s['max']:{sign}.{digits}f}]")
+    text = f"{scale * s['mean']:{sign}.{digits}f} ± {scale * s['std']:.{digits}f}"
+    return text + (f" [{scale * s['min']:{sign}.{digits}f}, {scale * s['max']:{sign}.{digits}f}]" if extremes else "")
 
 
 def paired_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:

@@ -43,6 +43,7 @@ import numpy as np
 
 import crma_jax
 from crma_jax import CRMAConfig, LoraConfig, count_params, param_labels
+from crma_jax.adapters import TRAINABLE
 from crma_jax.loss import next_token_loss
 from crma_jax.memory_plan import REMAT_BY_SPEED, fastest_fitting, free_bytes
 from crma_jax.optim import make_optimizer
@@ -74,7 +75,7 @@ def interleave(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[f
 def our_step(model: Any, variables: dict[str, Any], batch: dict[str, jax.Array], remat: str = "none") -> Callable[[], Any]:
     """A closure running one compiled train step on fixed data, carrying trainable + optimizer
     state. `remat` "auto" picks the policy as `crma train --remat auto` does (`run.remat`)."""
-    trainable = {c: jax.tree.map(jnp.copy, variables[c]) for c in ("lora", "crma") if c in variables}
+    trainable = {c: jax.tree.map(jnp.copy, variables[c]) for c in TRAINABLE if c in variables}
     opt = make_optimizer(param_labels(trainable), LR, total_steps=0)
     mesh = make_mesh((1, 1, 1))
     rng = jax.random.PRNGKey(0)
@@ -194,7 +195,7 @@ def profile_step(run: Callable[[], Any], hlo: str, top: int = 12) -> None:
 
 def breakdown(model: Any, variables: dict[str, Any], batch: dict[str, jax.Array], reps: int) -> dict[str, list[float]]:
     """Jitted sub-parts of our step (LoRA + CRMA), interleaved; weights are arguments, not constants."""
-    trainable, params = {c: variables[c] for c in ("lora", "crma")}, variables["params"]
+    trainable, params = {c: variables[c] for c in TRAINABLE}, variables["params"]
 
     def loss(t: Any, p: Any) -> Any:
         return forward_loss(model, {"params": p, **t}, batch, None)[0]
