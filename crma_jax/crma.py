@@ -9,9 +9,10 @@ For the residual h (B, T, d) leaving a decoder layer:
     h' = h + α · (s @ Mᵀ − s) @ Uᵀ
 
 On span(U) the map is (1−α)I + αMᵀ, elsewhere the identity, so the whole map is
-non-expansive: ||h'|| <= ||h||. At init `log_mix = c·I` (c = 8) makes M ≈ I, so h' ≈ h to
-about 1e-3 relative and the pretrained model is undisturbed. `read` starts orthonormal, so no
-read/write path shrinks h.
+non-expansive: ||h'|| <= ||h||. At init (`CRMAConfig`'s defaults) `log_mix = 4·I` makes
+||M − I||_2 = 0.07 (n = 4) and `gate = −2` makes α = 0.12, so h moves by at most 0.8% on
+span(U) and not at all outside it: SmolLM2 starts 1.5e-3 nats above its base loss. `read` starts
+orthonormal, so no read/write path shrinks h.
 
 The parameters live in the `crma` collection (`read` (d, n), `log_mix` (n, n), `gate` ()).
 Diagnostics (||M||_2, the Sinkhorn residual, α, the gain ||h'||/||h||) are sown into the
