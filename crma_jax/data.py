@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from crma_jax.chat import render_chat, require_template
-from crma_jax.dedupe import first_occurrences
+from crma_jax.dedupe import DuplicatesWarning, first_occurrences  # noqa: F401 - DuplicatesWarning re-exported
 from crma_jax.records import DataError, Fields, Records, load_records
 
 T = TypeVar("T")
@@ -37,10 +37,6 @@ BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 
 class SkippedRowsWarning(UserWarning):
     """Rows of a source were dropped (`skip_bad_rows`); the message says how many and the first."""
-
-
-class DuplicatesWarning(UserWarning):
-    """Documents were dropped as duplicates; the message names the source and how many."""
 
 
 def drop_duplicates(records: Records, exclude: Records | None = None) -> Records:

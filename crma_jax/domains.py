@@ -22,9 +22,10 @@ fifth of its word 5-grams), so that no holdout passage is a copy of a training o
 from __future__ import annotations
 
 import sysconfig
+import warnings
 from pathlib import Path
 
-from crma_jax.dedupe import drop_near_copies
+from crma_jax.dedupe import NEAR_JACCARD, DuplicatesWarning, drop_near_copies
 
 LICENSES_DIR = Path("/usr/share/common-licenses")
 PASSAGE_CHARS = 1200
@@ -137,4 +138,10 @@ def domain_documents(name: str) -> list[str]:
         known = [*DOMAINS, *(FACTS_PREFIX + d for d in DOMAIN_RELATIONS)]
         raise ValueError(f"unknown built-in domain {name!r}; known: {', '.join(known)}")
     size = PASSAGE_CHARS_OF.get(name, PASSAGE_CHARS)
-    return drop_near_copies([piece for doc in DOMAINS[name]() for piece in passages(doc, size)])
+    pieces = [piece for doc in DOMAINS[name]() for piece in passages(doc, size)]
+    kept = drop_near_copies(pieces)
+    if len(kept) < len(pieces):
+        warnings.warn(f"built-in domain {name}: {len(pieces) - len(kept)} of {len(pieces)} passages are exact or near "
+                      f"copies (5-gram Jaccard >= {NEAR_JACCARD}, digits masked) of earlier ones; dropped before the split",
+                      DuplicatesWarning, stacklevel=2)
+    return kept

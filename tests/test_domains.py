@@ -55,3 +55,14 @@ def test_builtin_domains_read_fixed_files_not_whatever_is_installed(monkeypatch,
     monkeypatch.setattr(domains, "SHELL_FILES", (str(tmp_path / "usr" / "bin" / "nonexistent"),))
     with pytest.raises(FileNotFoundError, match="nonexistent.*'shell' reads a fixed list of files"):
         domains.shell_documents()
+
+
+def test_near_copies_dropped_from_a_builtin_domain_are_said(monkeypatch):
+    import crma_jax.domains as domains
+    from crma_jax.dedupe import DuplicatesWarning
+
+    licence = "Permission is granted to copy, distribute and modify this file under the terms of version {} of it."
+    monkeypatch.setitem(domains.DOMAINS, "legal", lambda: [licence.format(2), "A different passage entirely.",
+                                                           licence.format(3)])
+    with pytest.warns(DuplicatesWarning, match=r"built-in domain legal: 1 of 3 passages are exact or near copies"):
+        assert domains.domain_documents("legal") == [licence.format(2), "A different passage entirely."]
