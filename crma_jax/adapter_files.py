@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 from crma_jax.atomic import commit, recover
 from crma_jax.crma import CRMAConfig
 from crma_jax.errors import CheckpointError
+from crma_jax.domains import is_builtin
 from crma_jax.lora import LoraConfig
 from crma_jax.safetensors_io import save_tensors
 
@@ -69,18 +70,22 @@ def _unflat(flat: dict[str, np.ndarray]) -> Any:
 def save_adapters(run: Path, adapters: Adapters) -> Path:
     """Write RUN/adapters atomically (`crma_jax.atomic.commit`): a kill at any point leaves the
     old adapters or the new ones, which `load_adapters` then finds."""
-    # A model given as a relative path must still be found from another directory (`crma eval`,
-    # `crma export` run elsewhere): record it resolved; a name that is no path stays as it is.
-    base = adapters.base
-    if Path(base.model).exists():
-        base = dataclasses.replace(base, model=str(Path(base.model).resolve()))
+    # A model or data file given as a relative path must still be found from another directory
+    # (`crma eval`, `crma export` run elsewhere): record it resolved; a name that is no path (a
+    # hub id, a built-in domain) stays as it is.
+    def resolved(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path and not is_builtin(path) and Path(path).exists() else path
+
+    base = dataclasses.replace(adapters.base, model=resolved(adapters.base.model))
+    data = {name: {**spec, **{k: resolved(spec[k]) for k in ("source", "eval_source") if spec.get(k)}}
+            for name, spec in adapters.data.items()}
     meta = {
         "model": base.model,
         "base": dataclasses.asdict(base),
         "lora_config": dataclasses.asdict(adapters.lora_config) if adapters.lora_config else None,
         "crma_config": dataclasses.asdict(adapters.crma_config) if adapters.crma_config else None,
         "lora_sets": list(adapters.lora_sets),
-        "data": adapters.data,
+        "data": data,
     }
 
     def write(staging: Path) -> None:

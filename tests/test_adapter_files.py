@@ -52,15 +52,19 @@ def test_a_kill_while_writing_keeps_the_old_adapters(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]  # no staging left behind
 
 
-def test_a_relative_model_path_is_recorded_resolved(tmp_path, monkeypatch):
+def test_a_relative_model_or_data_path_is_recorded_resolved(tmp_path, monkeypatch):
     (tmp_path / "models" / "base").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     adapters = _adapters(1.0)
-    relative = Adapters(BaseSpec("models/base"), None, None, adapters.lora_sets, None)
+    (tmp_path / "notes.jsonl").write_text('{"text": "a note"}\n')
+    (tmp_path / "legal").mkdir()  # a directory named like a built-in domain: the domain is meant
+    data = {"main": {"source": "notes.jsonl", "eval_source": "legal", "seq_len": 32}}
+    relative = Adapters(BaseSpec("models/base"), None, None, adapters.lora_sets, None, data=data)
     save_adapters(tmp_path / "run", relative)
     monkeypatch.chdir(tmp_path / "run")  # crma eval / export from elsewhere
     loaded = load_adapters(tmp_path / "run")
     assert loaded.model == str(tmp_path / "models" / "base") and loaded.base.model == loaded.model
+    assert loaded.data["main"] == {"source": str(tmp_path / "notes.jsonl"), "eval_source": "legal", "seq_len": 32}
     named = Adapters(BaseSpec("smollm2"), None, None, adapters.lora_sets, None)  # a name, not a path: kept
     save_adapters(tmp_path / "run2", named)
     assert load_adapters(tmp_path / "run2").model == "smollm2"
