@@ -361,6 +361,37 @@ def test_each_process_measures_only_its_own_devices(tiny_lm, data_file, tmp_path
     assert seen and all(d.process_index == jax.process_index() for devices in seen for d in devices)
 
 
+def test_auto_remat_is_agreed_with_the_other_processes():
+    """Two processes, simulated by the answers of the collective `gather` (process order): each
+    plans for the least free memory of any, and all run process 0's pick."""
+    from types import SimpleNamespace
+
+    from crma_jax.memory_plan import REMAT_BY_SPEED
+
+    need = {p: 100 - 20 * i for i, p in enumerate(REMAT_BY_SPEED)}  # MiB per step, leanest last
+    compiled = []
+
+    def compile_for(policy):
+        compiled.append(policy)
+        mib = need[policy] << 20
+        return SimpleNamespace(memory_analysis=lambda: SimpleNamespace(temp_size_in_bytes=mib, output_size_in_bytes=0,
+                                                                        alias_size_in_bytes=0))
+
+    def gather_with(peer: dict[str, int], me: int):
+        answers = iter([peer["free_mib"], peer["pick"]])
+        return lambda value: [value, next(answers)][::1 - 2 * me]
+
+    plenty, lean = 1 << 40, REMAT_BY_SPEED[-1]
+    # The peer has 1 MiB free: this process (0), with plenty, plans for it and picks the leanest.
+    choice = finetune.agreed_choice(compile_for, REMAT_BY_SPEED, plenty, gather_with({"free_mib": 1, "pick": 0}, me=0))
+    assert choice.policy == lean and not choice.fits
+    # This process (1) would run the fastest; process 0 picked the leanest: it runs that one.
+    compiled.clear()
+    choice = finetune.agreed_choice(compile_for, REMAT_BY_SPEED, plenty,
+                                    gather_with({"free_mib": plenty >> 20, "pick": len(REMAT_BY_SPEED) - 1}, me=1))
+    assert choice.policy == lean and compiled == [REMAT_BY_SPEED[0], lean]
+
+
 @pytest.mark.parametrize("what", ["missing_data", "empty_data", "missing_model"])
 def test_bad_input_exits_2_naming_the_path(what, tiny_lm, data_file, tmp_path, capsys):
     run = tmp_path / "run"

@@ -234,15 +234,22 @@ def compile_step(cfg: TrainConfig, session: Session, optimizer: Any, trainable: 
         return fn.lower(trainable, opt_state, frozen, batch, rng, memory).compile()
 
     policies = REMAT_BY_SPEED if cfg.remat == "auto" else (cfg.remat,)
-    # Each process measures only the devices it owns; all then plan for the least free memory of
-    # any, and take process 0's pick, so that every process compiles the same SPMD program.
-    mine = [d for d in session.mesh.devices.flat if d.process_index == jax.process_index()]
-    budget = min(distributed.gather(free_bytes(mine) >> 20)) << 20
+    mine = [d for d in session.mesh.devices.flat if d.process_index == jax.process_index()]  # only its own
+    choice = agreed_choice(compile_for, policies, free_bytes(mine), distributed.gather)
+    return choice.compiled, shardings, choice
+
+
+def agreed_choice(compile_for: Callable[[str], Any], policies: Sequence[str], free_here: int,
+                  gather: Callable[[int], list[int]]) -> RematChoice:
+    """The remat policy that every process runs (`fastest_fitting` of `policies`): each plans for
+    the least free memory of any process (in MiB, through the collective `gather`), and all take
+    process 0's pick, so that every process compiles the same SPMD program."""
+    budget = min(gather(free_here >> 20)) << 20
     choice = fastest_fitting(compile_for, budget, policies)
-    agreed = policies[distributed.gather(policies.index(choice.policy))[0]]
+    agreed = policies[gather(policies.index(choice.policy))[0]]
     if agreed != choice.policy:
         choice = fastest_fitting(compile_for, budget, (agreed,))
-    return choice.compiled, shardings, choice
+    return choice
 
 
 def evaluate_holdout(session: Session, variables: dict[str, Any], holdout: PackedData) -> float:
