@@ -27,13 +27,14 @@ QUANT_KINDS = ("nf4", "int8")
 
 def init_adapters(model: Any, params: Any, rng: jax.Array) -> dict[str, Any]:
     """Fresh `lora` and `crma` collections for `model` over loaded `params` (no base re-init)."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    wanted = [c for c, cfg in (("lora", model.lora_config), ("crma", model.crma_config)) if cfg is not None]
-    if not wanted:
-        return {}
-    _, state = jax.jit(
-        lambda p, key: model.apply({"params": p}, ids, rngs={"params": key}, mutable=wanted)
-    )(params, rng)
+    wanted = tuple(c for c, cfg in (("lora", model.lora_config), ("crma", model.crma_config)) if cfg is not None)
+    return _adapter_init(model, wanted, params, rng) if wanted else {}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "wanted"))
+def _adapter_init(model: Any, wanted: tuple[str, ...], params: Any, rng: jax.Array) -> dict[str, Any]:
+    # One compiled program per model, however many tasks and seeds draw fresh adapters.
+    _, state = model.apply({"params": params}, jnp.zeros((1, 1), jnp.int32), rngs={"params": rng}, mutable=list(wanted))
     return {c: state[c] for c in wanted}
 
 
