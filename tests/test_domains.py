@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crma_jax.data import split_holdout
+from crma_jax.facts import DOMAIN_RELATIONS
 from crma_jax.domains import DOMAINS, PASSAGE_CHARS, domain_documents, passages
 
 paragraph = st.text(alphabet="ab \n", min_size=1, max_size=60).map(lambda t: t.strip("\n")).filter(lambda t: t.strip())
@@ -37,7 +38,7 @@ def test_unknown_domain_names_the_known_ones():
         domain_documents("poetry")
 
 
-@pytest.mark.parametrize("name", list(DOMAINS))
+@pytest.mark.parametrize("name", [*DOMAINS, *(f"facts-{d}" for d in DOMAIN_RELATIONS)])
 def test_no_holdout_passage_of_a_builtin_domain_is_in_train_even_as_a_near_copy(name):
     from crma_jax.data import DataSpec
     from crma_jax.dedupe import drop_near_copies, exact_key
