@@ -114,8 +114,9 @@ def smollm2_hf_dir(cache_dir: str | os.PathLike | None = None) -> Path:
             del model.hf_quantizer
         model.save_pretrained(str(staging), safe_serialization=True)
         load_gguf_tokenizer(gguf).save_pretrained(str(staging))
+        os.chmod(staging, 0o755)  # some writers make files owner-only; the cache is shared
         for f in staging.iterdir():
-            os.chmod(f, 0o644)  # some writers make files owner-only; the cache is shared
+            os.chmod(f, 0o644)
 
     try:
         atomic_dir(target, write)

@@ -25,7 +25,6 @@ from safetensors.numpy import load_file
 from crma_jax.atomic import commit, recover
 from crma_jax.crma import CRMAConfig
 from crma_jax.errors import CheckpointError
-from crma_jax.domains import is_builtin
 from crma_jax.lora import LoraConfig
 from crma_jax.safetensors_io import save_tensors
 
@@ -72,9 +71,9 @@ def save_adapters(run: Path, adapters: Adapters) -> Path:
     old adapters or the new ones, which `load_adapters` then finds."""
     # A model or data file given as a relative path must still be found from another directory
     # (`crma eval`, `crma export` run elsewhere): record it resolved; a name that is no path (a
-    # hub id, a built-in domain) stays as it is.
+    # hub id, a built-in domain) stays as it is. A path wins over a name, as in `load_records`.
     def resolved(path: str | None) -> str | None:
-        return str(Path(path).resolve()) if path and not is_builtin(path) and Path(path).exists() else path
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
 
     base = dataclasses.replace(adapters.base, model=resolved(adapters.base.model))
     data = {name: {**spec, **{k: resolved(spec[k]) for k in ("source", "eval_source") if spec.get(k)}}

@@ -21,6 +21,7 @@ import contextlib
 import glob
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -82,12 +83,20 @@ def recover(root: str | Path) -> None:
         shutil.rmtree(root / STAGING)
 
 
+def _staging_prefix(out: Path) -> str:
+    # The host too: a directory shared by several machines (a cluster's file system, the SmolLM2
+    # cache) holds other hosts' staging directories, whose processes this one cannot see.
+    return f".{out.name}.partial-{socket.gethostname()}-"
+
+
 def remove_orphans(out: Path) -> None:
-    """Remove the staging directories of `out` (`.OUT.partial-PID-*`) whose process no longer runs
-    on this host, saying so; those of a live process are left alone."""
-    for staging in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
-        pid = staging.name[len(f".{out.name}.partial-"):].split("-")[0]
-        if pid.isdigit() and _alive(int(pid)):
+    """Remove the staging directories of `out` (`.OUT.partial-HOST-PID-*`) that this host's
+    processes left and that no longer run, saying so; those of a live process, or of another
+    host, are left alone."""
+    prefix = _staging_prefix(out)
+    for staging in out.parent.glob(glob.escape(prefix) + "*"):
+        pid = staging.name[len(prefix):].split("-")[0]
+        if not pid.isdigit() or _alive(int(pid)):
             continue
         print(f"{staging}: removing what a killed run left behind", file=sys.stderr)
         shutil.rmtree(staging, ignore_errors=True)
@@ -106,7 +115,7 @@ def _alive(pid: int) -> bool:
 def atomic_dir(out: Path, write: Callable[[Path], None]) -> Path:
     """Run `write(dir)` on an empty staging directory, renamed to `out` only if it succeeds.
 
-    `out` must not exist; the staging directory is a hidden sibling, `.OUT.partial-PID-*`,
+    `out` must not exist; the staging directory is a hidden sibling, `.OUT.partial-HOST-PID-*`,
     removed on any failure; one that a killed process left behind is removed by the next call for
     the same `out` (`remove_orphans`).
     """
@@ -115,7 +124,7 @@ def atomic_dir(out: Path, write: Callable[[Path], None]) -> Path:
         raise FileExistsError(f"{out}: already exists; choose a new output directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
         (staging / "out").mkdir()
         write(staging / "out")

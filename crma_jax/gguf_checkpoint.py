@@ -120,7 +120,10 @@ class GGUFSource:
             raise CheckpointError(f"{self.path}: GGUF metadata {key!r} is an array; expected a single value")
         part = field.parts[field.data[0]]
         if field.types[0].name == "STRING":
-            return bytes(part).decode("utf-8")
+            try:
+                return bytes(part).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{self.path}: GGUF metadata {key!r} is not UTF-8 text ({e})") from None
         return part[0].item()
 
     def _build_config(self) -> dict[str, Any]:

@@ -57,14 +57,17 @@ def test_a_relative_model_or_data_path_is_recorded_resolved(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     adapters = _adapters(1.0)
     (tmp_path / "notes.jsonl").write_text('{"text": "a note"}\n')
-    (tmp_path / "legal").mkdir()  # a directory named like a built-in domain: the domain is meant
-    data = {"main": {"source": "notes.jsonl", "eval_source": "legal", "seq_len": 32}}
+    (tmp_path / "legal").mkdir()  # a directory named like a built-in domain: read as the directory
+    data = {"main": {"source": "notes.jsonl", "eval_source": "legal", "seq_len": 32},
+            "other": {"source": "docs", "seq_len": 32}}  # no such path here: the built-in domain
     relative = Adapters(BaseSpec("models/base"), None, None, adapters.lora_sets, None, data=data)
     save_adapters(tmp_path / "run", relative)
     monkeypatch.chdir(tmp_path / "run")  # crma eval / export from elsewhere
     loaded = load_adapters(tmp_path / "run")
     assert loaded.model == str(tmp_path / "models" / "base") and loaded.base.model == loaded.model
-    assert loaded.data["main"] == {"source": str(tmp_path / "notes.jsonl"), "eval_source": "legal", "seq_len": 32}
+    assert loaded.data["main"] == {"source": str(tmp_path / "notes.jsonl"), "eval_source": str(tmp_path / "legal"),
+                                   "seq_len": 32}
+    assert loaded.data["other"] == data["other"]
     named = Adapters(BaseSpec("smollm2"), None, None, adapters.lora_sets, None)  # a name, not a path: kept
     save_adapters(tmp_path / "run2", named)
     assert load_adapters(tmp_path / "run2").model == "smollm2"

@@ -233,10 +233,14 @@ def test_help_starts_no_jax():
         "from crma_jax.train.cli import build_parser\n"
         "build_parser(['cl'])\n"
         "print('crma_jax.train.continual' in sys.modules, 'crma_jax.train.bench.memory' in sys.modules)\n"
+        "import crma_jax\n"  # the package's submodules and exports are there on first use
+        "assert callable(crma_jax.pretrained.load_tokenizer) and crma_jax.sinkhorn.__name__ == 'sinkhorn'\n"
+        "main(['bench', '--debug', 'memory', '--arch', 'tinyllama', '--target', 'nope'])\n"  # flags after --debug
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines() == ["[]", "True False"] and out.stderr.startswith("-- jax from here on")
+    assert "unknown --target 'nope'" in out.stderr and "unrecognized arguments" not in out.stderr
 
 
 def test_no_environment_switch_can_kill_a_run():
@@ -269,6 +273,17 @@ def test_eval_with_data_splits_with_the_runs_own_seed(trained, tiny_lm, tmp_path
     assert again["tokens"] == own["tokens"] and again["loss"] == pytest.approx(own["loss"], rel=1e-6)
     assert main(["eval", str(run), "--data", str(data), "--seq-len", "32", "--split-seed", "0"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["split_seed"] == 0  # asked for: still possible
+    # A run with separate evaluation data trained on all of --data: none of it is a holdout.
+    held = tmp_path / "held.jsonl"
+    held.write_text("\n".join(json.dumps({"text": f"held-out note {i}: a slow red fox"}) for i in range(8)))
+    separate = tmp_path / "separate"
+    assert main(["train", "--model", str(tiny_lm), "--data", str(data), "--eval-data", str(held), "--out", str(separate),
+                 "--steps", "1", "--warmup-steps", "0", "--seq-len", "32", "--batch-size", "4", "--eval-every", "0",
+                 "--no-plots", "--report-to", "none", "--mesh", "1,1,1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(separate), "--data", str(data)]) == 2
+    assert f"trained on all of {data} (its holdout was --eval-data" in capsys.readouterr().err
+    assert main(["eval", str(separate), "--data", str(data), "--split", "train"]) == 0
 
 
 def _complete_after_the_loop_closed() -> None:

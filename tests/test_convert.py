@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -106,17 +108,19 @@ def test_console_script_runs(tmp_path, tiny_models):
 def test_a_killed_converts_staging_directory_is_removed_by_the_next_one(tmp_path, tiny_models, capsys):
     out = tmp_path / "out"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = tmp_path / f".out.partial-{int(dead.stdout)}-x1"  # as a killed `crma convert` leaves it
+    host = socket.gethostname()
+    orphan = tmp_path / f".out.partial-{host}-{int(dead.stdout)}-x1"  # as a killed `crma convert` leaves it
     (orphan / "out").mkdir(parents=True)
     (orphan / "out" / "model.safetensors").write_bytes(b"\0" * 1000)
-    import os
-
-    live = tmp_path / f".out.partial-{os.getpid()}-x2"  # a convert that is still running: not ours to touch
+    live = tmp_path / f".out.partial-{host}-{os.getpid()}-x2"  # a convert that is still running: not ours to touch
     live.mkdir()
+    # Another machine's convert into a shared directory: its process is not visible from here.
+    elsewhere = tmp_path / f".out.partial-{host}-elsewhere-{int(dead.stdout)}-x3"
+    elsewhere.mkdir()
     assert main(["convert", str(tiny_models["llama"]), str(out)]) == 0
     assert not orphan.exists() and live.is_dir() and (out / "crma_model.json").is_file()
     assert f"{orphan}: removing what a killed run left behind" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name, elsewhere.name])
 
 
 @pytest.mark.parametrize("change, message", [

@@ -379,7 +379,11 @@ def test_auto_remat_is_agreed_with_the_other_processes():
 
     def gather_with(peer: dict[str, int], me: int):
         answers = iter([peer["free_mib"], peer["pick"]])
-        return lambda value: [value, next(answers)][::1 - 2 * me]
+
+        def gather(value):  # both processes' values, in process order
+            theirs = next(answers)
+            return [value, theirs] if me == 0 else [theirs, value]
+        return gather
 
     plenty, lean = 1 << 40, REMAT_BY_SPEED[-1]
     # The peer has 1 MiB free: this process (0), with plenty, plans for it and picks the leanest.

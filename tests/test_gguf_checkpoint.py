@@ -317,3 +317,14 @@ def test_smollm2_tokenizer(smollm2_gguf_path: Path, smollm2_src: GGUFSource) -> 
     ids = tok(text)["input_ids"]
     assert tok.decode(ids) == text and max(ids) < cfg["vocab_size"]
     assert (tok.bos_token_id, tok.eos_token_id) == (cfg["bos_token_id"], cfg["eos_token_id"])
+
+
+def test_metadata_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "garbled.gguf"
+    write_tiny_gguf(path)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"llama", data.index(b"general.architecture") + len(b"general.architecture"))
+    data[at:at + 5] = b"\xffl\xffma"  # the architecture's value, same length, not UTF-8
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ": GGUF metadata 'general.architecture' is not UTF-8"):
+        GGUFSource(path)

@@ -42,3 +42,13 @@ def test_damaged_lines_are_named_and_only_the_end_is_cut(tmp_path):
     assert cut_damaged_end(path, lines) == len(b'{"n": 3, "x": [\n{"oth')
     assert path.read_bytes() == b'{"n": 1}\n\x00\x00garbage\n\n{"n": 2}\n'  # damage in the middle is left
     assert cut_damaged_end(path, read_lines(path, _parse)) == 0
+
+
+def test_blank_lines_after_a_record_stay_and_a_last_line_without_its_newline_is_no_record(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"n": 1}\n\n\n')
+    lines = read_lines(path, _parse)
+    assert lines.records == [1] and cut_damaged_end(path, lines) == 0 and path.read_bytes() == b'{"n": 1}\n\n\n'
+    path.write_bytes(b'{"n": 1}\n{"n": 2}')  # the stop came between the record and its newline
+    lines = read_lines(path, _parse)
+    assert lines.records == [1] and lines.cut == 2 and lines.tail == b'{"n": 2}'

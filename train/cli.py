@@ -180,7 +180,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The `crma` parser. Every command is listed; with `words` (the command line's first two
-    words), only the command they name, and for `bench` the benchmark, gets its flags, so that
+    words that are no option), only the command they name, and for `bench` the benchmark, gets its flags, so that
     `crma -h` or `crma cl-table` imports neither jax nor the other programs. None: every flag."""
 
     def wanted(*names: str) -> bool:
@@ -332,7 +332,9 @@ class _QuietClosedLoop:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv[:2]).parse_args(argv)
+    # The command and benchmark names: the first words that are no option (above a benchmark's
+    # own flags there are only -h and --debug, which take no value).
+    args = build_parser([a for a in argv if not a.startswith("-")][:2]).parse_args(argv)
     name = f"crma {args.command}"
     # A failed asynchronous save makes Orbax log its traceback from every thread (hundreds of
     # lines); the failure reaches the program as one `SaveFailed` line. --debug keeps them.

@@ -9,6 +9,7 @@ the training part, or all of it). Every target token is counted exactly once.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from crma_jax.adapter_files import load_adapters
@@ -41,6 +42,10 @@ def eval_spec(args: argparse.Namespace, set_name: str | None) -> DataSpec:
     """The data spec to score: `--data` with its flags, else the run's recorded spec for the set."""
     recorded = load_adapters(args.model).data.get(set_name or "", {}) if is_run(args.model) else {}
     if args.data:
+        if recorded.get("eval_source") and args.split == "holdout" and _same_source(args.data, recorded["source"]):
+            raise ValueError(f"{args.model}: trained on all of {args.data} (its holdout was --eval-data "
+                             f"{recorded['eval_source']}), so no part of it is held out; `crma eval {args.model}` "
+                             "scores that holdout, --split train or all scores this data")
         # Split as the run split its own data, unless a flag says otherwise: its seed, holdout
         # fraction and document cap (another split would put its training documents in the holdout).
         seed = args.split_seed if args.split_seed is not None else recorded.get("split_seed", 0)
@@ -55,6 +60,11 @@ def eval_spec(args: argparse.Namespace, set_name: str | None) -> DataSpec:
         raise ValueError(f"{args.model}: LoRA set {set_name!r} records no data spec; pass --data")
     spec = DataSpec(**recorded)
     return DataSpec(**{**spec.as_dict(), "seq_len": args.seq_len}) if args.seq_len else spec
+
+
+def _same_source(given: str, recorded: str) -> bool:
+    """Whether `given` names the data a run recorded (a path as resolved, a name as written)."""
+    return given == recorded or (Path(given).exists() and str(Path(given).resolve()) == recorded)
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,8 +15,9 @@ R = TypeVar("R")
 class Lines(Generic[R]):
     """What `read_lines` found: the records in file order; the 1-based numbers of the complete
     lines that do not parse; `cut`, the number of a last line without its newline (a record cut as
-    it was written), or None, and `tail`, that line's bytes; and the byte offset just past the last record (what follows it is
-    the damaged end: `end == size` when there is none)."""
+    it was written, never a record), or None, and `tail`, that line's bytes; and `end`, the byte
+    offset just past the last record and the blank lines after it (what follows is the damaged
+    end: `end == size` when there is none)."""
 
     records: list[R]
     unreadable: list[int]
@@ -32,15 +33,17 @@ def read_lines(path: Path, parse: Callable[[bytes], R | None]) -> Lines[R]:
     records: list[R] = []
     unreadable: list[int] = []
     end = offset = 0
-    cut = None
+    cut, clean = None, True
     for number, line in enumerate(data.split(b"\n"), 1):
         offset += len(line) + 1
         if offset > len(data):  # the text after the last newline: empty, or a line cut short
             cut = number if line else None
             break
         if not line.strip():
+            end = offset if clean else end  # blank lines after a record stay
             continue
         record = parse(line)
+        clean = record is not None
         if record is None:
             unreadable.append(number)
         else:
@@ -50,8 +53,8 @@ def read_lines(path: Path, parse: Callable[[bytes], R | None]) -> Lines[R]:
 
 
 def cut_damaged_end(path: Path, lines: Lines) -> int:
-    """Truncate `path` in place after its last complete readable line (never rewriting what is
-    kept), so that the next appended record starts a line of its own; the bytes dropped."""
+    """Truncate `path` in place at `lines.end` (never rewriting what is kept), so that the next
+    appended record starts a line of its own; the bytes dropped."""
     if lines.end < lines.size:
         with open(path, "r+b") as f:
             f.truncate(lines.end)

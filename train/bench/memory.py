@@ -219,7 +219,9 @@ def _done_rows(path: str) -> dict[str, dict[str, Any]]:
     if not file.exists():
         return {}
     lines = read_lines(file, _parse_row)
-    foreign = [*lines.unreadable, *([lines.cut] if lines.cut and not _ROW.startswith(lines.tail[:len(_ROW)]) else [])]
+    # A last line without its newline is a row cut as it was written if it begins as rows do.
+    cut_row = lines.cut is not None and _ROW.startswith(lines.tail[:len(_ROW)])
+    foreign = [*lines.unreadable, *([lines.cut] if lines.cut is not None and not cut_row else [])]
     if foreign:
         raise ValueError(f"--append {path}: line {foreign[0]} is not a row this command wrote; name a new file")
     cut_damaged_end(file, lines)
