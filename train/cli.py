@@ -180,8 +180,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The `crma` parser. Every command is listed; with `words` (the command line's first two
-    words that are no option), only the command they name, and for `bench` the benchmark, gets its flags, so that
-    `crma -h` or `crma cl-table` imports neither jax nor the other programs. None: every flag."""
+    words that are no option), only the command they name, and for `bench` the benchmark, gets
+    its flags, so that `crma -h` or `crma cl-table` imports neither jax nor the other programs.
+    None: every flag."""
 
     def wanted(*names: str) -> bool:
         return words is None or list(words[:len(names)]) == list(names)
