@@ -16,7 +16,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 SYLLABLES = ("ka", "lo", "mi", "ren", "tor", "vas", "quel", "dri", "sen", "bar", "ul", "ith", "nor", "zan",
@@ -138,6 +137,8 @@ def answer_questions(model: Any, variables: dict[str, Any], tokenizer: Any, aske
                      crma_enabled: bool = True, max_new_tokens: int = 16, batch_size: int = 16) -> list[bool]:
     """Greedy answers to `asked` ((prompt, answer) pairs), each scored by `score_answer`; in the
     order asked. Prompts of equal token length run as one batch (no padding to get wrong)."""
+    import jax.numpy as jnp  # here: the facts' text, read by every data load, needs no jax
+
     from crma_jax.generate import generate
 
     ids = [tokenizer(prompt)["input_ids"] for prompt, _ in asked]

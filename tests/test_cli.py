@@ -359,3 +359,11 @@ def test_asyncio_reports_of_a_failed_saves_futures_are_dropped_and_others_kept(t
         assert not [r for r in caplog.records if r.name == "asyncio" and "never retrieved" in r.getMessage()]
         abandon(elsewhere.write)
         assert [r for r in caplog.records if r.name == "asyncio" and "never retrieved" in r.getMessage()]
+
+    # tensorstore's exceptions come from C++ with no Python frames: Orbax's temporary path names them.
+    def report(message: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, "Future exception was never retrieved",
+                                 None, (ValueError, ValueError(message), None))
+
+    assert not _not_orbax(report('OUT_OF_RANGE: Error writing "rng/0" at "run/checkpoints/20.orbax-checkpoint-tmp/d"'))
+    assert _not_orbax(report("OUT_OF_RANGE: a write of our own"))
