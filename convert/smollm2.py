@@ -90,8 +90,8 @@ def smollm2_hf_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
     Made once from the GGUF (`smollm2_gguf`) with transformers and cached beside it as
     `<cache>/SmolLM2-135M-hf/`. The directory is written into a staging directory and renamed
-    into place (`atomic_dir`), so a concurrent reader sees either no directory or a complete one. transformers
-    dequantizes the Q4_1 weights to float32; `quantization_config` and `hf_quantizer` are dropped
+    into place (`atomic_dir`), so a concurrent reader sees either no directory or a complete one.
+    transformers dequantizes the Q4_1 weights to float32; `quantization_config` and `hf_quantizer` are dropped
     first so that `save_pretrained` writes plain fp32 tensors (a tied model may have no lm_head).
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

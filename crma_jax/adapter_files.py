@@ -66,17 +66,18 @@ def _unflat(flat: dict[str, np.ndarray]) -> Any:
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
+def recorded_path(path: str | None) -> str | None:
+    """How a run records a model or data source: a path that exists resolved, so that it is still
+    found from another directory (`crma eval`, `crma export` run elsewhere); a name that is no
+    path (a hub id, a built-in domain) as it is. A path wins over a name, as in `load_records`."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+
 def save_adapters(run: Path, adapters: Adapters) -> Path:
     """Write RUN/adapters atomically (`crma_jax.atomic.commit`): a kill at any point leaves the
     old adapters or the new ones, which `load_adapters` then finds."""
-    # A model or data file given as a relative path must still be found from another directory
-    # (`crma eval`, `crma export` run elsewhere): record it resolved; a name that is no path (a
-    # hub id, a built-in domain) stays as it is. A path wins over a name, as in `load_records`.
-    def resolved(path: str | None) -> str | None:
-        return str(Path(path).resolve()) if path and Path(path).exists() else path
-
-    base = dataclasses.replace(adapters.base, model=resolved(adapters.base.model))
-    data = {name: {**spec, **{k: resolved(spec[k]) for k in ("source", "eval_source") if spec.get(k)}}
+    base = dataclasses.replace(adapters.base, model=recorded_path(adapters.base.model))
+    data = {name: {**spec, **{k: recorded_path(spec[k]) for k in ("source", "eval_source") if spec.get(k)}}
             for name, spec in adapters.data.items()}
     meta = {
         "model": base.model,

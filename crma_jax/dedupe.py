@@ -28,6 +28,7 @@ from typing import Any
 class DuplicatesWarning(UserWarning):
     """Documents were dropped as duplicates; the message names the source and how many."""
 
+
 _DIGITS = re.compile(r"\d+")
 NEAR_JACCARD = 0.8
 SHINGLE_WORDS = 5

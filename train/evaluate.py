@@ -9,10 +9,9 @@ the training part, or all of it). Every target token is counted exactly once.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from crma_jax.adapter_files import load_adapters
+from crma_jax.adapter_files import load_adapters, recorded_path
 from crma_jax.data import DataSpec
 from crma_jax.evaluate import EvalResult, evaluate
 from crma_jax.progress import progress_callback
@@ -42,7 +41,7 @@ def eval_spec(args: argparse.Namespace, set_name: str | None) -> DataSpec:
     """The data spec to score: `--data` with its flags, else the run's recorded spec for the set."""
     recorded = load_adapters(args.model).data.get(set_name or "", {}) if is_run(args.model) else {}
     if args.data:
-        if recorded.get("eval_source") and args.split == "holdout" and _same_source(args.data, recorded["source"]):
+        if recorded.get("eval_source") and args.split == "holdout" and recorded_path(args.data) == recorded["source"]:
             raise ValueError(f"{args.model}: trained on all of {args.data} (its holdout was --eval-data "
                              f"{recorded['eval_source']}), so no part of it is held out; `crma eval {args.model}` "
                              "scores that holdout, --split train or all scores this data")
@@ -60,11 +59,6 @@ def eval_spec(args: argparse.Namespace, set_name: str | None) -> DataSpec:
         raise ValueError(f"{args.model}: LoRA set {set_name!r} records no data spec; pass --data")
     spec = DataSpec(**recorded)
     return DataSpec(**{**spec.as_dict(), "seq_len": args.seq_len}) if args.seq_len else spec
-
-
-def _same_source(given: str, recorded: str) -> bool:
-    """Whether `given` names the data a run recorded (a path as resolved, a name as written)."""
-    return given == recorded or (Path(given).exists() and str(Path(given).resolve()) == recorded)
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:

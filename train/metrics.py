@@ -33,7 +33,7 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     path = Path(run) / METRICS_FILE
     lines = read_lines(path, _parse)
     by_step = {rec["step"]: rec for rec in lines.records}
-    bad = [*lines.unreadable, *([lines.cut] if lines.cut else [])]
+    bad = [*lines.unreadable, *([lines.cut] if lines.cut is not None else [])]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         print(f"{path}: line {bad[0]}{more} unreadable (cut short or overwritten); skipped", file=sys.stderr)

@@ -19,9 +19,10 @@ memory and which policy `--remat auto` would run there, and a roofline bound: th
 and bytes per chip as the compiler counts them (`crma_jax.roofline`), the least time a step can
 take on the chip's published peak and bandwidth, and the MFU bound that follows. Such figures are
 compiler plans, not measurements on the device. `--cpu-beside` adds XLA:CPU's plan of each
-row's step (same mesh and policy) on this machine's CPU devices, once per distinct step. `--append FILE` writes each
-row to FILE as a JSON line once it is compiled and takes the rows FILE already holds from there
-instead of compiling them again, so a grid of many compiles can be stopped and rerun.
+row's step (same mesh and policy) on this machine's CPU devices, once per distinct step.
+`--append FILE` writes each row to FILE as a JSON line once it is compiled and takes the rows
+FILE already holds from there instead of compiling them again, so a grid of many compiles can be
+stopped and rerun.
 """
 
 from __future__ import annotations
