@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from crma_jax.convert.export import export_run
 from crma_jax.data import PackedData
+from crma_jax.train.bench.util import cpu_model
 from crma_jax.train.cli import main
 from crma_jax.train.continual import mix_replay
 from crma_jax.train.inference import load_for_inference
@@ -82,7 +83,7 @@ def test_matrix_metrics_and_files(finished):
             assert r["acc"] == pytest.approx((L[2, 0] + L[2, 1] + L[2, 2]) / 3, rel=1e-12)
             assert r["bwt"] == pytest.approx(((L[0, 0] - L[2, 0]) + (L[1, 1] - L[2, 1])) / 2, rel=1e-12)
             assert r["fwt"] == pytest.approx(((b[1] - L[0, 1]) + (b[2] - L[1, 2])) / 2, rel=1e-12)
-            assert r["wall_s"] > 0
+            assert r["wall_s"] > 0 and r["cpus"] == [cpu_model()]
         drifts = np.asarray([payload["results"][cond][s]["drift"] for s in SEEDS])
         np.testing.assert_allclose(payload["summary"][cond]["drift_mean"], drifts.mean(0))
         accs = [payload["results"][cond][s]["acc"] for s in SEEDS]
@@ -200,12 +201,15 @@ def test_interrupted_run_resumes_at_the_domain_and_reaches_the_same_numbers(meth
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]
     progress = json.loads((out / method / "seed0" / "progress.json").read_text())
-    assert progress["finished"] == ["greek"]  # killed inside the second domain
+    assert progress["finished"] == ["greek"] and progress["cpus"] == [cpu_model()]  # killed inside the second domain
+    # The resume runs on another machine: the sequence's wall time was spent on both CPUs.
+    (out / method / "seed0" / "progress.json").write_text(json.dumps({**progress, "cpus": ["Another CPU"]}))
     assert main(args + ["--resume"]) == 0
     resumed = json.loads((out / "results.json").read_text())["results"][method]["0"]
     reference = finished[1]["results"][method]["0"]
     np.testing.assert_allclose(np.asarray(resumed["L"], float), np.asarray(reference["L"], float), rtol=1e-6)
     assert 0 < progress["wall_s"] < resumed["wall_s"]  # the killed process's finished domain still counts
+    assert resumed["cpus"] == sorted(["Another CPU", cpu_model()])
 
 
 def test_a_second_run_into_the_same_out_is_refused_not_mixed(tiny_lm, domains, finished, capsys):

@@ -22,6 +22,7 @@ from crma_jax.memory_plan import abstract_base, plan_for_target
 from crma_jax.model import Decoder
 from crma_jax.quant import dequantize_nf4, quantize_nf4
 from crma_jax.train.bench import memory as bench_memory
+from crma_jax.train.bench.util import cpu_model
 from crma_jax.train.cli import main
 
 targets.prepare_host()  # conftest already pins the CPU backend; libtpu must not look for a TPU VM
@@ -203,8 +204,12 @@ def test_bench_memory_grid_resumes_from_its_file_with_the_cpu_plan_beside(tmp_pa
     assert main([*argv, "128"]) == 0
     (first,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert (first["T"], first["B"]) == (128, 2) and first["CPU GiB"] > 0 and first["total"] > 0
+    assert first["compiled on"] == cpu_model()
     (line,) = grid.read_text().splitlines()
     assert json.loads(line)["row"] == first
+    # The row was compiled on another machine: read back, it still says so.
+    first["compiled on"] = "Another CPU"
+    line = json.dumps({"key": json.loads(line)["key"], "row": first})
     # A stop cut the next row as it was written: it is dropped and compiled again; the first row is
     # read back, not compiled.
     grid.write_text(line + "\n" + line[:40])
@@ -218,6 +223,7 @@ def test_bench_memory_grid_resumes_from_its_file_with_the_cpu_plan_beside(tmp_pa
     assert [(r["target"], r["T"], r["B"]) for r in rows] == [("h100", 128, 2), ("h100", 256, 2), ("a10g", 128, 2),
                                                              ("a10g", 256, 2)]
     assert compiled == [256, 128, 256] and cpu_compiled == [256] and rows[0] == first
+    assert [r["compiled on"] for r in rows] == ["Another CPU", cpu_model(), cpu_model(), cpu_model()]
     assert rows[2]["remat"] == first["remat"] and rows[2]["CPU GiB"] == first["CPU GiB"]
     assert [json.loads(line)["row"] for line in grid.read_text().splitlines()] == rows
     other = tmp_path / "notes.txt"

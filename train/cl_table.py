@@ -75,6 +75,12 @@ class Row(NamedTuple):
     by_seed: dict[str, dict[str, Any]]
 
 
+def _cpus(rows: Sequence[Row]) -> str:
+    """The CPU models the rows' wall minutes were measured on (runs record them in results.json)."""
+    cpus = sorted({cpu for row in rows for r in row.by_seed.values() for cpu in r.get("cpus", ["an unrecorded CPU"])})
+    return cpus[0] if len(cpus) == 1 else f"{len(cpus)} CPUs ({'; '.join(cpus)}): compare rows of one CPU only"
+
+
 def pool(payloads: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]]) -> list[Row]:
     """Rows in order of first appearance: one per condition and result-relevant settings, with the
     seeds of every run that has them. The same seed twice must carry the same results (wall time
@@ -110,7 +116,7 @@ def _shown(config: dict[str, Any], condition: str, key: str) -> str:
 
 
 def _numbers(result: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in result.items() if k != "wall_s"}, sort_keys=True)
+    return json.dumps({k: v for k, v in result.items() if k not in ("wall_s", "cpus")}, sort_keys=True)
 
 
 def versus(row: Row, reference: Row | None, key: str) -> str:
@@ -130,20 +136,21 @@ def versus(row: Row, reference: Row | None, key: str) -> str:
     return spread(ratios, 100, digits=2) + f" ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}{ci})"
 
 
-def transfer_table(rows: Sequence[Row], shown: Sequence[str], against: str | None = None) -> str:
-    """Per row: the transfer metrics as mean ± std [min, max] over its seeds; with `against` a
-    condition, also both mean losses relative to that condition's under the same settings, per seed."""
+def transfer_table(rows: Sequence[Row], shown: Sequence[str], against: Sequence[str] = ()) -> str:
+    """Per row: the transfer metrics as mean ± std [min, max] over its seeds; for each condition of
+    `against`, also both mean losses relative to that condition's under the same settings, per seed."""
     head = [*shown, "condition", "seeds", "mean drift %", "mean loss ↓", "BWT", "FWT", "task-agnostic mean loss ↓",
             "routing accuracy", "wall min"]
     legend = (f"Mean ± sample std (ddof 1) [min, max] over the n seeds of the seeds column (one seed: its value); "
               f"mean drift over the earlier domains. {METRICS_LEGEND} Wall: "
-              "minutes per sequence (training, evaluation, checkpoints), mean over seeds.")
+              f"minutes per sequence (training, evaluation, checkpoints), mean over seeds, on {_cpus(rows)}.")
+    for reference in against:
+        head += [f"mean loss vs {reference.upper()} %", f"task-agnostic mean loss vs {reference.upper()} %"]
     if against:
-        head += [f"mean loss vs {against.upper()} %", f"task-agnostic mean loss vs {against.upper()} %"]
-        legend += (f" Mean loss vs {against.upper()}: per seed, (mean loss − mean loss of {against.upper()}) / "
-                   f"mean loss of {against.upper()} under the same settings and seed, over the seeds both have, "
-                   "with the 95% Student-t confidence interval of the mean difference; negative = lower loss.")
-    references = {_settings_key(row.config, against): row for row in rows if row.condition == against}
+        legend += (" Mean loss vs REFERENCE: per seed, (mean loss − mean loss of REFERENCE) / mean loss of REFERENCE "
+                   "under the same settings and seed, over the seeds both have, with the 95% Student-t confidence "
+                   "interval of the mean difference; negative = lower loss.")
+    references = [{_settings_key(row.config, name): row for row in rows if row.condition == name} for name in against]
     lines = [legend, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry in rows:
         config, cond, by_seed = entry
@@ -152,8 +159,8 @@ def transfer_table(rows: Sequence[Row], shown: Sequence[str], against: str | Non
                spread([np.mean(r["drift"]) for r in runs], 100, digits=2), spread([r["acc"] for r in runs], signed=False),
                spread([r["bwt"] for r in runs]), spread([r["fwt"] for r in runs]),
                spread([r["agnostic"]["acc"] for r in runs], signed=False), _routing(runs), _wall(runs)]
-        if against:
-            reference = references.get(_settings_key(config, against))
+        for name, by_settings in zip(against, references):
+            reference = by_settings.get(_settings_key(config, name))
             row += [versus(entry, reference, "acc"), versus(entry, reference, "agnostic")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -191,13 +198,14 @@ def check_same_documents(run_dirs: Sequence[Path], payloads: Sequence[dict[str, 
                          f"{', '.join(differ)}); their results cannot be pooled")
 
 
-def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None, against: str | None = None) -> str:
-    """The markdown tables of `run_dirs` (each a finished `crma cl` RUN); `against` a condition
-    adds each row's mean losses relative to it (`versus`), which must be in the runs."""
+def cl_table(run_dirs: Sequence[Path], settings: Sequence[str] | None = None, against: Sequence[str] = ()) -> str:
+    """The markdown tables of `run_dirs` (each a finished `crma cl` RUN); each condition of `against`
+    adds each row's mean losses relative to that condition's (`versus`); it must be in the runs."""
     names, configs, rows = load(run_dirs)
-    if against and not any(row.condition == against for row in rows):
-        raise ValueError(f"--versus {against}: no such condition in the runs (they have "
-                         f"{', '.join(sorted({row.condition for row in rows}))})")
+    for name in against:
+        if not any(row.condition == name for row in rows):
+            raise ValueError(f"--versus {name}: no such condition in the runs (they have "
+                             f"{', '.join(sorted({row.condition for row in rows}))})")
     shown = list(settings) if settings else varying_settings(configs)
     head = [*shown, "condition", "seeds", "base loss", "L[j][j] after training j", "L[K][j] at the end", "mean loss ↓",
             "BWT", "FWT",

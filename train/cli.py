@@ -159,7 +159,7 @@ def cmd_cl_table(args: argparse.Namespace) -> int:
     from crma_jax.train.config import RENAMED
 
     settings = [RENAMED.get(k, k) for k in args.settings.split(",")] if args.settings else None
-    table = cl_table(args.runs, settings, args.versus)
+    table = cl_table(args.runs, settings, args.versus.split(",") if args.versus else ())
     plots = cl_plots(args.runs, args.plots, settings) if args.plots else []
     print(table, end="")
     for path in plots:
@@ -254,8 +254,9 @@ def build_parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     def cl_table_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("runs", nargs="+", type=Path, help="finished `crma cl` run directories")
         p.add_argument("--settings", help="comma-separated config keys to show (default: those that differ between runs)")
-        p.add_argument("--versus", metavar="CONDITION",
-                       help="add each row's mean losses relative to CONDITION's (e.g. frozen), paired per seed")
+        p.add_argument("--versus", metavar="CONDITION[,CONDITION...]",
+                       help="add each row's mean losses relative to each CONDITION's (e.g. frozen,frozen_substrate), "
+                            "paired per seed")
         p.add_argument("--plots", type=Path, metavar="DIR",
                        help="also draw the pooled heatmaps, drift and mean loss/BWT plots into DIR (new or empty)")
 

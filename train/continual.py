@@ -62,6 +62,7 @@ from crma_jax.data import PackedData
 from crma_jax.evaluate import crma_effect
 from crma_jax.safetensors_io import save_tensors
 from crma_jax.train import stops
+from crma_jax.train.bench.util import cpu_model
 from crma_jax.train.cl_data import Domain, build_domains, check_fingerprints, mix_replay  # noqa: F401 - re-exported
 from crma_jax.train.cl_eval import agnostic_eval, qa_eval
 from crma_jax.train.cl_results import markdown_table, summarize
@@ -240,11 +241,11 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
     """Train one method over `domains` in order for one seed.
 
     Returns {"L", "base", "acc", "bwt", "fwt", "drift", "substrate", "substrate_init", "agnostic",
-    "wall_s"}: the full loss matrix, the starting model's losses, the transfer metrics, where the
+    "wall_s", "cpus"}: the full loss matrix, the starting model's losses, the transfer metrics, where the
     substrate was after each domain and where it started (MODULAR; None for the others), the final
-    task-agnostic evaluation, and the seconds spent on the finished domains (kept in progress.json
+    task-agnostic evaluation, the seconds spent on the finished domains (kept in progress.json
     across resumes; of a domain cut short, only the run that finished it counts) plus the final
-    evaluation's.
+    evaluation's, and "cpus", the CPU models those seconds were spent on (`cpu_model`).
     """
     method = cfg.method(name_of_method)
     root = Path(cfg.out) / name_of_method / f"seed{seed}"
@@ -316,6 +317,7 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
         if method.uses_crma:
             progress["substrate"].append(substrate(lora, holdout))
         progress["wall_s"] = progress.get("wall_s", 0.0) + time.perf_counter() - t0
+        progress["cpus"] = sorted({*progress.get("cpus", []), cpu_model()})  # a resume may run on another machine
         # 4. Commit it.
         state.commit(session, method, domains)
         distributed.sync(f"finished {root / name}")
@@ -329,6 +331,7 @@ def run_sequence(cfg: CLConfig, name_of_method: str, seed: int, domains: dict[st
     if qa:
         result["qa"] = qa
     result["wall_s"] = progress.get("wall_s", 0.0) + time.perf_counter() - t0
+    result["cpus"] = sorted({*progress.get("cpus", []), cpu_model()})
     return result
 
 

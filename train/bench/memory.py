@@ -37,7 +37,7 @@ from typing import Any
 from crma_jax.memory_plan import ARCHS, arch_config, plan_step_memory
 from crma_jax.model import REMAT_POLICIES
 from crma_jax.targets import TARGETS, resolve_target
-from crma_jax.train.bench.util import command_line, machine_note
+from crma_jax.train.bench.util import command_line, cpu_model, machine_note
 from crma_jax.train.jsonl import cut_damaged_end, read_lines
 
 TABLE = {"arch": ("tinyllama", "mistral-7b", "gemma2-9b"), "quant": ("bf16", "nf4"),
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             header = list(row)
             print("| " + " | ".join(header) + " |")
             print("|" + "---|" * len(header))
-        print("| " + " | ".join(_cell(row[k]) for k in header) + " |", flush=True)
+        print("| " + " | ".join(_cell(row.get(k, "?")) for k in header) + " |", flush=True)
     return 0
 
 
@@ -276,6 +276,7 @@ def _target_rows(args: argparse.Namespace, done: dict[str, dict[str, Any]]):
                 if cpu_key not in cpu_plans:
                     cpu_plans[cpu_key] = _cpu_plan(arch, quant, seq, batch, mesh, plan.policy)
                 row["CPU GiB"] = cpu_plans[cpu_key]
+            row["compiled on"] = cpu_model()  # a rerun of an --append grid may take rows from other machines
             if args.append:
                 with open(args.append, "a") as file:
                     file.write(json.dumps({"key": key, "row": row}) + "\n")

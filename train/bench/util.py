@@ -22,13 +22,19 @@ def command_line() -> str:
     return " ".join([prog, *map(shlex.quote, argv[1:])])
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (the machine architecture where there is none)."""
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name from /proc/cpuinfo with its family and model numbers, which tell apart
+    CPUs whose names do not (e.g. "Intel(R) Xeon(R) Processor (family 6 model 207)"); the machine
+    architecture where there is no /proc/cpuinfo."""
     try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
+        lines = cpuinfo.read_text().split("\n\n")[0].splitlines()  # the first processor's block
+    except OSError:
         return platform.machine()
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    name = fields.get("model name", platform.machine())
+    if "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def machine_note() -> str:
