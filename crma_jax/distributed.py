@@ -30,6 +30,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from crma_jax.host import tpu_chips
+
 MODES = ("auto", "on", "off")
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
@@ -45,11 +47,9 @@ def _open_mpi(env: Mapping[str, str]) -> bool:
 
 
 def _cloud_tpu(env: Mapping[str, str], dev: Path = Path("/dev")) -> bool:
-    # A TPU VM has libtpu (the `jax[tpu]` install) and TPU chips as device nodes (accel* on v2/v3,
-    # vfio on v4 and later); JAX then reads the slice's hosts from the VM's metadata. libtpu alone
+    # A TPU VM has libtpu (the `jax[tpu]` install) and TPU chips as device nodes; JAX then reads the slice's hosts from the VM's metadata. libtpu alone
     # (a `[tpu]` install on a machine without TPUs) is no cluster.
-    chips = any(dev.glob("accel[0-9]*")) or any((dev / "vfio").glob("[0-9]*"))
-    return chips and importlib.util.find_spec("libtpu") is not None
+    return tpu_chips(dev) and importlib.util.find_spec("libtpu") is not None
 
 
 # The clusters whose settings `jax.distributed.initialize()` finds by itself, and how we tell

@@ -13,12 +13,14 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
 from crma_jax.convert.hub import resolve_model_path
+from crma_jax.host import cpu_only
 from crma_jax.train.stops import Stopped
 
 # Exit 2 ("bad input", no traceback hint): a missing or existing path, an error class of the
@@ -339,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The command and benchmark names: the first words that are no option (above a benchmark's
     # own flags there are only -h and --debug, which take no value).
+    if "JAX_PLATFORMS" not in os.environ and cpu_only():  # before jax is imported (a command's flags may)
+        os.environ["JAX_PLATFORMS"] = "cpu"  # JAX's own choice here, without its plugins' tracebacks
     args = build_parser([a for a in argv if not a.startswith("-")][:2]).parse_args(argv)
     name = f"crma {args.command}"
     # A failed asynchronous save makes Orbax log its traceback from every thread (hundreds of
