@@ -47,8 +47,9 @@ def _open_mpi(env: Mapping[str, str]) -> bool:
 
 
 def _cloud_tpu(env: Mapping[str, str], dev: Path = Path("/dev")) -> bool:
-    # A TPU VM has libtpu (the `jax[tpu]` install) and TPU chips as device nodes; JAX then reads the slice's hosts from the VM's metadata. libtpu alone
-    # (a `[tpu]` install on a machine without TPUs) is no cluster.
+    # A TPU VM has libtpu (the `jax[tpu]` install) and TPU chips as device nodes; JAX then reads
+    # the slice's hosts from the VM's metadata. libtpu alone (a `[tpu]` install on a machine
+    # without TPUs) is no cluster.
     return tpu_chips(dev) and importlib.util.find_spec("libtpu") is not None
 
 
