@@ -226,6 +226,16 @@ def test_bench_memory_grid_resumes_from_its_file_with_the_cpu_plan_beside(tmp_pa
     assert [r["compiled on"] for r in rows] == ["Another CPU", cpu_model(), cpu_model(), cpu_model()]
     assert rows[2]["remat"] == first["remat"] and rows[2]["CPU GiB"] == first["CPU GiB"]
     assert [json.loads(line)["row"] for line in grid.read_text().splitlines()] == rows
+    # --columns: the recorded rows, read back (nothing compiled), in the columns asked for.
+    compiled.clear()
+    table = [a for a in argv if a != "--json"]
+    assert main([*table, "128,256", "--columns", "target,T,CPU GiB"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert compiled == [] and lines[-6:-4] == ["| target | T | CPU GiB |", "|---|---|---|"]
+    assert lines[-4:] == [f"| {r['target']} | {r['T']} | {r['CPU GiB']:.2f} |" for r in rows]
+    assert main([*table, "128", "--columns", "target,MFU ≤"]) == 2  # --no-roofline: no such column
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--columns: no column 'MFU ≤' in this table" in captured.err
     other = tmp_path / "notes.txt"
     other.write_text("my notes\n")
     assert main([*argv[:-4], "--append", str(other), "--seq-len", "128"]) == 2

@@ -3,6 +3,7 @@
     crma bench memory --arch mistral-7b --quant nf4 --seq-len 2048 --remat full
     crma bench memory --arch mistral-7b --target a10g,v5e-1,h100 --remat auto
     crma bench memory --table            # the BENCHMARKS.md grid: 3 models x {bf16, nf4} x remat x T
+    crma bench memory --arch tinyllama --target h100,v5e-4 --columns model,target,total,fits,"MFU ≤"
     XLA_FLAGS=--xla_force_host_platform_device_count=8 crma bench memory --arch mistral-7b,tinyllama \
         --target v5e-8,h100 --per-chip-batch 1 --cpu-beside --append grid.jsonl   # resumable: rerun it
 
@@ -39,6 +40,13 @@ from crma_jax.model import REMAT_POLICIES
 from crma_jax.targets import TARGETS, resolve_target
 from crma_jax.train.bench.util import command_line, cpu_model, machine_note
 from crma_jax.train.jsonl import cut_damaged_end, read_lines
+
+# The columns of a row, in the order printed: `--columns` picks among them, by these names.
+PLAN_COLUMNS = ("weights", "arguments", "temp", "outputs", "total")
+ROOFLINE_COLUMNS = ("TFLOP/chip", "GB/chip", "counted by", "step ≥ ms", "bound by", "MFU ≤")
+TARGET_COLUMNS = ("model", "base", "T", "B", "target", "mesh", "remat", *PLAN_COLUMNS, "usable GiB", "fits",
+                  "tried (GiB beyond arguments)", "compiler", "compile s", *ROOFLINE_COLUMNS, "CPU GiB", "compiled on")
+BACKEND_COLUMNS = ("model", "base", "remat", "T", "backend", "mesh", *PLAN_COLUMNS, "compile s")
 
 TABLE = {"arch": ("tinyllama", "mistral-7b", "gemma2-9b"), "quant": ("bf16", "nf4"),
          "remat": ("none", "full", "save_dot_except_mlp"), "seq_len": (2048, 8192)}
@@ -86,6 +94,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                              "and --cpu-beside, and the same jax) from it instead of compiling them: rerun the same "
                              "command to continue a long grid")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
+    parser.add_argument("--columns", type=_csv(str), default=None, metavar="NAME,...",
+                        help="print only these columns, in this order, named as the table's header names them "
+                             "(with --target: " + ", ".join(TARGET_COLUMNS) + "; else: " + ", ".join(BACKEND_COLUMNS)
+                             + "); --append still records whole rows (default: every column)")
     parser.add_argument("--table", action="store_true", help="the full grid recorded in BENCHMARKS.md (on each --mesh)")
 
 
@@ -132,6 +144,18 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--append {args.append}: no directory {pathlib.Path(args.append).parent}")
     for arch in args.arch:
         arch_config(arch)
+    offered = _offered_columns(args)
+    unknown = [c for c in args.columns or () if c not in offered]
+    if unknown:
+        raise ValueError(f"--columns: no column {unknown[0]!r} in this table; choose from {', '.join(offered)}")
+
+
+def _offered_columns(args: argparse.Namespace) -> tuple[str, ...]:
+    """The columns this invocation's rows have."""
+    if not args.target:
+        return BACKEND_COLUMNS
+    return tuple(c for c in TARGET_COLUMNS if (args.roofline or c not in ROOFLINE_COLUMNS)
+                 and (args.cpu_beside or c != "CPU GiB"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,16 +183,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"one training step, LoRA r=8 x7 + CRMA 4, bf16 compute, {batch}; GiB per device from "
               "compile().memory_analysis() on abstract shapes" + ("; compiler plans for targets this machine does "
                                                                   "not have" if args.target else ""))
-    header = None
+    header = args.columns or list(_offered_columns(args))
+    if not args.json:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
     for row in rows:
         if args.json:
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: row[k] for k in header}), flush=True)
             continue
-        if header is None:
-            header = list(row)
-            print("| " + " | ".join(header) + " |")
-            print("|" + "---|" * len(header))
-        print("| " + " | ".join(_cell(row.get(k, "?")) for k in header) + " |", flush=True)
+        print("| " + " | ".join(_cell(row[k]) for k in header) + " |", flush=True)
     return 0
 
 
