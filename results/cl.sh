@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The continual-learning re-runs of RESULTS.md §2-§4 (issue 22, items 5-6), as resumable pieces.
-# Each piece is one `crma cl` call (one seed) in runs/clean/NAME, resumed with --resume if cut.
+# Each piece is one `crma cl` call (one condition, one seed) in runs/clean/NAME, resumed with --resume if cut.
 # A finished piece's record (results.json, results.md, config.yaml) is copied to results/cl/NAME,
 # which is tracked, and a piece whose record is there is skipped, so this can be stopped at any
 # time and rerun until every piece is recorded. `crma cl-table results/cl/...` reads the records.
@@ -14,7 +14,7 @@ FIVE="--domains legal,code,docs,changelog,shell"
 REVERSED="--domains shell,changelog,docs,code,legal"
 PAIR="--domains legal,shell"
 QA="--model smollm2 --domains facts-geography,facts-biology,facts-chemistry,facts-history,facts-music \
-   --conditions naive,frozen,modular --steps 80 --warmup-steps 5 --seq-len 128 --batch-size 4 \
+   --steps 80 --warmup-steps 5 --seq-len 128 --batch-size 4 \
    --lr-lora 2e-3 --report-to none --resume"
 LAMBDAS="40 400 4000 40000 400000"
 
@@ -40,13 +40,21 @@ print(min(acc, key=acc.get))
 PY
 }
 
-for s in 0 1 2; do piece nfm_s$s $P $FIVE --conditions naive,frozen,modular --seeds $s; done
-for s in 0 1 2; do piece fsi_s$s $P $FIVE --conditions frozen_substrate,isolated --seeds $s; done
-for s in 0 1 2; do piece pair_s$s $P $PAIR --conditions naive,frozen,frozen_substrate,isolated,modular --seeds $s; done
+# One condition and one seed per piece (about 20 minutes of a five-domain sequence on 2 cores),
+# so that little is lost when a session's machine goes away mid-piece. nfm_s0, the first piece,
+# holds NAIVE, FROZEN and MODULAR of seed 0 in one run. `crma cl-table` pools the pieces.
+five() { for s in "$@"; do for c in $CONDS; do piece five_${c}_s$s $P $FIVE --conditions $c --seeds $s; done; done; }
+CONDS="naive frozen modular"; five 1 2
+CONDS="frozen_substrate isolated"; five 0 1 2
+for s in 0 1 2; do for c in naive frozen frozen_substrate isolated modular; do
+  piece pair_${c}_s$s $P $PAIR --conditions $c --seeds $s; done; done
 for lam in $LAMBDAS; do piece ewc_$lam $P $PAIR --conditions ewc --ewc-lambda $lam --seeds 0; done
 LAMBDA=$(chosen_lambda) || exit 1
-piece rev_s0 $P $REVERSED --conditions naive,frozen,frozen_substrate,isolated,modular --seeds 0
-for s in 0 1 2; do piece rest_s$s $P $FIVE --conditions replay,ewc,olora,inflora --ewc-lambda $LAMBDA --seeds $s; done
-for s in 1 2; do piece rev_s$s $P $REVERSED --conditions naive,frozen,frozen_substrate,isolated,modular --seeds $s; done
-for s in 0 1 2; do piece qa_s$s $QA --seeds $s; done
+reversed() { for s in "$@"; do for c in naive frozen frozen_substrate isolated modular; do
+  piece rev_${c}_s$s $P $REVERSED --conditions $c --seeds $s; done; done; }
+reversed 0
+for s in 0 1 2; do for c in replay ewc olora inflora; do
+  piece five_${c}_s$s $P $FIVE --conditions $c --ewc-lambda $LAMBDA --seeds $s; done; done
+reversed 1 2
+for s in 0 1 2; do for c in naive frozen modular; do piece qa_${c}_s$s $QA --conditions $c --seeds $s; done; done
 echo "all pieces recorded $(date -u +%FT%TZ)" >> $LOG
