@@ -287,7 +287,7 @@ def _target_rows(args: argparse.Namespace, done: dict[str, dict[str, Any]]):
             plan = plan_for_target(arch_config(arch), target, remat=policy, mesh_shape=mesh,
                                    batch_size=batch, seq_len=seq, quant=None if quant == "bf16" else quant,
                                    devices=devices, roofline=args.roofline)
-            figures = _gib(plan.plan) if plan.plan else dict.fromkeys(("weights", "arguments", "temp", "outputs", "total"), "-")
+            figures = _gib(plan.plan) if plan.plan else dict.fromkeys(PLAN_COLUMNS, "-")
             row = {"model": arch, "base": quant, "T": seq, "B": batch, "target": name,
                    "mesh": ",".join(map(str, plan.mesh_shape)),
                    "remat": f"auto -> {plan.policy}" if policy == "auto" else policy, **figures,
@@ -341,7 +341,7 @@ def roofline_columns(plan: Any) -> dict[str, Any]:
     """The roofline figures of a `TargetPlan` ("-" where its step could not be costed)."""
     bound, costs = plan.roofline, plan.costs
     if bound is None:
-        return dict.fromkeys(("TFLOP/chip", "GB/chip", "counted by", "step ≥ ms", "bound by", "MFU ≤"), "-")
+        return dict.fromkeys(ROOFLINE_COLUMNS, "-")
     return {"TFLOP/chip": costs.flops / 1e12, "GB/chip": "-" if costs.bytes_accessed is None else costs.bytes_accessed / 1e9,
             "counted by": "XLA:" + costs.counted_by.upper(), "step ≥ ms": bound.seconds * 1e3,
             "bound by": bound.bound_by, "MFU ≤": f"{100 * bound.mfu:.0f}%"}
